@@ -1,0 +1,24 @@
+"""onpolicy_kernels: batch-invariant kernels shared by the vLLM sampler and the trainer.
+
+Every op is a torch custom op (namespace `onpolicy`, opaque to torch.compile)
+with a Triton GPU path and a portable CPU path. The contract, for each op: a
+row's output is bitwise identical whatever other rows share the call, however
+many there are, and wherever the row sits (float32, float16, bfloat16). The
+forward is invariant; the backward uses standard fast kernels.
+"""
+from .activation import silu_and_mul
+from .linear import linear
+from .logprobs import log_softmax, token_logprobs
+from .rms_norm import fused_add_rms_norm, rms_norm
+from .rotary import build_cos_sin_cache, rotary_embedding
+
+__all__ = [
+    "linear",
+    "rms_norm",
+    "fused_add_rms_norm",
+    "silu_and_mul",
+    "rotary_embedding",
+    "build_cos_sin_cache",
+    "log_softmax",
+    "token_logprobs",
+]

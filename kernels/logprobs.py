@@ -1,0 +1,197 @@
+"""Batch-invariant log-softmax and sampled-token logprobs, in fp32.
+
+    log_softmax(logits, temperature=1.0)                 -> fp32 [..., V]
+    token_logprobs(logits, token_ids, temperature=1.0)   -> fp32 [...]
+
+With x = fp32(logits) / temperature (an IEEE division; temperature is a float
+or one value per row), m = max(x) and s = sum(exp(x - m)):
+
+    log_softmax(x)_i = (x_i - m) - log(s)
+
+This is what vLLM's sampler calls *processed* logprobs (temperature applied),
+and token_logprobs gives exactly the bits of log_softmax(...)[token]. Both the
+vLLM adapter and the trainer call these ops, so their logprobs are equal.
+
+Guarantee: a row's output bits depend only on that row (and its temperature),
+never on how many rows share the call or where the row sits. GPU: one Triton
+program per row, fixed-size vocab chunks reduced in a fixed order. CPU: fixed
+pairwise trees and chunked exp/log (kernels/_cpu.py). Backward: standard.
+"""
+from __future__ import annotations
+
+from typing import Union
+
+import torch
+
+from ._cpu import chunked, tree_max, tree_sum
+from ._dispatch import check_float, use_triton
+from ._triton import HAS_TRITON, require_triton, tl, triton
+
+ROWS_PER_CALL = 64  # CPU: bound the fp32 temporaries; rows are independent anyway.
+VOCAB_BLOCK = 4096  # GPU: vocab chunk of one program step.
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _row_stats(x_ptr, row, V, sx, t, BLOCK: tl.constexpr):
+        cols = tl.arange(0, BLOCK)
+        mvec = tl.full((BLOCK,), float("-inf"), tl.float32)
+        for v0 in range(0, V, BLOCK):
+            x = tl.load(x_ptr + row * sx + v0 + cols, mask=v0 + cols < V, other=float("-inf")).to(tl.float32) / t
+            mvec = tl.maximum(mvec, x)
+        m = tl.max(mvec, axis=0)
+        svec = tl.zeros((BLOCK,), tl.float32)
+        for v0 in range(0, V, BLOCK):
+            x = tl.load(x_ptr + row * sx + v0 + cols, mask=v0 + cols < V, other=float("-inf")).to(tl.float32) / t
+            svec += tl.exp(x - m)
+        return m, tl.log(tl.sum(svec, axis=0))
+
+    @triton.jit
+    def _log_softmax_kernel(x_ptr, t_ptr, o_ptr, V, sx, so, BLOCK: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        t = tl.load(t_ptr + row)
+        m, lse = _row_stats(x_ptr, row, V, sx, t, BLOCK)
+        cols = tl.arange(0, BLOCK)
+        for v0 in range(0, V, BLOCK):
+            mask = v0 + cols < V
+            x = tl.load(x_ptr + row * sx + v0 + cols, mask=mask, other=0.0).to(tl.float32) / t
+            tl.store(o_ptr + row * so + v0 + cols, (x - m) - lse, mask=mask)
+
+    @triton.jit
+    def _token_logprobs_kernel(x_ptr, t_ptr, id_ptr, o_ptr, V, sx, BLOCK: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        t = tl.load(t_ptr + row)
+        m, lse = _row_stats(x_ptr, row, V, sx, t, BLOCK)
+        tok = tl.load(id_ptr + row).to(tl.int64)
+        x = tl.load(x_ptr + row * sx + tok).to(tl.float32) / t
+        tl.store(o_ptr + row, (x - m) - lse)
+
+
+def _cpu_rows(logits, temperature):
+    """(x, m, log s) for a block of rows on the CPU path."""
+    x = logits.float() / temperature[:, None]
+    m = tree_max(x)
+    s = tree_sum(chunked(torch.exp, x - m))
+    return x, m, chunked(torch.log, s)
+
+
+def _log_softmax_impl(logits, temperature):
+    M, V = logits.shape
+    out = torch.empty(M, V, dtype=torch.float32, device=logits.device)
+    if M == 0:
+        return out
+    if use_triton(logits):
+        require_triton()
+        _log_softmax_kernel[(M,)](logits, temperature, out, V, logits.stride(0), out.stride(0),
+                                  BLOCK=min(VOCAB_BLOCK, triton.next_power_of_2(V)), num_warps=8)
+        return out
+    for r in range(0, M, ROWS_PER_CALL):
+        x, m, ls = _cpu_rows(logits[r : r + ROWS_PER_CALL], temperature[r : r + ROWS_PER_CALL])
+        out[r : r + ROWS_PER_CALL] = (x - m) - ls
+    return out
+
+
+def _token_logprobs_impl(logits, token_ids, temperature):
+    M, V = logits.shape
+    out = torch.empty(M, dtype=torch.float32, device=logits.device)
+    if M == 0:
+        return out
+    if use_triton(logits):
+        require_triton()
+        _token_logprobs_kernel[(M,)](logits, temperature, token_ids, out, V, logits.stride(0),
+                                     BLOCK=min(VOCAB_BLOCK, triton.next_power_of_2(V)), num_warps=8)
+        return out
+    for r in range(0, M, ROWS_PER_CALL):
+        x, m, ls = _cpu_rows(logits[r : r + ROWS_PER_CALL], temperature[r : r + ROWS_PER_CALL])
+        ids = token_ids[r : r + ROWS_PER_CALL].long()[:, None]
+        out[r : r + ROWS_PER_CALL] = ((x.gather(1, ids) - m) - ls)[:, 0]
+    return out
+
+
+@torch.library.custom_op("onpolicy::log_softmax", mutates_args=())
+def _log_softmax_op(logits: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor:
+    return _log_softmax_impl(logits, temperature)
+
+
+@_log_softmax_op.register_fake
+def _(logits, temperature):
+    return logits.new_empty(logits.shape, dtype=torch.float32)
+
+
+@torch.library.custom_op("onpolicy::token_logprobs", mutates_args=())
+def _token_logprobs_op(logits: torch.Tensor, token_ids: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor:
+    return _token_logprobs_impl(logits, token_ids, temperature)
+
+
+@_token_logprobs_op.register_fake
+def _(logits, token_ids, temperature):
+    return logits.new_empty(logits.shape[0], dtype=torch.float32)
+
+
+def _setup_ls(ctx, inputs, output):
+    ctx.save_for_backward(output, inputs[1])
+    ctx.dtype = inputs[0].dtype
+
+
+def _backward_ls(ctx, g):
+    out, t = ctx.saved_tensors
+    gx = (g - out.exp() * g.sum(-1, keepdim=True)) / t[:, None]
+    return gx.to(ctx.dtype), None
+
+
+_log_softmax_op.register_autograd(_backward_ls, setup_context=_setup_ls)
+
+
+def _setup_tok(ctx, inputs, output):
+    logits, ids, t = inputs
+    ctx.save_for_backward(logits, ids, t)
+
+
+def _backward_tok(ctx, g):
+    logits, ids, t = ctx.saved_tensors
+    p = torch.softmax(logits.float() / t[:, None], dim=-1)
+    gx = -p * g[:, None]
+    gx.scatter_add_(1, ids.long()[:, None], g[:, None].float())
+    return (gx / t[:, None]).to(logits.dtype), None, None
+
+
+_token_logprobs_op.register_autograd(_backward_tok, setup_context=_setup_tok)
+
+
+def _temperature_rows(temperature: Union[float, torch.Tensor], rows: int, device) -> torch.Tensor:
+    if isinstance(temperature, torch.Tensor):
+        t = temperature.to(device=device, dtype=torch.float32).reshape(-1)
+        if t.numel() == 1:
+            t = t.expand(rows)
+        if t.numel() != rows:
+            raise ValueError(f"temperature has {t.numel()} values for {rows} rows; give one float or one per row")
+        return t.contiguous()
+    t = float(temperature)
+    if not t > 0:
+        raise ValueError(f"temperature must be > 0 (got {t}); for greedy sampling use 1.0 as vLLM does")
+    return torch.full((rows,), t, dtype=torch.float32, device=device)
+
+
+def log_softmax(logits: torch.Tensor, temperature: Union[float, torch.Tensor] = 1.0) -> torch.Tensor:
+    """fp32 log_softmax(fp32(logits) / temperature) over the last dim (see module docstring)."""
+    check_float("logits", logits)
+    lead, V = logits.shape[:-1], logits.shape[-1]
+    x = logits.reshape(-1, V)
+    t = _temperature_rows(temperature, x.shape[0], logits.device)
+    return _log_softmax_op(x, t).view(*lead, V)
+
+
+def token_logprobs(logits: torch.Tensor, token_ids: torch.Tensor, temperature: Union[float, torch.Tensor] = 1.0) -> torch.Tensor:
+    """log_softmax(logits / temperature)[..., token_ids], bitwise equal to indexing `log_softmax`."""
+    check_float("logits", logits)
+    if token_ids.shape != logits.shape[:-1]:
+        raise ValueError(f"token_ids shape {tuple(token_ids.shape)} must equal logits' leading shape {tuple(logits.shape[:-1])}")
+    if token_ids.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"token_ids must be int32/int64, got {token_ids.dtype}")
+    V = logits.shape[-1]
+    x = logits.reshape(-1, V)
+    ids = token_ids.reshape(-1).to(logits.device)
+    if ids.numel() and not ids.is_cuda and (int(ids.min()) < 0 or int(ids.max()) >= V):
+        raise ValueError(f"token id out of range [0, {V})")
+    t = _temperature_rows(temperature, x.shape[0], logits.device)
+    return _token_logprobs_op(x, ids.contiguous(), t).view(token_ids.shape)

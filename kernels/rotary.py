@@ -1,0 +1,202 @@
+"""Batch-invariant rotary position embedding.
+
+    rotary_embedding(positions, q, k, cos_sin_cache, head_size=None, is_neox=True) -> (q', k')
+
+* positions: int [T]; q: [T, Hq, D] or [T, Hq*D]; k: [T, Hk, D] or [T, Hk*D]
+  (`head_size` is needed only for the flattened layout); returns new tensors of
+  the same shapes (inputs are not modified).
+* cos_sin_cache: fp32 [max_position, rot_dim] = cat(cos, sin), from
+  `build_cos_sin_cache`. Both the trainer and the sampler must use this cache
+  (vLLM's own is rounded to the model dtype; transformers computes its own).
+* The first rot_dim dims of each head are rotated (NeoX halves, or GPT-J
+  interleaved pairs when is_neox=False); the rest pass through.
+* Each output element is (x1*cos - x2*sin) or (x2*cos + x1*sin) in fp32, rounded
+  once. It depends only on that token's q/k values and position: never on the
+  other tokens in the call; float32, float16, bfloat16.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+from ._cpu import chunked
+from ._dispatch import check_float, check_same, use_triton
+from ._triton import HAS_TRITON, require_triton, tl, triton
+
+SUPPORTED_ROPE_TYPES = ("default", "llama3")
+
+
+def _inv_freq(rotary_dim: int, base: float, rope_scaling: Optional[dict]) -> torch.Tensor:
+    inv = 1.0 / (float(base) ** (torch.arange(0, rotary_dim, 2, dtype=torch.float64) / rotary_dim))
+    rtype = (rope_scaling or {}).get("rope_type", (rope_scaling or {}).get("type", "default")) or "default"
+    if rtype == "default":
+        return inv
+    if rtype == "llama3":
+        f = float(rope_scaling["factor"])
+        lo = float(rope_scaling.get("low_freq_factor", 1.0))
+        hi = float(rope_scaling.get("high_freq_factor", 4.0))
+        old = float(rope_scaling["original_max_position_embeddings"])
+        wavelen = 2 * math.pi / inv
+        smooth = (old / wavelen - lo) / (hi - lo)
+        scaled = torch.where(wavelen > old / lo, inv / f, inv)
+        mid = (wavelen <= old / lo) & (wavelen >= old / hi)
+        return torch.where(mid, (1 - smooth) * inv / f + smooth * inv, scaled)
+    raise NotImplementedError(
+        f"rope type {rtype!r} is not supported by onpolicy; supported: {', '.join(SUPPORTED_ROPE_TYPES)}"
+    )
+
+
+def build_cos_sin_cache(head_dim: int, rotary_dim: int, max_position: int, base: float,
+                        rope_scaling: Optional[dict] = None) -> torch.Tensor:
+    """fp32 [max_position, rotary_dim] = cat(cos, sin), computed in float64 on the CPU.
+
+    Deterministic: the same arguments give the same bits in every process
+    (cos/sin run on fixed chunks), so sampler and trainer can each build it.
+    """
+    if rotary_dim > head_dim or rotary_dim % 2:
+        raise ValueError(f"rotary_dim {rotary_dim} must be even and <= head_dim {head_dim}")
+    inv = _inv_freq(rotary_dim, base, rope_scaling)
+    freqs = torch.arange(max_position, dtype=torch.float64)[:, None] * inv[None, :]
+    return torch.cat([chunked(torch.cos, freqs), chunked(torch.sin, freqs)], dim=-1).float()
+
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _rotary_kernel(x_ptr, o_ptr, pos_ptr, cache_ptr, H, D, sxt, sxh, sot, soh, scache,
+                       ROT_HALF: tl.constexpr, IS_NEOX: tl.constexpr, BLOCK_H: tl.constexpr,
+                       BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+        t = tl.program_id(0).to(tl.int64)
+        pos = tl.load(pos_ptr + t).to(tl.int64)
+        h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+        r = tl.arange(0, BLOCK_R)
+        rmask = r < ROT_HALF
+        cos = tl.load(cache_ptr + pos * scache + r, mask=rmask, other=0.0)
+        sin = tl.load(cache_ptr + pos * scache + ROT_HALF + r, mask=rmask, other=0.0)
+        if IS_NEOX:
+            i1 = r
+            i2 = r + ROT_HALF
+        else:
+            i1 = 2 * r
+            i2 = 2 * r + 1
+        m = (h[:, None] < H) & rmask[None, :]
+        xb = x_ptr + t * sxt + h[:, None] * sxh
+        ob = o_ptr + t * sot + h[:, None] * soh
+        x1 = tl.load(xb + i1[None, :], mask=m, other=0.0).to(tl.float32)
+        x2 = tl.load(xb + i2[None, :], mask=m, other=0.0).to(tl.float32)
+        o1 = x1 * cos[None, :] - x2 * sin[None, :]
+        o2 = x2 * cos[None, :] + x1 * sin[None, :]
+        tl.store(ob + i1[None, :], o1.to(o_ptr.dtype.element_ty), mask=m)
+        tl.store(ob + i2[None, :], o2.to(o_ptr.dtype.element_ty), mask=m)
+        # pass-through dims beyond the rotary part
+        d = 2 * ROT_HALF + tl.arange(0, BLOCK_D)
+        pm = (h[:, None] < H) & (d[None, :] < D)
+        tl.store(ob + d[None, :], tl.load(xb + d[None, :], mask=pm, other=0.0), mask=pm)
+
+
+def _rotate_triton(positions, x, cache, is_neox):
+    require_triton()
+    T, H, D = x.shape
+    out = torch.empty_like(x)
+    if T:
+        half = cache.shape[1] // 2
+        BLOCK_H = 4
+        _rotary_kernel[(T, triton.cdiv(H, BLOCK_H))](
+            x, out, positions, cache, H, D, x.stride(0), x.stride(1), out.stride(0), out.stride(1), cache.stride(0),
+            ROT_HALF=half, IS_NEOX=is_neox, BLOCK_H=BLOCK_H, BLOCK_R=triton.next_power_of_2(half),
+            BLOCK_D=max(16, triton.next_power_of_2(max(D - 2 * half, 1))), num_warps=4,
+        )
+    return out
+
+
+def _halves(x, rot, is_neox):
+    if is_neox:
+        return x[..., : rot // 2], x[..., rot // 2 : rot]
+    return x[..., 0:rot:2], x[..., 1:rot:2]
+
+
+def _rotate_cpu(positions, x, cache, is_neox, inverse=False):
+    rot = cache.shape[1]
+    cs = cache[positions.long()]
+    cos = cs[:, None, : rot // 2]
+    sin = cs[:, None, rot // 2 :]
+    if inverse:
+        sin = -sin
+    x1, x2 = _halves(x.float(), rot, is_neox)
+    o1 = x1 * cos - x2 * sin
+    o2 = x2 * cos + x1 * sin
+    out = x.float().clone()
+    if is_neox:
+        out[..., : rot // 2] = o1
+        out[..., rot // 2 : rot] = o2
+    else:
+        out[..., 0:rot:2] = o1
+        out[..., 1:rot:2] = o2
+    return out.to(x.dtype)
+
+
+def _rotate(positions, x, cache, is_neox):
+    return (_rotate_triton if use_triton(x) else _rotate_cpu)(positions, x, cache, is_neox)
+
+
+@torch.library.custom_op("onpolicy::rotary_embedding", mutates_args=())
+def _rotary_op(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cache: torch.Tensor,
+               is_neox: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    return _rotate(positions, q, cache, is_neox), _rotate(positions, k, cache, is_neox)
+
+
+@_rotary_op.register_fake
+def _(positions, q, k, cache, is_neox):
+    return torch.empty_like(q), torch.empty_like(k)
+
+
+def _setup(ctx, inputs, output):
+    positions, _, _, cache, is_neox = inputs
+    ctx.save_for_backward(positions, cache)
+    ctx.is_neox = is_neox
+
+
+def _backward(ctx, gq, gk):
+    positions, cache = ctx.saved_tensors
+    # The rotation is orthogonal: its gradient is the inverse rotation (plain torch ops).
+    gq = _rotate_cpu(positions, gq, cache, ctx.is_neox, inverse=True)
+    gk = _rotate_cpu(positions, gk, cache, ctx.is_neox, inverse=True)
+    return None, gq, gk, None, None
+
+
+_rotary_op.register_autograd(_backward, setup_context=_setup)
+
+
+def rotary_embedding(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_sin_cache: torch.Tensor,
+                     head_size: Optional[int] = None, is_neox: bool = True):
+    """Rotate q and k by their positions (see module docstring); returns (q', k')."""
+    check_float("q", q)
+    check_same("q", q, "k", k)
+    check_same("q", q, "cos_sin_cache", cos_sin_cache, dtype=False)
+    check_same("q", q, "positions", positions, dtype=False)
+    if cos_sin_cache.dtype != torch.float32 or cos_sin_cache.dim() != 2:
+        raise TypeError("cos_sin_cache must be the fp32 [max_position, rot_dim] tensor from build_cos_sin_cache")
+    if positions.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"positions must be int32 or int64, got {positions.dtype}")
+    T = positions.shape[0]
+
+    def as3(x, name):
+        if x.dim() == 3:
+            return x
+        if x.dim() == 2 and head_size:
+            if x.shape[1] % head_size:
+                raise ValueError(f"{name} width {x.shape[1]} is not a multiple of head_size {head_size}")
+            return x.view(x.shape[0], -1, head_size)
+        raise ValueError(f"{name} must be [T, H, D], or [T, H*D] with head_size given; got {tuple(x.shape)}")
+
+    q3, k3 = as3(q, "q"), as3(k, "k")
+    if q3.shape[0] != T or k3.shape[0] != T:
+        raise ValueError(f"q/k have {q3.shape[0]}/{k3.shape[0]} tokens but positions has {T}")
+    if q3.shape[-1] != k3.shape[-1] or cos_sin_cache.shape[1] > q3.shape[-1]:
+        raise ValueError("q and k must share a head size no smaller than the cache's rotary dim")
+    if T and not positions.is_cuda and int(positions.max()) >= cos_sin_cache.shape[0]:  # no host sync on GPU
+        raise ValueError(f"a position ({int(positions.max())}) is beyond the cache ({cos_sin_cache.shape[0]} positions)")
+    qo, ko = _rotary_op(positions, q3, k3, cos_sin_cache, bool(is_neox))
+    return qo.view(q.shape), ko.view(k.shape)
