@@ -1,0 +1,102 @@
+"""The table of supported model families, shared by the trainer and the vLLM adapter.
+
+Qwen3, Qwen2 (incl. 2.5) and Llama (3.x) share one decoder structure (RMSNorm,
+GQA attention with rotary, gated SiLU MLP, LM head) and the same module names
+in transformers; a family only says what differs: q/k RMSNorm (Qwen3) and which
+vLLM architecture serves it. Everything else is read off the model's config.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from onpolicy_kernels import build_cos_sin_cache
+from onpolicy_kernels.rotary import SUPPORTED_ROPE_TYPES
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    hf_architecture: str
+    vllm_architecture: str
+    qk_norm: bool
+
+
+FAMILIES = {
+    "qwen3": Family("Qwen3", "Qwen3ForCausalLM", "Qwen3ForCausalLM", qk_norm=True),
+    "qwen2": Family("Qwen2 / Qwen2.5", "Qwen2ForCausalLM", "Qwen2ForCausalLM", qk_norm=False),
+    "llama": Family("Llama 3.x", "LlamaForCausalLM", "LlamaForCausalLM", qk_norm=False),
+}
+SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+class UnsupportedModelError(ValueError):
+    """The model, dtype or setting is outside what onpolicy's kernels cover."""
+
+
+def supported_list() -> str:
+    return ", ".join(f"{f.name} (model_type {k!r})" for k, f in FAMILIES.items())
+
+
+def family_of(config) -> Family:
+    mt = getattr(config, "model_type", None)
+    if mt not in FAMILIES:
+        raise UnsupportedModelError(
+            f"onpolicy does not support model_type {mt!r}; supported families: {supported_list()}"
+        )
+    return FAMILIES[mt]
+
+
+def rope_spec(config) -> tuple[float, Optional[dict]]:
+    """(base, scaling dict or None) of the model's rotary embedding, for transformers 4 and 5 configs."""
+    params = getattr(config, "rope_parameters", None)
+    if isinstance(params, dict) and params:
+        base = params.get("rope_theta", getattr(config, "rope_theta", 10000.0))
+        rtype = params.get("rope_type", params.get("type", "default"))
+        return float(base), (None if rtype in (None, "default") else dict(params))
+    scaling = getattr(config, "rope_scaling", None)
+    base = float(getattr(config, "rope_theta", 10000.0))
+    if scaling and scaling.get("rope_type", scaling.get("type", "default")) != "default":
+        return base, dict(scaling)
+    return base, None
+
+
+def head_dim_of(config) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+def cos_sin_cache_for(config, max_position: Optional[int] = None) -> torch.Tensor:
+    """The fp32 rotary cache both sides use for this config (rows depend only on the position)."""
+    base, scaling = rope_spec(config)
+    hd = head_dim_of(config)
+    return build_cos_sin_cache(hd, hd, max_position or config.max_position_embeddings, base, scaling)
+
+
+def check_supported(config, dtype: Optional[torch.dtype] = None) -> Family:
+    """Raise UnsupportedModelError naming the problem (and what is supported); return the family."""
+    fam = family_of(config)
+    problems = []
+    if dtype is not None and dtype not in SUPPORTED_DTYPES:
+        problems.append(f"dtype {dtype} (supported: bfloat16, float16, float32)")
+    act = getattr(config, "hidden_act", "silu")
+    if act != "silu":
+        problems.append(f"hidden_act {act!r} (supported: 'silu')")
+    _, scaling = rope_spec(config)
+    if scaling is not None:
+        rtype = scaling.get("rope_type", scaling.get("type"))
+        if rtype not in SUPPORTED_ROPE_TYPES:
+            problems.append(f"rope type {rtype!r} (supported: {', '.join(SUPPORTED_ROPE_TYPES)})")
+    layer_types = getattr(config, "layer_types", None) or []
+    if getattr(config, "use_sliding_window", False) or any(t != "full_attention" for t in layer_types):
+        problems.append("sliding-window attention (supported: full causal attention)")
+    if float(getattr(config, "attention_dropout", 0.0) or 0.0) != 0.0:
+        problems.append("attention_dropout > 0 (supported: 0)")
+    if getattr(config, "mlp_bias", False):
+        problems.append("mlp_bias=True (supported: no MLP bias)")
+    if getattr(config, "num_attention_heads", 1) % getattr(config, "num_key_value_heads", 1):
+        problems.append("num_attention_heads not a multiple of num_key_value_heads")
+    if problems:
+        raise UnsupportedModelError(f"{fam.name} model not supported by onpolicy: " + "; ".join(problems))
+    return fam
