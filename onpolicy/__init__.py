@@ -3,11 +3,29 @@
 One set of batch-invariant kernels (`onpolicy_kernels`) runs both the vLLM
 sampler (through the vLLM plugin) and the trainer (`patch_model`), so sampler
 and trainer logprobs are bitwise identical and their KL is exactly 0.
+
+Names are imported lazily, so `onpolicy dashboard` starts without torch.
 """
 __version__ = "0.1.0"
 
-from .families import FAMILIES, UnsupportedModelError  # noqa: E402
-from .trainer import is_patched, patch_model, patched, token_logprobs, unpatch_model  # noqa: E402
+_LAZY = {
+    "patch_model": "onpolicy.trainer",
+    "unpatch_model": "onpolicy.trainer",
+    "patched": "onpolicy.trainer",
+    "is_patched": "onpolicy.trainer",
+    "token_logprobs": "onpolicy.trainer",
+    "FAMILIES": "onpolicy.families",
+    "UnsupportedModelError": "onpolicy.families",
+}
 
-__all__ = ["patch_model", "unpatch_model", "patched", "is_patched", "token_logprobs", "FAMILIES",
-           "UnsupportedModelError"]
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'onpolicy' has no attribute {name!r}")
