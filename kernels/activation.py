@@ -29,6 +29,8 @@ if HAS_TRITON:
 
 def _triton(x):
     require_triton()
+    if x.stride(-1) != 1:  # the kernel addresses columns with stride 1
+        x = x.contiguous()
     M, D2 = x.shape
     d = D2 // 2
     out = torch.empty(M, d, dtype=x.dtype, device=x.device)
@@ -42,7 +44,7 @@ def _cpu(x):
     d = x.shape[-1] // 2
     g = x[:, :d].float()
     u = x[:, d:].float()
-    return (g / (1.0 + chunked(torch.exp, -g)) * u).to(x.dtype)
+    return (g / (1.0 + chunked(torch.exp, -g)) * u).to(x.dtype).contiguous()
 
 
 @torch.library.custom_op("onpolicy::silu_and_mul", mutates_args=())

@@ -14,7 +14,8 @@ vLLM adapter and the trainer call these ops, so their logprobs are equal.
 
 Guarantee: a row's output bits depend only on that row (and its temperature),
 never on how many rows share the call or where the row sits. GPU: one Triton
-program per row, fixed-size vocab chunks reduced in a fixed order. CPU: fixed
+program per row, one pass over fixed-size vocab chunks for the statistics
+(online max/sum per lane, lanes combined in a fixed tree). CPU: fixed
 pairwise trees and chunked exp/log (kernels/_cpu.py). Backward: standard.
 """
 from __future__ import annotations
@@ -34,17 +35,23 @@ if HAS_TRITON:
 
     @triton.jit
     def _row_stats(x_ptr, row, V, sx, t, BLOCK: tl.constexpr):
+        # One pass over the row: each lane keeps a running max and a sum of
+        # exp(x - max) rescaled whenever its max grows (online softmax); the
+        # lanes are combined at the end by one fixed reduction tree. The order
+        # depends only on V and BLOCK, never on the other rows.
         cols = tl.arange(0, BLOCK)
         mvec = tl.full((BLOCK,), float("-inf"), tl.float32)
-        for v0 in range(0, V, BLOCK):
-            x = tl.load(x_ptr + row * sx + v0 + cols, mask=v0 + cols < V, other=float("-inf")).to(tl.float32) / t
-            mvec = tl.maximum(mvec, x)
-        m = tl.max(mvec, axis=0)
         svec = tl.zeros((BLOCK,), tl.float32)
         for v0 in range(0, V, BLOCK):
             x = tl.load(x_ptr + row * sx + v0 + cols, mask=v0 + cols < V, other=float("-inf")).to(tl.float32) / t
-            svec += tl.exp(x - m)
-        return m, tl.log(tl.sum(svec, axis=0))
+            m_new = tl.maximum(mvec, x)
+            live = m_new > float("-inf")
+            scale = tl.where(live, tl.exp(mvec - m_new), 0.0)
+            svec = svec * scale + tl.where(live, tl.exp(x - m_new), 0.0)
+            mvec = m_new
+        m = tl.max(mvec, axis=0)
+        s = tl.sum(tl.where(mvec > float("-inf"), svec * tl.exp(mvec - m), 0.0), axis=0)
+        return m, tl.log(s)
 
     @triton.jit
     def _log_softmax_kernel(x_ptr, t_ptr, o_ptr, V, sx, so, BLOCK: tl.constexpr):
@@ -75,6 +82,11 @@ def _cpu_rows(logits, temperature):
     return x, m, chunked(torch.log, s)
 
 
+def _unit_stride(t):
+    """The GPU kernels address the vocab with stride 1."""
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
 def _log_softmax_impl(logits, temperature):
     M, V = logits.shape
     out = torch.empty(M, V, dtype=torch.float32, device=logits.device)
@@ -82,6 +94,7 @@ def _log_softmax_impl(logits, temperature):
         return out
     if use_triton(logits):
         require_triton()
+        logits = _unit_stride(logits)
         _log_softmax_kernel[(M,)](logits, temperature, out, V, logits.stride(0), out.stride(0),
                                   BLOCK=min(VOCAB_BLOCK, triton.next_power_of_2(V)), num_warps=8)
         return out
@@ -98,6 +111,7 @@ def _token_logprobs_impl(logits, token_ids, temperature):
         return out
     if use_triton(logits):
         require_triton()
+        logits = _unit_stride(logits)
         _token_logprobs_kernel[(M,)](logits, temperature, token_ids, out, V, logits.stride(0),
                                      BLOCK=min(VOCAB_BLOCK, triton.next_power_of_2(V)), num_warps=8)
         return out
@@ -108,8 +122,19 @@ def _token_logprobs_impl(logits, token_ids, temperature):
     return out
 
 
+def _check_values(temperature, token_ids=None, V=0):
+    """Value checks, inside the ops so they run eagerly also under torch.compile; skipped on
+    the GPU, where they would cost a host sync."""
+    if not temperature.is_cuda and temperature.numel() and not bool((temperature > 0).all()):
+        raise ValueError("every temperature must be > 0; for greedy sampling use 1.0 as vLLM does")
+    if token_ids is not None and token_ids.numel() and not token_ids.is_cuda:
+        if int(token_ids.min()) < 0 or int(token_ids.max()) >= V:
+            raise ValueError(f"token id out of range [0, {V})")
+
+
 @torch.library.custom_op("onpolicy::log_softmax", mutates_args=())
 def _log_softmax_op(logits: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor:
+    _check_values(temperature)
     return _log_softmax_impl(logits, temperature)
 
 
@@ -120,6 +145,7 @@ def _(logits, temperature):
 
 @torch.library.custom_op("onpolicy::token_logprobs", mutates_args=())
 def _token_logprobs_op(logits: torch.Tensor, token_ids: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor:
+    _check_values(temperature, token_ids, logits.shape[-1])
     return _token_logprobs_impl(logits, token_ids, temperature)
 
 
@@ -191,7 +217,5 @@ def token_logprobs(logits: torch.Tensor, token_ids: torch.Tensor, temperature: U
     V = logits.shape[-1]
     x = logits.reshape(-1, V)
     ids = token_ids.reshape(-1).to(logits.device)
-    if ids.numel() and not ids.is_cuda and (int(ids.min()) < 0 or int(ids.max()) >= V):
-        raise ValueError(f"token id out of range [0, {V})")
     t = _temperature_rows(temperature, x.shape[0], logits.device)
     return _token_logprobs_op(x, ids.contiguous(), t).view(token_ids.shape)

@@ -46,9 +46,12 @@ if HAS_TRITON:
 
 def _triton(x, residual, weight, eps):
     require_triton()
+    # The kernel addresses columns with stride 1: make the last dims contiguous.
+    x, weight = _unit_stride(x), weight.contiguous()
+    residual = _unit_stride(residual) if residual is not None else None
     M, N = x.shape
-    out = torch.empty_like(x)
-    h = torch.empty_like(x) if residual is not None else out
+    out = x.new_empty(x.shape)
+    h = x.new_empty(x.shape) if residual is not None else out
     if M:
         BLOCK = triton.next_power_of_2(N)
         _rms_norm_kernel[(M,)](
@@ -59,6 +62,10 @@ def _triton(x, residual, weight, eps):
     return out, h
 
 
+def _unit_stride(t):
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
 def _cpu(x, residual, weight, eps):
     if residual is not None:
         x = (x.float() + residual.float()).to(x.dtype)
@@ -66,7 +73,7 @@ def _cpu(x, residual, weight, eps):
     var = tree_sum(xf * xf) / xf.shape[-1]
     inv = 1.0 / torch.sqrt(var + eps)
     y = (xf * inv).to(x.dtype).float()
-    return (y * weight.float()).to(x.dtype), x
+    return (y * weight.float()).to(x.dtype).contiguous(), x.contiguous()
 
 
 @torch.library.custom_op("onpolicy::rms_norm", mutates_args=())
@@ -76,7 +83,7 @@ def _rms_norm_op(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Ten
 
 @_rms_norm_op.register_fake
 def _(x, weight, eps):
-    return torch.empty_like(x)
+    return x.new_empty(x.shape)
 
 
 @torch.library.custom_op("onpolicy::fused_add_rms_norm", mutates_args=())
@@ -87,7 +94,7 @@ def _fused_op(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps
 
 @_fused_op.register_fake
 def _(x, residual, weight, eps):
-    return torch.empty_like(x), torch.empty_like(x)
+    return x.new_empty(x.shape), x.new_empty(x.shape)
 
 
 def _norm_backward(h, weight, eps, g):

@@ -98,11 +98,14 @@ if HAS_TRITON:
 
 def _rotate_triton(positions, x, cache, is_neox):
     require_triton()
+    if x.stride(-1) != 1:  # the kernel addresses a head's dims with stride 1
+        x = x.contiguous()
+    cache = cache.contiguous()
     T, H, D = x.shape
-    out = torch.empty_like(x)
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     if T:
         half = cache.shape[1] // 2
-        BLOCK_H = 4
+        BLOCK_H = min(16, triton.next_power_of_2(H))  # several heads per program: memory-bound
         _rotary_kernel[(T, triton.cdiv(H, BLOCK_H))](
             x, out, positions, cache, H, D, x.stride(0), x.stride(1), out.stride(0), out.stride(1), cache.stride(0),
             ROT_HALF=half, IS_NEOX=is_neox, BLOCK_H=BLOCK_H, BLOCK_R=triton.next_power_of_2(half),
@@ -134,7 +137,7 @@ def _rotate_cpu(positions, x, cache, is_neox, inverse=False):
     else:
         out[..., 0:rot:2] = o1
         out[..., 1:rot:2] = o2
-    return out.to(x.dtype)
+    return out.to(x.dtype).contiguous()
 
 
 def _rotate(positions, x, cache, is_neox):
@@ -144,12 +147,18 @@ def _rotate(positions, x, cache, is_neox):
 @torch.library.custom_op("onpolicy::rotary_embedding", mutates_args=())
 def _rotary_op(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cache: torch.Tensor,
                is_neox: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    # Value check inside the op (it runs eagerly, also under torch.compile); skipped
+    # on the GPU, where it would cost a host sync.
+    if positions.numel() and not positions.is_cuda:
+        lo, hi = int(positions.min()), int(positions.max())
+        if lo < 0 or hi >= cache.shape[0]:
+            raise ValueError(f"positions must lie in [0, {cache.shape[0]}) (the cache's positions); got {lo}..{hi}")
     return _rotate(positions, q, cache, is_neox), _rotate(positions, k, cache, is_neox)
 
 
 @_rotary_op.register_fake
 def _(positions, q, k, cache, is_neox):
-    return torch.empty_like(q), torch.empty_like(k)
+    return q.new_empty(q.shape), k.new_empty(k.shape)
 
 
 def _setup(ctx, inputs, output):
@@ -196,7 +205,5 @@ def rotary_embedding(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, 
         raise ValueError(f"q/k have {q3.shape[0]}/{k3.shape[0]} tokens but positions has {T}")
     if q3.shape[-1] != k3.shape[-1] or cos_sin_cache.shape[1] > q3.shape[-1]:
         raise ValueError("q and k must share a head size no smaller than the cache's rotary dim")
-    if T and not positions.is_cuda and int(positions.max()) >= cos_sin_cache.shape[0]:  # no host sync on GPU
-        raise ValueError(f"a position ({int(positions.max())}) is beyond the cache ({cos_sin_cache.shape[0]} positions)")
     qo, ko = _rotary_op(positions, q3, k3, cos_sin_cache, bool(is_neox))
     return qo.view(q.shape), ko.view(k.shape)

@@ -1,0 +1,106 @@
+"""Achieved memory bandwidth of the memory-bound invariant ops, as a share of this GPU's copy bandwidth.
+
+    python3 benchmarks/bench_memory_ops.py [--tokens 32768]
+
+For each op: the fewest bytes it must move (each input read once, each output
+written once), its time (CUDA-graph replay; tensors far larger than L2), the
+achieved GB/s, that as a share of a device-to-device copy measured in the same
+run (bytes read + written), and the same for the plain-PyTorch equivalent
+(eager, not invariant) for context. Datasheet: H100 SXM ~3.35 TB/s, H200 ~4.8 TB/s.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import copy_bandwidth, device_line, time_calls  # noqa: E402
+
+from onpolicy_kernels import (build_cos_sin_cache, fused_add_rms_norm, log_softmax, rms_norm, rotary_embedding,  # noqa: E402
+                              silu_and_mul, token_logprobs)
+
+
+def torch_rms(x, w, eps=1e-6):
+    xf = x.float()
+    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype) * w
+
+
+def torch_rotary(pos, q, k, cos, sin):
+    def rot(x):
+        x1, x2 = x[..., :64], x[..., 64:]
+        c, s = cos[pos][:, None], sin[pos][:, None]
+        return torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], -1)
+    return rot(q), rot(k)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tokens", type=int, default=32768)
+    args = ap.parse_args()
+    T = args.tokens
+    dt = torch.bfloat16
+    dev = "cuda"
+    torch.manual_seed(0)
+    print(device_line(), flush=True)
+    copies = copy_bandwidth()
+    copy = max(copies.values())
+    print("device-to-device copy of 1 GiB, GB/s (read + write): "
+          + ", ".join(f"{k} {v:.0f}" for k, v in copies.items()) + f"; ceiling used: {copy:.0f}\n", flush=True)
+    rows = []
+
+    def add(name, nbytes, ours, ref=None):
+        t = time_calls([ours], target_ms=10.0)
+        bw = nbytes / (t * 1e-6) / 1e9
+        line = f"{name:38s} {nbytes / 2**20:9.1f} {t:9.1f} {bw:8.0f} {bw / copy:7.1%}"
+        if ref is not None:
+            tr = time_calls([ref], target_ms=10.0)
+            line += f" {tr:10.1f} {nbytes / (tr * 1e-6) / 1e9 / copy:8.1%}"
+        rows.append(line)
+        print(line, flush=True)
+
+    print(f"{'op (bf16)':38s} {'MiB':>9s} {'us':>9s} {'GB/s':>8s} {'of copy':>7s} {'torch us':>10s} {'of copy':>8s}")
+    for H in (2048, 4096):
+        x = torch.randn(T, H, device=dev, dtype=dt)
+        r = torch.randn(T, H, device=dev, dtype=dt)
+        w = torch.randn(H, device=dev, dtype=dt)
+        add(f"rms_norm T={T} H={H}", 2 * T * H * 2, lambda: rms_norm(x, w, 1e-6), lambda: torch_rms(x, w))
+        add(f"fused_add_rms_norm T={T} H={H}", 4 * T * H * 2, lambda: fused_add_rms_norm(x, r, w, 1e-6),
+            lambda: (torch_rms(x + r, w), x + r))
+        del x, r
+    # rotary, Qwen3 (16 q heads, 8 kv heads, head 128), positions spread over 32k
+    cache = build_cos_sin_cache(128, 128, 40960, 1e6).to(dev)
+    cos, sin = cache[:, :64].to(dt), cache[:, 64:].to(dt)
+    q = torch.randn(T, 16, 128, device=dev, dtype=dt)
+    k = torch.randn(T, 8, 128, device=dev, dtype=dt)
+    pos = torch.randint(0, 32768, (T,), device=dev)
+    nbytes = 2 * (q.numel() + k.numel()) * 2 + T * 8 + T * 128 * 4
+    add(f"rotary_embedding T={T} 16q+8kv x128", nbytes, lambda: rotary_embedding(pos, q, k, cache),
+        lambda: torch_rotary(pos, q, k, cos, sin))
+    del q, k
+    for D in (6144, 12288):
+        x = torch.randn(T // 2, 2 * D, device=dev, dtype=dt)
+        add(f"silu_and_mul T={T // 2} d={D}", 3 * (T // 2) * D * 2, lambda: silu_and_mul(x),
+            lambda: F.silu(x[:, :D]) * x[:, D:])
+        del x
+    V = 151936
+    for M in (256, 2048):
+        logits = torch.randn(M, V, device=dev, dtype=dt) * 4
+        ids = torch.randint(0, V, (M,), device=dev)
+        add(f"log_softmax M={M} V={V} (fp32 out)", M * V * (2 + 4), lambda: log_softmax(logits, 0.8),
+            lambda: torch.log_softmax(logits.float() / 0.8, -1))
+        add(f"token_logprobs M={M} V={V}", M * V * 2 + M * 12, lambda: token_logprobs(logits, ids, 0.8),
+            lambda: torch.log_softmax(logits.float() / 0.8, -1).gather(1, ids[:, None]))
+        del logits
+    print(f"\nsummary ({device_line()}; copy ceiling {copy:.0f} GB/s = best of "
+          + ", ".join(f"{k} {v:.0f}" for k, v in copies.items()) + ")")
+    print(f"{'op (bf16)':38s} {'MiB':>9s} {'us':>9s} {'GB/s':>8s} {'of copy':>7s} {'torch us':>10s} {'of copy':>8s}")
+    for line in rows:
+        print(line)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,138 @@
+"""Trainer side on the GPU at a Qwen3-1.7B-like shape (issue 4): bitwise properties + step time/memory.
+
+    python benchmarks/gpu_trainer.py [--layers 28] [--batch 8] [--seq 512]
+
+Checks (torch.equal): one full-sequence forward == prefill + token-by-token
+decode with a KV cache; a sequence alone == in a padded batch == in a packed
+batch. Then times a training step (forward + backward of the token logprobs of
+a padded batch) of the patched vs the unpatched model (transformers' SDPA),
+side by side in one process, and prints the ratios of time and peak memory.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+
+def build(layers: int, family: str = "qwen3"):
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    cfg = Qwen3Config(vocab_size=151936, hidden_size=2048, intermediate_size=6144, num_hidden_layers=layers,
+                      num_attention_heads=16, num_key_value_heads=8, head_dim=128, max_position_embeddings=4096,
+                      tie_word_embeddings=True, attn_implementation="sdpa")
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        m = Qwen3ForCausalLM(cfg).to(torch.bfloat16)
+    return m
+
+
+def check_bitwise(model, seq: int):
+    import onpolicy
+    import onpolicy_kernels as K
+    from transformers import DynamicCache
+
+    g = torch.Generator(device="cuda").manual_seed(1)
+    lens = [seq // 2, seq // 5, seq // 3, seq // 7]
+    seqs = [torch.randint(10, 150000, (n,), device="cuda", generator=g) for n in lens]
+    onpolicy.patch_model(model)
+    res = {}
+    with torch.no_grad():
+        alone = [onpolicy.token_logprobs(model, s[None])[0] for s in seqs]
+        # decode: prefill 8 tokens then one at a time
+        s = seqs[1]
+        cache = DynamicCache(config=model.config)
+        out = model(s[None, :8], past_key_values=cache, use_cache=True).logits[0, -1:]
+        dec = []
+        for i in range(8, s.numel()):
+            dec.append(K.token_logprobs(out, s[i : i + 1]))
+            if i + 1 < s.numel():
+                out = model(s[None, i : i + 1], past_key_values=cache, use_cache=True).logits[0, -1:]
+        res["full forward == decode"] = torch.equal(alone[1][7:], torch.cat(dec))
+        L = max(lens)
+        ids = torch.full((4, L), 2, device="cuda")
+        mask = torch.zeros_like(ids)
+        for b, x in enumerate(seqs):
+            ids[b, L - len(x):] = x
+            mask[b, L - len(x):] = 1
+        lp = onpolicy.token_logprobs(model, ids, mask)
+        res["alone == left-padded batch"] = all(torch.equal(lp[b, L - len(x):], alone[b]) for b, x in enumerate(seqs))
+        packed = torch.cat(seqs)[None]
+        pos = torch.cat([torch.arange(len(x), device="cuda") for x in seqs])[None]
+        lpp = onpolicy.token_logprobs(model, packed, position_ids=pos)[0]
+        ok, st = True, 0
+        for b, x in enumerate(seqs):
+            ok &= torch.equal(lpp[st : st + len(x) - 1], alone[b])
+            st += len(x)
+        res["alone == packed batch"] = bool(ok)
+    onpolicy.unpatch_model(model)
+    return res
+
+
+def step_fn(model, ids, mask, patched: bool):
+    import onpolicy
+
+    if patched:
+        lp = onpolicy.token_logprobs(model, ids, mask)
+    else:
+        logits = model(ids, attention_mask=mask).logits[:, :-1].float()
+        lp = torch.log_softmax(logits, -1).gather(-1, ids[:, 1:, None])[..., 0]
+    loss = -(lp * mask[:, 1:]).sum() / mask[:, 1:].sum()
+    loss.backward()
+    return loss
+
+
+def bench_step(model, ids, mask, patched, iters=5):
+    for p in model.parameters():
+        p.grad = None
+    step_fn(model, ids, mask, patched)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(iters):
+        for p in model.parameters():
+            p.grad = None
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        step_fn(model, ids, mask, patched)
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    times.sort()
+    return times[len(times) // 2], torch.cuda.max_memory_allocated() / 2**30
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--layers", type=int, default=28)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--seq", type=int, default=512)
+    a = ap.parse_args()
+    import onpolicy
+
+    model = build(a.layers)
+    print(f"model: Qwen3-1.7B shape, {a.layers} layers, {sum(p.numel() for p in model.parameters()) / 1e9:.2f}B params",
+          flush=True)
+    for k, v in check_bitwise(model, a.seq).items():
+        print(f"bitwise: {k}: {v}", flush=True)
+    g = torch.Generator(device="cuda").manual_seed(2)
+    ids = torch.randint(10, 150000, (a.batch, a.seq), device="cuda", generator=g)
+    mask = torch.ones_like(ids)
+    for b in range(a.batch):  # ragged left padding like TRL batches
+        mask[b, : (b * a.seq) // (4 * a.batch)] = 0
+    model.train()
+    t_ref, m_ref = bench_step(model, ids, mask, patched=False)
+    onpolicy.patch_model(model)
+    t_pat, m_pat = bench_step(model, ids, mask, patched=True)
+    onpolicy.unpatch_model(model)
+    t_ref2, _ = bench_step(model, ids, mask, patched=False)
+    print(f"| training step (fwd+bwd), {a.batch}x{a.seq} tokens | unpatched (SDPA) | onpolicy | ratio |")
+    print("|---|---|---|---|")
+    print(f"| time (median of 5) | {t_ref * 1e3:.1f} ms / {t_ref2 * 1e3:.1f} ms (run twice) | {t_pat * 1e3:.1f} ms | "
+          f"{t_pat / min(t_ref, t_ref2):.3f}x |")
+    print(f"| peak memory | {m_ref:.2f} GiB | {m_pat:.2f} GiB | {m_pat / m_ref:.3f}x |")
+    print(f"device: {torch.cuda.get_device_name()}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,219 @@
+"""The Triton (GPU) kernels run on the CPU under TRITON_INTERPRET=1, small shapes.
+
+Same properties as the CPU path: rows invariant to the batch, correct against
+float64, token_logprobs == log_softmax indexed. Dot-based kernels are tested in
+fp16/fp32 (the interpreter's bf16 dot is wrong); the others in bf16 too.
+
+The tile table: every configuration HOPPER_TILES can pick is run here and must
+give the bits of the reference geometry. Under the interpreter `tl.dot` is
+`np.matmul(block) + acc`, so the bits depend on BLOCK_K (the GPU's do not: the
+tensor cores add K in 16-wide steps in order whatever the block, which
+tests/gpu/test_linear_tiles.py proves), but not on BLOCK_M, BLOCK_N, warps,
+stages or the load variant (pointer, TMA descriptors, persistent): each entry is
+compared with the reference tile at its own BLOCK_K.
+
+Also an interpreter artefact: its fp32 -> bf16 conversion truncates where the GPU
+rounds to nearest, so bf16 outputs here are checked for invariance and with a
+looser tolerance, and the exact bf16 rounding semantics only on the GPU
+(tests/gpu/test_ops_gpu.py).
+"""
+import os
+import sys
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from _invariance import REL_TOL, gen, hide, randn, rel_err
+from onpolicy_kernels import (build_cos_sin_cache, fused_add_rms_norm, linear, log_softmax, rms_norm, rotary_embedding,
+                              silu_and_mul, token_logprobs)
+from onpolicy_kernels._triton import HAS_TRITON
+
+L = sys.modules["onpolicy_kernels.linear"]
+
+INTERPRETING = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+pytestmark = pytest.mark.skipif(not (HAS_TRITON and INTERPRETING),
+                                reason="needs triton with TRITON_INTERPRET=1 set before import (tests/conftest.py)")
+
+DOT_DTYPES = (torch.float32, torch.float16)
+
+
+@pytest.fixture(autouse=True)
+def triton_backend(monkeypatch):
+    monkeypatch.setenv("ONPOLICY_KERNELS_BACKEND", "triton")
+
+
+def _tol(dtype):
+    return REL_TOL[dtype] * (2 if dtype == torch.bfloat16 else 1)  # truncating bf16 conversion (see above)
+
+
+def _ref_linear(x, w, b=None):
+    y = x.double() @ w.double().t()
+    return y + b.double() if b is not None else y
+
+
+# --- linear ---------------------------------------------------------------------------------
+
+@settings(max_examples=10, deadline=None)
+@given(M=st.integers(1, 80), kn=st.sampled_from([(40, 24), (96, 72), (100, 130)]),
+       dtype=st.sampled_from(DOT_DTYPES), seed=st.integers(0, 2**31 - 1))
+def test_linear_rows_invariant(M, kn, dtype, seed):
+    os.environ["ONPOLICY_KERNELS_BACKEND"] = "triton"  # hypothesis re-enters outside the fixture's scope
+    K, N = kn
+    g = gen(seed)
+    w, b = randn(N, K, dtype=dtype, g=g, scale=K**-0.5), randn(N, dtype=dtype, g=g)
+    probes = randn(5, K, dtype=dtype, g=g)
+    alone = linear(probes, w, b)
+    assert torch.equal(linear(probes[1:2], w, b), alone[1:2])
+    batch, pos, n = hide(probes, M, g)
+    out = linear(batch, w, b)
+    assert torch.equal(out[pos], alone[:n])
+    assert rel_err(out, _ref_linear(batch, w, b)) < REL_TOL[dtype] * (20 if dtype == torch.float32 else 1)
+
+
+def test_linear_merged_columns_and_strides():
+    g = gen(1)
+    ws = [randn(n, 96, dtype=torch.float16, g=g, scale=0.1) for n in (40, 24, 8)]
+    x = randn(19, 96, dtype=torch.float16, g=g)
+    parts = linear(x, torch.cat(ws)).split([40, 24, 8], -1)
+    for p, w in zip(parts, ws):
+        assert torch.equal(p, linear(x, w))
+    xs = randn(19, 192, dtype=torch.float16, g=g)[:, ::2]
+    b = randn(80, dtype=torch.float16, g=g)[::2]
+    assert torch.equal(linear(xs, ws[0], b), linear(xs.contiguous(), ws[0], b.contiguous()))
+
+
+def _entry_reference(entry, elem):
+    _, bm, bn, bk, _, stages = entry[:6]
+    bk, _ = L._fit_smem(bm, bn, bk, stages, elem)
+    ref = L.SAFE_TILE[:3] + (bk,) + L.SAFE_TILE[4:6]
+    return ref
+
+
+@pytest.mark.parametrize("dtype", DOT_DTYPES, ids=["fp32", "fp16"])
+@pytest.mark.parametrize("K,N", [(96, 72), (100, 40)], ids=["tma-eligible", "tma-fallback"])
+def test_every_table_entry_gives_the_reference_bits(K, N, dtype):
+    """Each configuration the Hopper table can pick (HOPPER_TILES), run through the interpreter."""
+    g = gen(K + N)
+    w, b = randn(N, K, dtype=dtype, g=g, scale=K**-0.5), randn(N, dtype=dtype, g=g)
+    elem = torch.tensor([], dtype=dtype).element_size()
+    for M in (1, 20):
+        x = randn(M, K, dtype=dtype, g=g)
+        refs = {}
+        for entry in L.HOPPER_TILES:
+            ref_tile = _entry_reference(entry, elem)
+            if ref_tile not in refs:
+                refs[ref_tile] = L.linear_triton(x, w, b, ref_tile)
+            out = L.linear_triton(x, w, b, entry)
+            assert torch.equal(out, refs[ref_tile]), (M, entry)
+        for ref in refs.values():  # and every reference is right
+            assert rel_err(ref, _ref_linear(x, w, b)) < REL_TOL[dtype] * (20 if dtype == torch.float32 else 1)
+
+
+def test_table_entries_cover_every_variant():
+    assert {L.variant_of(t) for t in L.HOPPER_TILES} == set(L.VARIANTS)
+
+
+# --- memory-bound ops -----------------------------------------------------------------------
+
+ALL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=["fp32", "fp16", "bf16"])
+def test_norms_invariant_and_correct(dtype):
+    g = gen(2)
+    H = 100
+    w = (1 + 0.2 * torch.randn(H, generator=g)).to(dtype)
+    px, pr = randn(4, H, dtype=dtype, g=g, scale=3), randn(4, H, dtype=dtype, g=g)
+    alone = rms_norm(px, w, 1e-6)
+    fo, fh = fused_add_rms_norm(px, pr, w, 1e-6)
+    if dtype != torch.bfloat16:
+        assert torch.equal(fh, (px.float() + pr.float()).to(dtype))
+    assert rel_err(fh, px.double() + pr.double()) < _tol(dtype)
+    for M in (1, 3, 37):
+        both, pos, n = hide(torch.cat([px, pr], 1), M, g)
+        x, r = both[:, :H], both[:, H:]
+        assert torch.equal(rms_norm(x, w, 1e-6)[pos], alone[:n])
+        o, h = fused_add_rms_norm(x, r, w, 1e-6)
+        assert torch.equal(o[pos], fo[:n]) and torch.equal(h[pos], fh[:n])
+    xd = px.double()
+    ref = (xd * torch.rsqrt(xd.pow(2).mean(-1, keepdim=True) + 1e-6)).to(dtype).double() * w.double()
+    assert rel_err(alone, ref) < _tol(dtype)
+    xt = randn(H, 6, dtype=dtype, g=g).t()  # non-contiguous rows
+    assert torch.equal(rms_norm(xt, w, 1e-6), rms_norm(xt.contiguous(), w, 1e-6))
+
+
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=["fp32", "fp16", "bf16"])
+def test_silu_and_mul_invariant_and_correct(dtype):
+    g = gen(3)
+    probes = randn(4, 2 * 1100, dtype=dtype, g=g, scale=3)  # d = 1100 spans two 1024-wide blocks
+    alone = silu_and_mul(probes)
+    for M in (1, 5, 23):
+        batch, pos, n = hide(probes, M, g, filler_scale=3)
+        assert torch.equal(silu_and_mul(batch)[pos], alone[:n])
+    gd, ud = probes[:, :1100].double(), probes[:, 1100:].double()
+    assert rel_err(alone, gd * torch.sigmoid(gd) * ud) < _tol(dtype)
+    xt = randn(8, 5, dtype=dtype, g=g).t()
+    assert torch.equal(silu_and_mul(xt), silu_and_mul(xt.contiguous()))
+
+
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("is_neox", [True, False], ids=["neox", "gptj"])
+def test_rotary_invariant_and_correct(dtype, is_neox):
+    g = gen(4)
+    D, rot = 64, 48  # partial rotary: 16 dims pass through
+    cache = build_cos_sin_cache(D, rot, 512, 1e4)
+    pq, pk = randn(3, 4, D, dtype=dtype, g=g), randn(3, 2, D, dtype=dtype, g=g)
+    ppos = torch.tensor([0, 77, 511])
+    aq, ak = rotary_embedding(ppos, pq, pk, cache, is_neox=is_neox)
+    for T in (1, 9):
+        q, k = randn(T, 4, D, dtype=dtype, g=g), randn(T, 2, D, dtype=dtype, g=g)
+        pos = torch.randint(0, 512, (T,), generator=g)
+        n = min(T, 3)
+        idx = torch.randperm(T, generator=g)[:n]
+        q[idx], k[idx], pos[idx] = pq[:n], pk[:n], ppos[:n]
+        qkv = torch.cat([q.flatten(1), k.flatten(1)], 1)
+        oq, ok = rotary_embedding(pos, qkv[:, : 4 * D], qkv[:, 4 * D :], cache, head_size=D, is_neox=is_neox)
+        assert torch.equal(oq.view(T, 4, D)[idx], aq[:n]) and torch.equal(ok.view(T, 2, D)[idx], ak[:n])
+    # against the CPU path's float64-checked formula: same math, each output rounded once
+    os.environ["ONPOLICY_KERNELS_BACKEND"] = "cpu"
+    cq, _ = rotary_embedding(ppos, pq, pk, cache, is_neox=is_neox)
+    os.environ["ONPOLICY_KERNELS_BACKEND"] = "triton"
+    assert rel_err(aq, cq) < _tol(dtype)
+    assert torch.equal(aq[..., rot:], pq[..., rot:])
+
+
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=["fp32", "fp16", "bf16"])
+def test_logprobs_invariant_correct_and_token_equals_indexed(dtype):
+    g = gen(5)
+    V = 5000  # more than one 4096-wide vocab block
+    probes = randn(4, V, dtype=dtype, g=g, scale=5)
+    pt = torch.tensor([0.5, 1.0, 1.3, 0.8])
+    ids = torch.randint(0, V, (4,), generator=g)
+    alone = log_softmax(probes, pt)
+    tok_alone = token_logprobs(probes, ids, pt)
+    assert torch.equal(tok_alone, alone.gather(1, ids[:, None])[:, 0])
+    ref = torch.log_softmax(probes.double() / pt.double()[:, None], -1)
+    assert (alone.double() - ref).abs().max() < 2e-5
+    for M in (1, 6):
+        batch, pos, n = hide(probes, M, g, filler_scale=5)
+        t = torch.rand(M, generator=g) + 0.3
+        t[pos] = pt[:n]
+        bids = torch.randint(0, V, (M,), generator=g)
+        bids[pos] = ids[:n]
+        full = log_softmax(batch, t)
+        assert torch.equal(full[pos], alone[:n])
+        tok = token_logprobs(batch, bids, t)
+        assert torch.equal(tok[pos], tok_alone[:n]) and torch.equal(tok, full.gather(1, bids[:, None])[:, 0])
+    assert torch.equal(log_softmax(probes, 0.8), log_softmax(probes, torch.full((4,), 0.8)))
+    lt = randn(V, 3, dtype=dtype, g=g).t()  # non-contiguous vocab
+    assert torch.equal(log_softmax(lt, 0.9), log_softmax(lt.contiguous(), 0.9))
+
+
+def test_masked_vocab_under_triton():
+    x = torch.randn(3, 300)
+    x[:, 200:] = float("-inf")
+    out = log_softmax(x, 1.0)
+    assert torch.isneginf(out[:, 200:]).all() and torch.isfinite(out[:, :200]).all()
+    assert torch.allclose(out[:, :200].exp().sum(-1), torch.ones(3), atol=1e-5)
