@@ -29,7 +29,7 @@ SUPPORTED_ROPE_TYPES = ("default", "llama3")
 
 
 def _inv_freq(rotary_dim: int, base: float, rope_scaling: Optional[dict]) -> torch.Tensor:
-    inv = 1.0 / (float(base) ** (torch.arange(0, rotary_dim, 2, dtype=torch.float64) / rotary_dim))
+    inv = 1.0 / (float(base) ** (torch.arange(0, rotary_dim, 2, dtype=torch.float64, device="cpu") / rotary_dim))
     rtype = (rope_scaling or {}).get("rope_type", (rope_scaling or {}).get("type", "default")) or "default"
     if rtype == "default":
         return inv
@@ -58,7 +58,7 @@ def build_cos_sin_cache(head_dim: int, rotary_dim: int, max_position: int, base:
     if rotary_dim > head_dim or rotary_dim % 2:
         raise ValueError(f"rotary_dim {rotary_dim} must be even and <= head_dim {head_dim}")
     inv = _inv_freq(rotary_dim, base, rope_scaling)
-    freqs = torch.arange(max_position, dtype=torch.float64)[:, None] * inv[None, :]
+    freqs = torch.arange(max_position, dtype=torch.float64, device="cpu")[:, None] * inv[None, :]
     return torch.cat([chunked(torch.cos, freqs), chunked(torch.sin, freqs)], dim=-1).float()
 
 
