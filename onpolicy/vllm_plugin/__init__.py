@@ -1,0 +1,74 @@
+"""The onpolicy vLLM plugin: vLLM runs the model on onpolicy's batch-invariant kernels.
+
+With the plugin enabled, every RMSNorm (plain and fused with the residual add),
+SiLU-mul, rotary embedding, linear layer (QKV, gate/up, o, down, LM head) and the
+attention of a supported model run on `onpolicy_kernels`, and the sampler's
+logprobs come from `onpolicy_kernels.log_softmax` -- the same kernels the trainer
+(`onpolicy.token_logprobs`) runs, so sampler and trainer logprobs are bitwise
+equal. Supported: Qwen3ForCausalLM, Qwen2ForCausalLM, LlamaForCausalLM, one GPU
+(or the CPU), unquantized. Anything else fails when the engine is built.
+
+Enable it with the environment variable ``ONPOLICY_VLLM=1`` (read by both entry
+points, so child processes inherit it), or call `enable()` before ``LLM(...)``.
+Entry points (pyproject):
+
+    [project.entry-points."vllm.general_plugins"]   onpolicy = "onpolicy.vllm_plugin:register"
+    [project.entry-points."vllm.platform_plugins"]  onpolicy = "onpolicy.vllm_plugin.platform:detect"
+
+Without the platform entry point the plugin still works in-process (vLLM's
+in-process engine, TRL colocate): `register()` switches the already-resolved
+platform object to onpolicy's subclass. See docs/vllm-adapter-design.md.
+"""
+from __future__ import annotations
+
+import logging
+import os
+
+from .errors import OnpolicyVllmError
+
+ENV_VAR = "ONPOLICY_VLLM"
+_TRUE = ("1", "true", "yes", "on")
+
+logger = logging.getLogger("vllm.onpolicy")  # child of vLLM's logger: printed with its messages
+_registered = False
+
+
+def is_enabled() -> bool:
+    """Whether the plugin is switched on in this process (``ONPOLICY_VLLM=1`` or `enable()`)."""
+    return os.environ.get(ENV_VAR, "0").strip().lower() in _TRUE
+
+
+def register() -> None:
+    """vLLM general-plugin entry point. Idempotent; does nothing unless enabled.
+
+    Registers the OOT layers (RMSNorm, SiluAndMul, RotaryEmbedding,
+    LogitsProcessor), the "onpolicy" quantization config (the linear method) and
+    the CUSTOM attention backend, and makes sure the platform is onpolicy's.
+    """
+    global _registered
+    if not is_enabled() or _registered:
+        return
+    from . import attention, layers, linear, platform
+
+    layers.register()
+    linear.register()
+    attention.register()
+    platform.ensure_active()
+    _registered = True
+    logger.info("onpolicy vLLM plugin registered (batch-invariant kernels for sampler == trainer)")
+
+
+def enable() -> None:
+    """Switch the plugin on for this process and its children, then register it.
+
+    Call before building ``LLM(...)``. Safe to call more than once.
+    """
+    os.environ[ENV_VAR] = "1"
+    register()
+
+
+def is_registered() -> bool:
+    return _registered
+
+
+__all__ = ["register", "enable", "is_enabled", "is_registered", "OnpolicyVllmError", "ENV_VAR"]

@@ -1,0 +1,157 @@
+"""The sampler's logprobs from `onpolicy_kernels.log_softmax`, and sampling from them.
+
+Installed after the model is loaded (worker.py): the runner's sampler object is
+re-classed to a subclass that overrides only the step from logits to
+(token, logprobs). For each row, with t = its temperature (1.0 for greedy rows):
+
+    lp = onpolicy_kernels.log_softmax(logits, t)         # fp32, batch-invariant
+
+`processed_logprobs` returns lp (what the trainer's `token_logprobs(...,
+temperature=t)` computes, bitwise); `raw_logprobs` returns log_softmax(logits,
+1.0). The token is drawn by vLLM's own seeded Gumbel sampler *from lp* (the
+temperature is already in lp; Gumbel-max is shift-invariant), greedy rows by
+vLLM's argmax, so the sampled policy is exactly exp(lp).
+
+vLLM's distribution-changing options that run before temperature (logit bias,
+min_tokens, allowed/bad words, penalties) are applied by vLLM as usual; the
+trainer does not see them, so tokens they touch are not on-policy (documented).
+top-k / top-p / min-p are applied to lp before sampling; if they mask anything
+while logprobs are requested, the step fails loudly (not on-policy).
+
+Two sampler layouts: V1 (vllm/v1/sample/sampler.py: the CPU runner, and GPU
+with VLLM_USE_V2_MODEL_RUNNER=0) and model-runner-V2 as in vLLM 0.26
+(vllm/v1/worker/gpu/sample/sampler.py).
+"""
+from __future__ import annotations
+
+import torch
+
+from . import compat
+from .errors import OnpolicyVllmError
+
+_NOT_ON_POLICY = ("top-k / top-p / min-p masked tokens while logprobs were requested: the returned logprobs "
+                  "would not be the trainer's. Use top_k=-1 (0 in TRL), top_p=1.0, min_p=0.0 with onpolicy")
+
+
+def _log_softmax(logits: torch.Tensor, temperature) -> torch.Tensor:
+    return compat.kernels().log_softmax(logits, temperature)
+
+
+class OnpolicySamplerMixin:
+    """Marker; `_onpolicy_mode` is the logprobs mode the user asked for."""
+
+    _onpolicy_mode: str = "raw_logprobs"
+
+
+class V1SamplerMixin(OnpolicySamplerMixin):
+    @staticmethod
+    def compute_logprobs(logits: torch.Tensor) -> torch.Tensor:
+        # raw logprobs (and prompt logprobs): temperature 1
+        return _log_softmax(logits, 1.0)
+
+    def sample(self, logits: torch.Tensor, sampling_metadata, logprobs_mode_override=None):
+        from vllm.v1.sample.ops.topk_topp_sampler import apply_top_k_top_p
+        from vllm.v1.sample.sampler import _SAMPLING_EPS
+
+        md = sampling_metadata
+        mode = logprobs_mode_override or self.logprobs_mode
+        want = md.max_num_logprobs is not None or bool(getattr(md, "logprob_token_ids", None))
+        processed = want and mode == "processed_logprobs"
+        if mode == "processed_logits":
+            raise OnpolicyVllmError("logprobs_mode='processed_logits' is not supported")
+
+        greedy = None if md.all_random else self.greedy_sample(logits)
+        if md.all_greedy:
+            return greedy, (_log_softmax(logits, 1.0) if processed else None)
+
+        temp = md.temperature
+        t = temp if md.all_random else torch.where(temp < _SAMPLING_EPS, torch.ones_like(temp), temp)
+        lp = _log_softmax(logits, t)
+        masked = lp.clone()
+        for proc in md.logitsprocs.argmax_invariant:
+            masked = proc.apply(masked)
+        masked = apply_top_k_top_p(masked, md.top_k, md.top_p)
+        if processed and not torch.equal(masked, lp):
+            raise OnpolicyVllmError(_NOT_ON_POLICY)
+        random_sampled, _ = self.topk_topp_sampler(masked, md.generators, None, None)
+        if greedy is None:
+            sampled = random_sampled
+        else:
+            sampled = torch.where(temp < _SAMPLING_EPS, greedy, random_sampled)
+        return sampled, (lp if processed else None)
+
+
+class V2SamplerMixin026(OnpolicySamplerMixin):
+    """Model runner V2 as in vLLM 0.26 (vllm/v1/worker/gpu/sample/sampler.py).
+
+    `__call__` is vLLM's; it gathers from what `sample` returns as "processed
+    logits" without re-normalising (we set the instance's mode to
+    processed_logits and keep the user's in `_onpolicy_mode`).
+    """
+
+    def sample(self, logits, expanded_idx_mapping, idx_mapping_np, pos, input_ids, expanded_local_pos,
+               return_logprobs: bool = False):
+        from vllm.v1.worker.gpu.sample.gumbel import gumbel_sample
+
+        mode = self._onpolicy_mode
+        raw = logits.clone() if (return_logprobs and mode.startswith("raw_")) else None
+        # vLLM's pre-temperature steps, in its order, in place (see module docstring).
+        self.logit_bias_state.apply_logit_bias(logits, expanded_idx_mapping, idx_mapping_np, pos)
+        self.penalties_state.apply_penalties(logits, expanded_idx_mapping, idx_mapping_np, input_ids,
+                                             expanded_local_pos)
+        self.bad_words_state.apply_bad_words(logits, expanded_idx_mapping, idx_mapping_np, input_ids,
+                                             expanded_local_pos)
+        temp_all = self.sampling_states.temperature.gpu
+        t = temp_all[expanded_idx_mapping].to(torch.float32)
+        t = torch.where(t == 0.0, torch.ones_like(t), t)
+        lp = _log_softmax(logits, t)
+        masked = lp.clone()
+        self.sampling_states.apply_min_p(masked, expanded_idx_mapping, idx_mapping_np)
+        masked = self.sampling_states.apply_top_k_top_p(masked, expanded_idx_mapping, idx_mapping_np)
+        if return_logprobs and mode == "processed_logprobs" and not torch.equal(masked, lp):
+            raise OnpolicyVllmError(_NOT_ON_POLICY)
+        sampled = gumbel_sample(masked, expanded_idx_mapping, temp_all, self.sampling_states.seeds.gpu, pos,
+                                apply_temperature=False, use_fp64=getattr(self, "use_fp64_gumbel", False))
+        if raw is None:
+            out = lp
+        elif mode == "raw_logprobs":
+            out = _log_softmax(raw, 1.0)
+        else:  # raw_logits: vLLM gathers and casts to fp32
+            out = raw
+        return sampled, out
+
+
+_SUBCLASSES: dict[tuple[type, type], type] = {}
+
+
+def _subclass(base: type, mixin: type) -> type:
+    key = (base, mixin)
+    if key not in _SUBCLASSES:
+        name = f"Onpolicy{base.__name__}"
+        cls = type(name, (mixin, base), {"__module__": __name__})
+        cls.__qualname__ = name
+        _SUBCLASSES[key] = cls
+    return _SUBCLASSES[key]
+
+
+def install(model_runner) -> None:
+    """Re-class the runner's sampler (idempotent). Raises if the layout is unknown."""
+    sampler = compat.runner_sampler(model_runner)
+    if sampler is None:
+        return  # pooling model or not the last pipeline stage: nothing samples here
+    if isinstance(sampler, OnpolicySamplerMixin):
+        return
+    flavour = compat.sampler_flavour(sampler)
+    user_mode = getattr(sampler, "logprobs_mode", "raw_logprobs")
+    if flavour == "v1":
+        sampler.__class__ = _subclass(type(sampler), V1SamplerMixin)
+        sampler._onpolicy_mode = user_mode
+    elif flavour == "v2_026":
+        sampler.__class__ = _subclass(type(sampler), V2SamplerMixin026)
+        sampler._onpolicy_mode = user_mode
+        sampler.logprobs_mode = "processed_logits"  # vLLM's __call__ then only gathers our values
+    else:
+        raise OnpolicyVllmError(
+            f"unsupported vLLM sampler {type(sampler).__module__}.{type(sampler).__qualname__} (vLLM "
+            f"{'.'.join(map(str, compat.vllm_version()))}); try VLLM_USE_V2_MODEL_RUNNER=0"
+        )

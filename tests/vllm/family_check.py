@@ -1,0 +1,49 @@
+"""One onpolicy engine for one model family, sampler vs trainer bitwise (run as a script).
+
+usage: python family_check.py FAMILY OUT_DIR [--tied] [--eager]
+Prints one line "RESULT {json}" with the equal/total counts per temperature.
+Run in its own process by test_families.py (one vLLM engine per process).
+"""
+import json
+import os
+import sys
+
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+os.environ["ONPOLICY_VLLM"] = "1"
+
+
+def main():
+    import torch
+    from transformers import AutoModelForCausalLM
+    from vllm import LLM, SamplingParams
+
+    import onpolicy
+    from onpolicy.tiny import make_tiny_model
+
+    family, out = sys.argv[1], sys.argv[2]
+    tied, eager = "--tied" in sys.argv, "--eager" in sys.argv
+    path = make_tiny_model(os.path.join(out, family + ("-tied" if tied else "")), family, dtype=torch.bfloat16,
+                           max_position_embeddings=512, overrides={"tie_word_embeddings": True} if tied else None)
+    llm = LLM(model=str(path), dtype="bfloat16", max_model_len=512, seed=0, gpu_memory_utilization=0.3,
+              logprobs_mode="processed_logprobs", enforce_eager=eager)
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).eval()
+    prompts = [[3] + [100 + (i * 37 + j * 13) % 900 for j in range(5 + i % 9)] for i in range(16)]
+    result = {}
+    for temperature in (1.0, 0.7):
+        params = SamplingParams(temperature=temperature, max_tokens=16, logprobs=0, seed=1, ignore_eos=True)
+        outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+        equal = total = 0
+        for p, o in zip(prompts, outs):
+            c = o.outputs[0]
+            ids = torch.tensor([p + list(c.token_ids)])
+            with torch.no_grad():
+                lp = onpolicy.token_logprobs(hf, ids, temperature=temperature, logits_to_keep=len(c.token_ids))[0]
+            sampled = torch.tensor([c.logprobs[k][t].logprob for k, t in enumerate(c.token_ids)], dtype=torch.float32)
+            equal += int((sampled.view(torch.int32) == lp.view(torch.int32)).sum())
+            total += len(c.token_ids)
+        result[str(temperature)] = [equal, total]
+    print("RESULT " + json.dumps(result), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,84 @@
+"""The onpolicy engine's structure, and TRL's weight-sync path (model.load_weights)."""
+from __future__ import annotations
+
+import pytest
+import torch
+from vllm_helpers import prompt_ids, sampled_logprobs, trainer_logprobs
+
+pytestmark = pytest.mark.vllm
+
+
+def _describe(model):
+    from vllm.model_executor.layers.attention import Attention
+    from vllm.model_executor.layers.linear import LinearBase
+    from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead
+
+    out = {"model": type(model).__name__, "linear_methods": set(), "attention_impls": set(), "modules": set()}
+    for m in model.modules():
+        out["modules"].add(type(m).__name__)
+        if isinstance(m, (LinearBase, ParallelLMHead)):
+            out["linear_methods"].add(type(m.quant_method).__name__)
+        if isinstance(m, Attention):
+            out["attention_impls"].add(type(m.impl).__name__)
+    return out
+
+
+def test_every_layer_is_onpolicy(llm):
+    import vllm.platforms as vp
+
+    (d,) = llm.apply_model(_describe)
+    assert d["model"] == "Qwen3ForCausalLM"
+    assert d["linear_methods"] == {"OnpolicyLinearMethod", "OnpolicyHeadMethod"}
+    assert d["attention_impls"] == {"OnpolicyAttentionImpl"}
+    for name in ("OnpolicyRMSNorm", "OnpolicySiluAndMul", "OnpolicyRotaryEmbedding", "OnpolicyLogitsProcessor"):
+        assert name in d["modules"]
+    for vanilla in ("RMSNorm", "SiluAndMul", "RotaryEmbedding", "LogitsProcessor"):
+        assert vanilla not in d["modules"]
+    assert type(vp.current_platform).__name__ == "OnpolicyCpuPlatform"
+
+
+def test_weights_stay_loadable_parameters(llm):
+    """The CPU path must not pre-pack/replace weights (TRL's sync writes into them)."""
+
+    def shapes(model):
+        return {n: tuple(p.shape) for n, p in model.named_parameters() if "proj" in n or "lm_head" in n}
+
+    (s,) = llm.apply_model(shapes)
+    assert s, "no projection parameters found"
+    assert all(len(shape) == 2 and min(shape) > 0 for shape in s.values()), s
+
+
+def test_weight_sync_then_bitwise_again(llm, model_dir):
+    """TRL colocate: push changed weights with model.load_weights, regenerate, still bitwise."""
+    from transformers import AutoModelForCausalLM
+    from vllm import SamplingParams
+
+    hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).eval()
+    original = {n: p.detach().clone() for n, p in hf.state_dict().items()}
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # an "optimizer step": perturb every matrix a little
+        for n, p in hf.named_parameters():
+            if p.dim() == 2:
+                p.add_(torch.randn(p.shape, generator=g).to(p.dtype) * 0.02)
+
+    def push(weights):
+        def load(model):
+            for name, tensor in weights:  # one at a time, as TRL does
+                model.load_weights([(name, tensor)])
+            return True
+
+        assert llm.apply_model(load) == [True]
+        llm.reset_prefix_cache()
+
+    prompts = [prompt_ids(i) for i in range(6)]
+    params = SamplingParams(temperature=1.0, max_tokens=12, logprobs=0, seed=5, ignore_eos=True)
+    try:
+        push(list(hf.state_dict().items()))
+        outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+        for p, o in zip(prompts, outs):
+            c = o.outputs[0]
+            ls = torch.tensor(sampled_logprobs(c), dtype=torch.float32)
+            lt = trainer_logprobs(hf, p, list(c.token_ids), 1.0)
+            assert torch.equal(ls.view(torch.int32), lt.view(torch.int32))
+    finally:
+        push(list(original.items()))  # the engine is shared by the session

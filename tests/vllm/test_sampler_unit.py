@@ -1,0 +1,122 @@
+"""The sampler hook alone (no engine): vLLM's V1 Sampler re-classed by onpolicy."""
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.vllm
+
+V = 1024
+
+
+def _sampler(mode: str):
+    import onpolicy.vllm_plugin as plugin
+
+    plugin.enable()
+    from vllm.v1.sample.sampler import Sampler
+
+    from onpolicy.vllm_plugin.sampler import install
+
+    runner = SimpleNamespace(sampler=Sampler(logprobs_mode=mode))
+    install(runner)
+    return runner.sampler
+
+
+def _metadata(temperature, *, logprobs=0, top_k=None, top_p=None, seeds=None):
+    from vllm.v1.sample.logits_processor import LogitsProcessors
+    from vllm.v1.sample.metadata import SamplingMetadata
+
+    n = len(temperature)
+    t = torch.tensor(temperature, dtype=torch.float32)
+    zeros = torch.zeros(n)
+    gens = {}
+    for i, s in enumerate(seeds or []):
+        if s is not None:
+            gens[i] = torch.Generator().manual_seed(s)
+    return SamplingMetadata(
+        temperature=t, all_greedy=bool((t < 1e-5).all()), all_random=bool((t >= 1e-5).all()),
+        top_p=top_p, top_k=top_k, generators=gens, max_num_logprobs=logprobs, no_penalties=True,
+        prompt_token_ids=None, frequency_penalties=zeros, presence_penalties=zeros,
+        repetition_penalties=torch.ones(n), output_token_ids=[[] for _ in range(n)], allowed_token_ids_mask=None,
+        bad_words_token_ids={}, logitsprocs=LogitsProcessors(),
+    )
+
+
+def _logits(n, seed=0, dtype=torch.bfloat16):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(n, V, generator=g) * 4).to(dtype)
+
+
+def _sampled_logprob(out):
+    return out.logprobs_tensors.logprobs[:, 0], out.sampled_token_ids[:, 0].long()
+
+
+def test_processed_logprobs_are_onpolicy_log_softmax():
+    import onpolicy_kernels as K
+
+    s = _sampler("processed_logprobs")
+    temps = [1.0, 0.7, 1.3, 0.5]
+    logits = _logits(4)
+    out = s(logits.clone(), _metadata(temps))
+    lp, tok = _sampled_logprob(out)
+    ref = K.token_logprobs(logits, tok, torch.tensor(temps))
+    assert torch.equal(lp.view(torch.int32), ref.view(torch.int32))
+
+
+def test_raw_logprobs_are_temperature_one():
+    import onpolicy_kernels as K
+
+    s = _sampler("raw_logprobs")
+    logits = _logits(3, seed=1)
+    out = s(logits.clone(), _metadata([0.7, 0.7, 0.7]))
+    lp, tok = _sampled_logprob(out)
+    ref = K.token_logprobs(logits, tok, 1.0)
+    assert torch.equal(lp.view(torch.int32), ref.view(torch.int32))
+
+
+def test_mixed_greedy_and_random_rows():
+    import onpolicy_kernels as K
+
+    s = _sampler("processed_logprobs")
+    logits = _logits(3, seed=2)
+    out = s(logits.clone(), _metadata([0.0, 0.8, 0.0]))
+    lp, tok = _sampled_logprob(out)
+    argmax = logits.float().argmax(-1)
+    assert tok[0] == argmax[0] and tok[2] == argmax[2]
+    ref = K.token_logprobs(logits, tok, torch.tensor([1.0, 0.8, 1.0]))
+    assert torch.equal(lp.view(torch.int32), ref.view(torch.int32))
+
+
+def test_seeded_row_is_batch_invariant():
+    s = _sampler("processed_logprobs")
+    big = _logits(9, seed=3)
+    row = 4
+    alone = s(big[row:row + 1].clone(), _metadata([0.9], seeds=[11]))
+    seeds = [None] * 9
+    seeds[row] = 11
+    batch = s(big.clone(), _metadata([0.9] * 9, seeds=seeds))
+    a_lp, a_tok = _sampled_logprob(alone)
+    b_lp, b_tok = _sampled_logprob(batch)
+    assert a_tok[0] == b_tok[row]
+    assert torch.equal(a_lp[0:1].view(torch.int32), b_lp[row:row + 1].view(torch.int32))
+
+
+def test_top_k_with_logprobs_fails_loudly():
+    from onpolicy.vllm_plugin import OnpolicyVllmError
+
+    s = _sampler("processed_logprobs")
+    md = _metadata([1.0, 1.0], top_k=torch.tensor([5, 5]))
+    with pytest.raises(OnpolicyVllmError, match="top-k / top-p / min-p"):
+        s(_logits(2).clone(), md)
+
+
+def test_top_k_without_logprobs_samples_inside_the_top_k():
+    s = _sampler("processed_logprobs")
+    logits = _logits(2, seed=4)
+    md = _metadata([1.0, 1.0], logprobs=None, top_k=torch.tensor([3, 3]))
+    out = s(logits.clone(), md)
+    top3 = logits.float().topk(3, dim=-1).indices
+    tok = out.sampled_token_ids[:, 0].long()
+    assert all(int(tok[i]) in top3[i].tolist() for i in range(2))
