@@ -1,0 +1,694 @@
+"""Batch-invariant causal attention over a paged KV cache, shared by sampler and trainer.
+
+    attention(q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens, scale, causal=True) -> out
+    reshape_and_cache(key, value, k_cache, v_cache, slot_mapping)          (in place)
+    attention_contiguous(q, k, v, cu_seqlens, scale) -> out                 (autograd)
+
+Shapes (T = packed query tokens of B sequences, D = head size):
+
+* q [T, Hq, D]; sequence b's queries are rows cu_seqlens_q[b]:cu_seqlens_q[b+1]
+  and are the LAST q_len_b positions of that sequence: query i of sequence b
+  sits at position seq_lens[b] - q_len_b + i and (causal) sees keys 0..that
+  position. A prefill has q_len == seq_len, a decode q_len == 1, a chunk of a
+  chunked prefill anything in between.
+* k_cache, v_cache [num_blocks, block_size, Hkv, D]: key position p of sequence
+  b lives at block block_table[b, p // block_size], row p % block_size. Any
+  block size works (vLLM's 16 or more; the kernel looks a block up per key).
+* block_table int32 [B, max_blocks]; cu_seqlens_q int32 [B + 1];
+  seq_lens int32 [B] (total KV length: context + new queries).
+* out [T, Hq, D] in q's dtype. Hkv must divide Hq (grouped-query attention);
+  D a multiple of 16 up to 256; float32, float16, bfloat16 (fp32 accumulation).
+
+Guarantee (the reason this kernel exists): an output row's bits depend only on
+that query, the keys/values at positions 0..seq_len-1 of its own sequence, its
+position and `scale`. Not on the other sequences in the call, their number or
+lengths, the row's place in the batch, how many queries of its own sequence
+are in the call (prefill, chunked prefill or decode all give the same bits),
+the block size or which blocks hold the keys. `attention_contiguous` runs the
+very same kernel (the packed K/V viewed as a cache of one-position blocks),
+so the trainer's full-sequence forward gives the sampler's bits.
+
+How: every query runs the same online softmax over FIXED key tiles of
+KV_TILE = 64 positions, from position 0 upward, never split across programs.
+Per tile, with s = (q . k) * scale * log2(e) masked to -inf where not visible:
+
+    m' = max(m, rowmax(s));  alpha = 1 if m' == m else exp2(m - m')
+    p  = exp2(s - m');       l = l * alpha + rowsum(p)
+    acc = acc * alpha + round_to_input_dtype(p) @ v;   m = m'
+    out = acc / l
+
+A tile the query cannot see (beyond its position) leaves m, l and acc
+bit-identical (alpha == 1 exactly, p == 0), so running a query alongside later
+queries of the same tile changes nothing. GPU (Triton): one program per
+64-row query tile of one KV head (rows = query positions x the Hq/Hkv heads of
+the group), one fixed tile shape, warp count and stage count for every call,
+a decode query padded into the same tile as a prefill (needed: on an H200 a
+16- or 32-row query tile gave other bits than the 64-row one, see
+benchmarks/bench_attention.py's variants table). CPU: the same loop with
+BLAS only on fixed [16 rows] tiles, IEEE elementwise steps, fixed pairwise
+trees (row max, row sums) and exp2 on fixed 64-aligned chunks
+(kernels/_cpu.py), so invariant by construction. The two paths are different programs (bits differ between
+them); sampler and trainer must run on the same path.
+
+Not supported (a clear error names them): sliding window, logit soft-capping,
+ALiBi, attention sinks, dropout, quantized (fp8) caches. Backward (only
+`attention_contiguous`): recomputed with a standard attention (fast, not
+invariant: only the forward must be), torch SDPA on length-bucketed padded
+batches (`standard_attention`).
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+from ._cpu import ROW_TILE, chunked, next_pow2, round_up
+from ._dispatch import check_float, use_triton
+from ._triton import HAS_TRITON, require_triton, tl, triton
+
+KV_TILE = 64  # key positions per online-softmax step: fixed, part of the bits.
+Q_TILE = 64  # query rows (positions x grouped heads) per GPU program: fixed.
+NUM_WARPS = 4  # fixed too: the same instructions for every call
+NUM_STAGES = 2
+MAX_HEAD_DIM = 256
+MAX_TABLE = 1 << 24  # attention_contiguous: largest block table built without a host sync
+LOG2E = 1.4426950408889634
+# CPU path: bound the fp32 temporaries ([tokens, Hq, KV_TILE, D]); tokens are
+# independent, so the chunking never changes a bit.
+CPU_ELEMS = 1 << 22
+
+_UNSUPPORTED = {
+    "sliding_window": "sliding-window attention",
+    "window_size": "sliding-window attention",
+    "softcap": "logit soft-capping",
+    "logits_soft_cap": "logit soft-capping",
+    "alibi_slopes": "ALiBi",
+    "sinks": "attention sinks",
+    "dropout_p": "attention dropout",
+    "k_scale": "quantized (fp8) KV cache",
+    "v_scale": "quantized (fp8) KV cache",
+}
+
+
+def _is_off(name, value) -> bool:
+    if value is None or value is False:
+        return True
+    if name in ("sliding_window", "window_size"):
+        vals = value if isinstance(value, (tuple, list)) else (value,)
+        return all(v is None or int(v) < 0 for v in vals)
+    if name in ("softcap", "logits_soft_cap", "dropout_p"):
+        return float(value) == 0.0
+    if name in ("k_scale", "v_scale"):
+        t = torch.as_tensor(value, dtype=torch.float64)
+        return bool((t == 1.0).all())
+    return False
+
+
+def _reject_unsupported(kwargs: dict) -> None:
+    for name, value in kwargs.items():
+        if name not in _UNSUPPORTED:
+            raise TypeError(f"attention() got an unexpected keyword argument {name!r}")
+        if not _is_off(name, value):
+            raise NotImplementedError(
+                f"onpolicy attention does not support {_UNSUPPORTED[name]} ({name}={value!r}); "
+                "only plain causal (or full) softmax attention is batch-invariant here"
+            )
+
+
+def _qk_scale(scale: float) -> float:
+    """scale * log2(e) rounded to fp32 once, the same value on both paths."""
+    return float(torch.tensor(float(scale) * LOG2E, dtype=torch.float32))
+
+
+# ----------------------------------------------------------------------------- Triton
+
+if HAS_TRITON:
+
+    @triton.jit(do_not_specialize=["num_seqs", "block_size"])
+    def _attn_kernel(
+        q_ptr, k_ptr, v_ptr, o_ptr, bt_ptr, cuq_ptr, sl_ptr,
+        qk_scale, num_seqs, block_size,
+        sq_t, sq_h, sk_b, sk_s, sk_h, sv_b, sv_s, sv_h, so_t, so_h, sbt,
+        G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+        CAUSAL: tl.constexpr, IEEE: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    ):
+        # Last tiles first: in a causal prefill they are the longest, so the
+        # tail of the launch is short work (the order never touches the math).
+        tile = tl.num_programs(0) - 1 - tl.program_id(0)
+        kvh = tl.program_id(1)
+        # Sequence of this program: the last b with cu[b] * G // BLOCK_M + b <= tile
+        # (each sequence owns cu[b+1]*G//BLOCK_M - cu[b]*G//BLOCK_M + 1 >= its
+        # number of tiles; programs past a sequence's rows exit).
+        lo = num_seqs * 0
+        hi = num_seqs + 0
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            start = tl.load(cuq_ptr + mid) * G // BLOCK_M + mid
+            lo = tl.where(start <= tile, mid, lo)
+            hi = tl.where(start <= tile, hi, mid)
+        b = lo
+        q_start = tl.load(cuq_ptr + b)
+        q_len = tl.load(cuq_ptr + b + 1) - q_start
+        seq_len = tl.load(sl_ptr + b)
+        local = tile - (q_start * G // BLOCK_M + b)
+        row0 = local * BLOCK_M
+        if row0 < q_len * G:
+            ctx = seq_len - q_len
+            rows = row0 + tl.arange(0, BLOCK_M)
+            row_ok = rows < q_len * G
+            pos = rows // G
+            head = kvh * G + rows % G
+            qpos = ctx + pos
+            d = tl.arange(0, BLOCK_D)
+            d_ok = d < HEAD_DIM
+            tok = (q_start + pos).to(tl.int64)
+            q = tl.load(q_ptr + tok[:, None] * sq_t + head[:, None].to(tl.int64) * sq_h + d[None, :],
+                        mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+            if CAUSAL:
+                last = tl.minimum(q_len - 1, (row0 + BLOCK_M - 1) // G)
+                kv_end = ctx + last + 1
+            else:
+                kv_end = seq_len
+            m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+            l_i = tl.zeros((BLOCK_M,), tl.float32)
+            acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
+            cols = tl.arange(0, BLOCK_N)
+            for n0 in range(0, kv_end, BLOCK_N):
+                kpos = n0 + cols
+                kv_ok = kpos < seq_len
+                page = tl.load(bt_ptr + b * sbt + kpos // block_size, mask=kv_ok, other=0).to(tl.int64)
+                off = (kpos % block_size).to(tl.int64)
+                kt = tl.load(k_ptr + page[None, :] * sk_b + off[None, :] * sk_s + kvh * sk_h + d[:, None],
+                             mask=kv_ok[None, :] & d_ok[:, None], other=0.0)
+                if IEEE:
+                    s = tl.dot(q, kt, input_precision="ieee")
+                else:
+                    s = tl.dot(q, kt)
+                s = s * qk_scale
+                if CAUSAL:
+                    visible = kv_ok[None, :] & (kpos[None, :] <= qpos[:, None])
+                else:
+                    visible = kv_ok[None, :] & row_ok[:, None]
+                s = tl.where(visible, s, float("-inf"))
+                m_new = tl.maximum(m_i, tl.max(s, 1))
+                m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+                alpha = tl.where(m_new == m_i, 1.0, tl.exp2(m_i - m_use))
+                p = tl.exp2(s - m_use[:, None])
+                l_i = l_i * alpha + tl.sum(p, 1)
+                v = tl.load(v_ptr + page[:, None] * sv_b + off[:, None] * sv_s + kvh * sv_h + d[None, :],
+                            mask=kv_ok[:, None] & d_ok[None, :], other=0.0)
+                acc = acc * alpha[:, None]
+                if IEEE:
+                    acc = tl.dot(p.to(v.dtype), v, acc, input_precision="ieee")
+                else:
+                    acc = tl.dot(p.to(v.dtype), v, acc)
+                m_i = m_new
+            l_safe = tl.where(l_i == 0.0, 1.0, l_i)
+            out = acc / l_safe[:, None]
+            tl.store(o_ptr + tok[:, None] * so_t + head[:, None].to(tl.int64) * so_h + d[None, :],
+                     out.to(o_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+
+    @triton.jit
+    def _cache_kernel(key_ptr, val_ptr, kc_ptr, vc_ptr, slot_ptr, block_size, H,
+                      skt, skh, svt, svh, sck_b, sck_s, sck_h, scv_b, scv_s, scv_h,
+                      D: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
+        t = tl.program_id(0).to(tl.int64)
+        slot = tl.load(slot_ptr + t).to(tl.int64)
+        blk = slot // block_size
+        off = slot % block_size
+        h = tl.arange(0, BLOCK_H)
+        d = tl.arange(0, BLOCK_D)
+        mask = (h[:, None] < H) & (d[None, :] < D) & ((h[:, None] * 0 + slot) >= 0)
+        k = tl.load(key_ptr + t * skt + h[:, None] * skh + d[None, :], mask=mask)
+        v = tl.load(val_ptr + t * svt + h[:, None] * svh + d[None, :], mask=mask)
+        tl.store(kc_ptr + blk * sck_b + off * sck_s + h[:, None] * sck_h + d[None, :], k, mask=mask)
+        tl.store(vc_ptr + blk * scv_b + off * scv_s + h[:, None] * scv_h + d[None, :], v, mask=mask)
+
+
+def _attention_triton(q, k_cache, v_cache, block_table, cu_q, seq_lens, scale, causal, config=None):
+    """The Triton path. `config` = (Q_TILE, KV_TILE, num_warps, num_stages) overrides the
+    fixed launch configuration, for the GPU benchmark's bitwise comparison only."""
+    require_triton()
+    q_tile, kv_tile, warps, stages = config or (Q_TILE, KV_TILE, NUM_WARPS, NUM_STAGES)
+    T, Hq, D = q.shape
+    Hkv = k_cache.shape[2]
+    G = Hq // Hkv
+    B = seq_lens.shape[0]
+    out = q.new_empty(q.shape)  # contiguous, like the CPU path and the fake
+    if T == 0 or B == 0:
+        return out
+    grid = (T * G // q_tile + B, Hkv)
+    _attn_kernel[grid](
+        q, k_cache, v_cache, out, block_table, cu_q, seq_lens,
+        _qk_scale(scale), B, k_cache.shape[1],
+        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), out.stride(0), out.stride(1),
+        block_table.stride(0),
+        G=G, HEAD_DIM=D, BLOCK_D=triton.next_power_of_2(D), CAUSAL=bool(causal),
+        IEEE=q.dtype == torch.float32, BLOCK_M=q_tile, BLOCK_N=kv_tile,
+        num_warps=warps, num_stages=stages,
+    )
+    return out
+
+
+# ----------------------------------------------------------------------------- CPU
+
+
+def _exp2(x: torch.Tensor) -> torch.Tensor:
+    return chunked(torch.exp2, x)
+
+
+def _tree0(x: torch.Tensor, op, pad: float) -> torch.Tensor:
+    """Reduce dim 0 by pairwise halving (element i with i + n/2), padded to a power of two.
+
+    The same fixed tree as `_cpu.tree_sum`, laid out with the reduced axis
+    outermost so every step is one long contiguous elementwise op.
+    """
+    n = x.shape[0]
+    w = next_pow2(n)
+    if w != n:
+        x = torch.cat([x, x.new_full((w - n, *x.shape[1:]), pad)])
+    while x.shape[0] > 1:
+        h = x.shape[0] // 2
+        x = op(x[:h], x[h:])
+    return x[0]
+
+
+def _attention_cpu(q, k_cache, v_cache, block_table, cu_q, seq_lens, scale, causal):
+    """The kernel's loop on the CPU: fixed-shape BLAS tiles and elementwise IEEE steps.
+
+    Rows are (query position, head of the group) of one sequence and KV head,
+    padded to groups of ROW_TILE = 16. Every product is one BLAS call of one
+    fixed shape and layout, [16, D] x [D, KV_TILE] for q.k and [16, KV_TILE] x
+    [KV_TILE, D] for p @ v, on fp32 copies (bf16/fp16 products are exact in
+    fp32), so a row's bits depend only on that row and the key tile (the rule
+    kernels/_cpu.py's tiled_matmul relies on; the property tests check it).
+    All the softmax steps are elementwise or fixed pairwise trees over the
+    KV_TILE axis, batched over every row of every sequence. Sequences are
+    sorted by their number of key tiles, so at step j the sequences still
+    running are a prefix; rows of a sequence that cannot see tile j are masked
+    to -inf, which leaves them bit-identical (as in the Triton kernel).
+    """
+    T, Hq, D = q.shape
+    nb, bs, Hkv, _ = k_cache.shape
+    G = Hq // Hkv
+    N = KV_TILE
+    out = q.new_empty(q.shape)
+    B = seq_lens.shape[0]
+    if T == 0 or B == 0:
+        return out
+    cu = cu_q.tolist()
+    sl = seq_lens.tolist()
+    q_lens = [cu[b + 1] - cu[b] for b in range(B)]
+    ntiles = [-(-sl[b] // N) if q_lens[b] else 0 for b in range(B)]  # the last query sees them all
+    order = sorted((b for b in range(B) if q_lens[b]), key=lambda b: -ntiles[b])
+    # Global rows: sequence after sequence (in `order`), each padded to ROW_TILE rows.
+    R = [q_lens[b] * G for b in order]
+    Rp = [round_up(r, ROW_TILE) for r in R]
+    offs = [0]
+    for rp in Rp:
+        offs.append(offs[-1] + rp)
+    Rtot = offs[-1]
+    Rp_t = torch.tensor(Rp)
+    start = torch.tensor(offs[:-1])
+    ridx = torch.arange(Rtot) - torch.repeat_interleave(start, Rp_t)  # row index within its sequence
+
+    def per_row(values):
+        return torch.repeat_interleave(torch.tensor(values), Rp_t)
+
+    valid = ridx < per_row(R)
+    pos = ridx // G
+    tok = torch.where(valid, per_row([cu[b] for b in order]) + pos, -1)
+    g_of = ridx % G
+    row_ctx = per_row([sl[b] - q_lens[b] for b in order])
+    qpos = torch.where(valid, row_ctx + pos, -1)
+    row_len = torch.where(valid, per_row([sl[b] for b in order]), 0)
+    real = valid
+    q4 = q.view(T, Hkv, G, D)
+    Q = torch.zeros(Rtot, Hkv, D)
+    Q[real] = q4[tok[real], :, g_of[real], :].float()
+    Q = Q.permute(1, 0, 2).contiguous()  # [Hkv, Rtot, D]
+    k_flat = k_cache.reshape(nb * bs, Hkv, D)
+    v_flat = v_cache.reshape(nb * bs, Hkv, D)
+    bt = block_table.long()
+    max_blocks = bt.shape[1]
+    qk_scale = _qk_scale(scale)
+    ninf = float("-inf")
+    cols = torch.arange(N)
+    seq_ids = torch.tensor(order, dtype=torch.long)
+    lens_t = torch.tensor([sl[b] for b in order], dtype=torch.long)
+    m = torch.full((Hkv, Rtot), ninf)
+    l = torch.zeros(Hkv, Rtot)
+    acc = torch.zeros(Hkv, Rtot, D)
+    S = torch.empty(Hkv, Rtot, N)
+    n_act = len(order)
+    for j in range(ntiles[order[0]]):
+        while ntiles[order[n_act - 1]] <= j:
+            n_act -= 1
+        R_act = offs[n_act]
+        kpos = j * N + cols
+        kv_ok = kpos[None, :] < lens_t[:n_act, None]  # [n_act, N]
+        blk = (kpos // bs).clamp(max=max_blocks - 1)
+        page = torch.where(kv_ok, bt[seq_ids[:n_act, None], blk[None, :]], 0)
+        slot = page * bs + kpos % bs
+        # Keys past a sequence's end hold anything (even NaN): their scores become
+        # -inf below; values are zeroed (0 * NaN would be NaN).
+        Kt = k_flat[slot].float().permute(0, 2, 3, 1)  # [n_act, Hkv, D, N] (a view: one fixed layout)
+        Vt = torch.where(kv_ok[:, :, None, None], v_flat[slot], 0).float().permute(0, 2, 1, 3)  # [n_act, Hkv, N, D]
+        first = []  # per active sequence: the first 16-row group that can see tile j
+        for i in range(n_act):
+            b = order[i]
+            lo = max(0, (j * N - (sl[b] - q_lens[b])) * G) if causal else 0
+            first.append(offs[i] + lo // ROW_TILE * ROW_TILE)
+            for h in range(Hkv):
+                for r0 in range(first[i], offs[i + 1], ROW_TILE):
+                    torch.mm(Q[h, r0:r0 + ROW_TILE], Kt[i, h], out=S[h, r0:r0 + ROW_TILE])
+        s = S[:, :R_act] * qk_scale
+        visible = (kpos[None, :] < row_len[:R_act, None]) & (tok[:R_act, None] >= 0)
+        if causal:
+            visible &= kpos[None, :] <= qpos[:R_act, None]
+            # Rows of a group below `first` were not computed this step: masked out too.
+            lo_row = ((j * N - row_ctx[:R_act]).clamp(min=0) * G) // ROW_TILE * ROW_TILE
+            visible &= (ridx[:R_act] >= lo_row)[:, None]
+        sT = torch.where(visible[None], s, ninf).permute(2, 0, 1).contiguous()  # [N, Hkv, R_act]
+        m_old = m[:, :R_act]
+        m_new = torch.maximum(m_old, _tree0(sT, torch.maximum, ninf))
+        m_use = torch.where(m_new == ninf, 0.0, m_new)
+        alpha = torch.where(m_new == m_old, 1.0, _exp2(m_old - m_use))
+        pT = _exp2(sT - m_use)  # [N, Hkv, R_act]
+        l[:, :R_act] = l[:, :R_act] * alpha + _tree0(pT, torch.add, 0.0)
+        P = pT.to(v_cache.dtype).float().permute(1, 2, 0).contiguous()  # rounded like the GPU's p
+        PV = torch.zeros(Hkv, R_act, D)
+        for i in range(n_act):
+            for h in range(Hkv):
+                for r0 in range(first[i], offs[i + 1], ROW_TILE):
+                    torch.mm(P[h, r0:r0 + ROW_TILE], Vt[i, h], out=PV[h, r0:r0 + ROW_TILE])
+        acc[:, :R_act] = acc[:, :R_act] * alpha[..., None] + PV
+        m[:, :R_act] = m_new
+    o = (acc / l[..., None]).permute(1, 0, 2)  # [Rtot, Hkv, D]
+    out.view(T, Hkv, G, D)[tok[real], :, g_of[real], :] = o[real].to(q.dtype)
+    return out
+
+
+# ----------------------------------------------------------------------------- ops
+
+
+def _attention_impl(q, k_cache, v_cache, block_table, cu_q, seq_lens, scale, causal):
+    if use_triton(q):
+        return _attention_triton(q, k_cache, v_cache, block_table, cu_q, seq_lens, scale, causal)
+    return _attention_cpu(q, k_cache, v_cache, block_table, cu_q, seq_lens, scale, causal)
+
+
+@torch.library.custom_op("onpolicy::attention", mutates_args=())
+def _attention_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,
+                  cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor, scale: float, causal: bool) -> torch.Tensor:
+    return _attention_impl(q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens, scale, causal)
+
+
+@_attention_op.register_fake
+def _(q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens, scale, causal):
+    return q.new_empty(q.shape)
+
+
+def _as_pages(k, v, cu_seqlens):
+    """View packed K/V [T, Hkv, D] as a paged cache of ONE-position blocks (no copy, no sync).
+
+    Token t is block t, so sequence b's block-table row is cu[b], cu[b] + 1, ...
+    (T wide; entries past its length are never read). The kernel looks up a
+    block per key position whatever the block size, so this runs exactly the
+    paged code on exactly the same values.
+    """
+    T = k.shape[0]
+    cu = cu_seqlens.long()
+    width = max(1, T)
+    if (cu.shape[0] - 1) * width > MAX_TABLE:  # many long sequences: size the table by the widest (syncs)
+        width = max(1, int((cu[1:] - cu[:-1]).max()))
+    block_table = (cu[:-1, None] + torch.arange(width, device=k.device)[None, :]).to(torch.int32)
+    return k.unsqueeze(1), v.unsqueeze(1), block_table, (cu[1:] - cu[:-1]).to(torch.int32)
+
+
+def _copy_to_pages(k, v, cu_seqlens, bsz=16):
+    """The other way to run packed K/V through the paged kernel: copy it into blocks of
+    16 (one pass over K/V, no sync). Same bits as `_as_pages`; kept for the benchmark."""
+    T, Hkv, D = k.shape
+    B = cu_seqlens.shape[0] - 1
+    cu = cu_seqlens.long()
+    lens = cu[1:] - cu[:-1]
+    npages = (lens + bsz - 1) // bsz
+    first = torch.cumsum(npages, 0) - npages
+    total = T // bsz + B + 1  # >= sum(npages)
+    max_blocks = max(1, (T + bsz - 1) // bsz)
+    block_table = (first[:, None] + torch.arange(max_blocks, device=k.device)[None, :]).to(torch.int32)
+    tok = torch.arange(T, device=k.device)
+    seq = torch.searchsorted(cu[1:], tok, right=True)
+    slot = first[seq] * bsz + tok - cu[seq]
+    kc = k.new_zeros(total * bsz, Hkv, D).index_copy_(0, slot, k)
+    vc = v.new_zeros(total * bsz, Hkv, D).index_copy_(0, slot, v)
+    return kc.view(total, bsz, Hkv, D), vc.view(total, bsz, Hkv, D), block_table, lens.to(torch.int32)
+
+
+@torch.library.custom_op("onpolicy::attention_contiguous", mutates_args=())
+def _attention_contiguous_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
+                             scale: float) -> torch.Tensor:
+    kc, vc, bt, seq_lens = _as_pages(k, v, cu_seqlens)
+    return _attention_impl(q, kc, vc, bt, cu_seqlens, seq_lens, scale, True)
+
+
+@_attention_contiguous_op.register_fake
+def _(q, k, v, cu_seqlens, scale):
+    return q.new_empty(q.shape)
+
+
+def standard_attention(q, k, v, cu_seqlens, scale, dtype: Optional[torch.dtype] = None):
+    """Standard causal attention of packed sequences (differentiable; NOT invariant).
+
+    torch SDPA (flash on CUDA) on zero-padded batches [n, H, L_max, D] with
+    grouped K/V, one call per bucket of sequences of similar length (padding
+    at most doubles a bucket's tokens). Exact for causal attention: padding
+    sits after each sequence's last token, so no real query sees it and no
+    gradient reaches it. Computed in `dtype` (default: q's dtype on CUDA, fp32
+    on CPU). The backward of attention_contiguous backpropagates through this.
+    """
+    T, Hq, D = q.shape
+    G = Hq // k.shape[1]
+    if dtype is None:
+        dtype = q.dtype if q.is_cuda else torch.float32
+    bounds = cu_seqlens.tolist()
+    lens = [e - s for s, e in zip(bounds[:-1], bounds[1:])]
+    order = sorted((i for i in range(len(lens)) if lens[i] > 0), key=lambda i: -lens[i])
+    buckets, cur = [], []
+    for i in order:
+        if cur and (len(cur) + 1) * lens[cur[0]] > 2 * (sum(lens[j] for j in cur) + lens[i]):
+            buckets.append(cur)
+            cur = []
+        cur.append(i)
+    if cur:
+        buckets.append(cur)
+    rows, ids = [], []
+    for bucket in buckets:
+        L = lens[bucket[0]]
+        pos = torch.arange(L)
+        idx = torch.tensor([bounds[i] for i in bucket])[:, None] + pos[None, :]
+        valid = pos[None, :] < torch.tensor([lens[i] for i in bucket])[:, None]
+        idx = torch.where(valid, idx, 0).to(q.device)
+        valid = valid.to(q.device)
+        pad = [torch.where(valid[:, :, None, None], t[idx].to(dtype), 0).transpose(1, 2) for t in (q, k, v)]
+        o = torch.nn.functional.scaled_dot_product_attention(*pad, is_causal=True, scale=scale, enable_gqa=G > 1)
+        rows.append(o.transpose(1, 2)[valid])
+        ids.append(idx[valid])
+    out = q.new_zeros(T, Hq, D, dtype=dtype)
+    if rows:
+        out = out.index_copy(0, torch.cat(ids), torch.cat(rows))
+    return out
+
+
+def _setup_contig(ctx, inputs, output):
+    q, k, v, cu, scale = inputs
+    ctx.save_for_backward(q, k, v, cu)
+    ctx.scale = scale
+
+
+def _backward_contig(ctx, g):
+    q, k, v, cu = ctx.saved_tensors
+    with torch.enable_grad():
+        qd, kd, vd = (t.detach().requires_grad_(True) for t in (q, k, v))
+        out = standard_attention(qd, kd, vd, cu, ctx.scale)
+        gq, gk, gv = torch.autograd.grad(out, (qd, kd, vd), g.to(out.dtype))
+    return gq.to(q.dtype), gk.to(k.dtype), gv.to(v.dtype), None, None
+
+
+_attention_contiguous_op.register_autograd(_backward_contig, setup_context=_setup_contig)
+
+
+@torch.library.custom_op("onpolicy::reshape_and_cache", mutates_args=("k_cache", "v_cache"))
+def _reshape_and_cache_op(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                          slot_mapping: torch.Tensor) -> None:
+    T, H, D = key.shape
+    if T == 0:
+        return
+    if use_triton(key):
+        require_triton()
+        _cache_kernel[(T,)](
+            key, value, k_cache, v_cache, slot_mapping, k_cache.shape[1], H,
+            key.stride(0), key.stride(1), value.stride(0), value.stride(1),
+            k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+            v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+            D=D, BLOCK_H=triton.next_power_of_2(H), BLOCK_D=triton.next_power_of_2(D),
+        )
+        return
+    slots = slot_mapping.long()
+    keep = slots >= 0
+    slots = slots[keep]
+    bs = k_cache.shape[1]
+    blk, off = slots // bs, slots % bs
+    k_cache[blk, off] = key[keep]
+    v_cache[blk, off] = value[keep]
+
+
+@_reshape_and_cache_op.register_fake
+def _(key, value, k_cache, v_cache, slot_mapping):
+    return None
+
+
+# ----------------------------------------------------------------------------- checks
+
+
+def _check_common(q, kk, vv, kname, scale):
+    check_float("q", q)
+    for name, t in ((kname[0], kk), (kname[1], vv)):
+        if t.dtype != q.dtype:
+            raise TypeError(f"{name} is {t.dtype} but q is {q.dtype}; onpolicy attention needs one dtype "
+                            "(quantized KV caches are not supported)")
+        if t.device != q.device:
+            raise ValueError(f"{name} is on {t.device} but q is on {q.device}")
+    if q.dim() != 3:
+        raise ValueError(f"q must be [tokens, num_heads, head_size], got shape {tuple(q.shape)}")
+    D = q.shape[2]
+    if D % 16 or not 16 <= D <= MAX_HEAD_DIM:
+        raise ValueError(f"head size {D} is not supported: it must be a multiple of 16 in [16, {MAX_HEAD_DIM}]")
+    if kk.shape[-1] != D or vv.shape[-1] != D:
+        raise ValueError(f"{kname[0]}/{kname[1]} head size ({kk.shape[-1]}, {vv.shape[-1]}) must equal q's ({D})")
+    if kk.shape != vv.shape:
+        raise ValueError(f"{kname[0]} shape {tuple(kk.shape)} must equal {kname[1]} shape {tuple(vv.shape)}")
+    Hq, Hkv = q.shape[1], kk.shape[-2]
+    if Hkv == 0 or Hq % Hkv:
+        raise ValueError(f"num_heads ({Hq}) must be a multiple of num_kv_heads ({Hkv})")
+    if q.stride(-1) != 1 or kk.stride(-1) != 1 or vv.stride(-1) != 1:
+        raise ValueError("q, k and v must be contiguous in the head dim (stride 1)")
+    if not math.isfinite(float(scale)):
+        raise ValueError(f"scale must be a finite float, got {scale!r}")
+
+
+def _check_int(name, t, dim, device):
+    if t.dtype != torch.int32:
+        raise TypeError(f"{name} must be int32, got {t.dtype}")
+    if t.dim() != dim:
+        raise ValueError(f"{name} must be {dim}-D, got shape {tuple(t.shape)}")
+    if t.device != device:
+        raise ValueError(f"{name} is on {t.device} but q is on {device}")
+
+
+def _check_values(t: torch.Tensor) -> bool:
+    """Whether to check tensor values: CPU tensors in eager mode only (on the GPU a
+    check needs a host sync, and under torch.compile it would break the graph)."""
+    return not t.is_cuda and not torch.compiler.is_compiling()
+
+
+def _check_cu(name, cu, T):
+    if cu.shape[0] < 1:
+        raise ValueError(f"{name} must have B + 1 >= 1 entries")
+    if not _check_values(cu):
+        return
+    if int(cu[0]) != 0 or int(cu[-1]) != T:
+        raise ValueError(f"{name} must start at 0 and end at the number of tokens ({T}), got {cu.tolist()}")
+    if cu.shape[0] > 1 and bool((cu[1:] < cu[:-1]).any()):
+        raise ValueError(f"{name} must be non-decreasing, got {cu.tolist()}")
+
+
+def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,
+              cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor, scale: float, causal: bool = True,
+              **unsupported) -> torch.Tensor:
+    """Batch-invariant paged attention (see the module docstring for shapes and guarantee).
+
+    Keyword arguments naming features this kernel lacks (sliding_window,
+    window_size, softcap, logits_soft_cap, alibi_slopes, sinks, dropout_p,
+    k_scale, v_scale) are accepted only when off, and raise NotImplementedError
+    naming the feature otherwise.
+    """
+    _reject_unsupported(unsupported)
+    _check_common(q, k_cache, v_cache, ("k_cache", "v_cache"), scale)
+    if k_cache.dim() != 4:
+        raise ValueError(f"k_cache must be [num_blocks, block_size, num_kv_heads, head_size], got {tuple(k_cache.shape)}")
+    _check_int("block_table", block_table, 2, q.device)
+    _check_int("cu_seqlens_q", cu_seqlens_q, 1, q.device)
+    _check_int("seq_lens", seq_lens, 1, q.device)
+    B = seq_lens.shape[0]
+    if cu_seqlens_q.shape[0] != B + 1 or block_table.shape[0] < B:
+        raise ValueError(f"for B = {B} sequences (seq_lens), cu_seqlens_q needs B + 1 entries "
+                         f"(got {cu_seqlens_q.shape[0]}) and block_table >= B rows (got {block_table.shape[0]})")
+    _check_cu("cu_seqlens_q", cu_seqlens_q, q.shape[0])
+    if _check_values(q) and B:
+        q_lens = cu_seqlens_q[1:] - cu_seqlens_q[:-1]
+        if bool((q_lens > seq_lens).any()):
+            raise ValueError("every sequence needs q_len <= seq_len (queries are the last q_len positions); "
+                             f"got q_lens {q_lens.tolist()} and seq_lens {seq_lens.tolist()}")
+        bs = k_cache.shape[1]
+        need = (seq_lens.long() + bs - 1) // bs
+        if int(need.max()) > block_table.shape[1]:
+            raise ValueError(f"block_table has {block_table.shape[1]} columns but a sequence of "
+                             f"{int(seq_lens.max())} tokens needs {int(need.max())} blocks of {bs}")
+        used = torch.arange(block_table.shape[1])[None, :] < need[:, None]
+        ids = block_table[:B][used]
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= k_cache.shape[0]):
+            raise ValueError(f"block_table holds block ids outside [0, {k_cache.shape[0]}) for used blocks")
+    return _attention_op(q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens, float(scale), bool(causal))
+
+
+def attention_contiguous(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
+                         scale: float, **unsupported) -> torch.Tensor:
+    """The trainer's layout: q [T, Hq, D], k/v [T, Hkv, D] of packed sequences, causal in each.
+
+    Runs the paged kernel itself, viewing K/V as a cache of one-position blocks
+    (no copy), so the result is bitwise `attention(...)` on the same sequences
+    however the sampler paged them. Differentiable: the
+    backward recomputes a standard attention (torch SDPA) and backprops it.
+    """
+    _reject_unsupported(unsupported)
+    _check_common(q, k, v, ("k", "v"), scale)
+    if k.dim() != 3 or k.shape[0] != q.shape[0]:
+        raise ValueError(f"k and v must be [tokens, num_kv_heads, head_size] with q's {q.shape[0]} tokens, "
+                         f"got {tuple(k.shape)}")
+    _check_int("cu_seqlens", cu_seqlens, 1, q.device)
+    _check_cu("cu_seqlens", cu_seqlens, q.shape[0])
+    return _attention_contiguous_op(q, k, v, cu_seqlens, float(scale))
+
+
+def reshape_and_cache(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                      slot_mapping: torch.Tensor) -> None:
+    """Write key/value [T, Hkv, D] into the paged caches in place: token t goes to
+    block slot_mapping[t] // block_size, row slot_mapping[t] % block_size; a
+    negative slot (vLLM's padding, -1) is skipped. A pure copy (no rounding).
+    """
+    for name, t, c in (("key", key, k_cache), ("value", value, v_cache)):
+        if t.dtype != c.dtype:
+            raise TypeError(f"{name} is {t.dtype} but its cache is {c.dtype}; quantized (fp8) KV caches are not supported")
+        if t.dim() != 3 or c.dim() != 4 or t.shape[1:] != c.shape[2:]:
+            raise ValueError(f"{name} {tuple(t.shape)} must be [T, Hkv, D] matching the cache "
+                             f"[num_blocks, block_size, Hkv, D] {tuple(c.shape)}")
+        if t.device != c.device or slot_mapping.device != c.device:
+            raise ValueError("key, value, caches and slot_mapping must be on one device")
+        if t.stride(-1) != 1 or c.stride(-1) != 1:
+            raise ValueError(f"{name} and its cache must be contiguous in the head dim")
+    if key.shape != value.shape or k_cache.shape != v_cache.shape:
+        raise ValueError("key/value shapes and k_cache/v_cache shapes must match")
+    if slot_mapping.dim() != 1 or slot_mapping.shape[0] != key.shape[0]:
+        raise ValueError(f"slot_mapping must be [T] = [{key.shape[0]}], got {tuple(slot_mapping.shape)}")
+    if slot_mapping.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"slot_mapping must be int64 (or int32), got {slot_mapping.dtype}")
+    if _check_values(slot_mapping) and slot_mapping.numel():
+        cap = k_cache.shape[0] * k_cache.shape[1]
+        if int(slot_mapping.max()) >= cap:
+            raise ValueError(f"slot_mapping holds a slot >= {cap} (num_blocks * block_size)")
+    _reshape_and_cache_op(key, value, k_cache, v_cache, slot_mapping)
