@@ -26,7 +26,8 @@ def main():
                            max_position_embeddings=512, overrides={"tie_word_embeddings": True} if tied else None)
     llm = LLM(model=str(path), dtype="bfloat16", max_model_len=512, seed=0, gpu_memory_utilization=0.3,
               logprobs_mode="processed_logprobs", enforce_eager=eager)
-    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).eval()
+    dev = "cuda" if torch.cuda.is_available() else "cpu"  # the trainer runs where vLLM runs
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).to(dev).eval()
     prompts = [[3] + [100 + (i * 37 + j * 13) % 900 for j in range(5 + i % 9)] for i in range(16)]
     result = {}
     for temperature in (1.0, 0.7):
@@ -35,9 +36,9 @@ def main():
         equal = total = 0
         for p, o in zip(prompts, outs):
             c = o.outputs[0]
-            ids = torch.tensor([p + list(c.token_ids)])
+            ids = torch.tensor([p + list(c.token_ids)], device=dev)
             with torch.no_grad():
-                lp = onpolicy.token_logprobs(hf, ids, temperature=temperature, logits_to_keep=len(c.token_ids))[0]
+                lp = onpolicy.token_logprobs(hf, ids, temperature=temperature, logits_to_keep=len(c.token_ids))[0].cpu()
             sampled = torch.tensor([c.logprobs[k][t].logprob for k, t in enumerate(c.token_ids)], dtype=torch.float32)
             equal += int((sampled.view(torch.int32) == lp.view(torch.int32)).sum())
             total += len(c.token_ids)

@@ -1,0 +1,142 @@
+"""vLLM adapter on the GPU machine (issue 5): bitwise acceptance and throughput, real vLLM 0.26.
+
+    python benchmarks/gpu_vllm.py make MODEL_DIR [--family qwen3|qwen2|llama] [--layers N]
+    python benchmarks/gpu_vllm.py accept MODEL_DIR           # plugin on: sampler vs trainer, batch invariance
+    python benchmarks/gpu_vllm.py throughput MODEL_DIR CONF  # CONF: default | batch_invariant | onpolicy
+
+`accept` samples 64 prompts x 32 tokens at T=1.0 and T=0.7 with the onpolicy
+plugin (CUDA graphs and torch.compile as vLLM defaults them), recomputes every
+sampled token's logprob with `onpolicy.token_logprobs` on the transformers model,
+and counts bitwise-equal tokens; then a seeded prompt alone vs inside batches
+of 7 and 64. `throughput` runs 1000 prompts x 100 tokens in one engine and
+prints tokens/s (run each configuration in its own process).
+"""
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+os.environ.setdefault("VLLM_USE_FLASHINFER_SAMPLER", "0")
+
+SHAPES = {  # (hidden, intermediate, heads, kv heads, head_dim, vocab)
+    "qwen3": (2048, 6144, 16, 8, 128, 151936),  # Qwen3-1.7B
+    "qwen2": (1536, 8960, 12, 2, 128, 151936),  # Qwen2.5-1.5B
+    "llama": (2048, 8192, 32, 8, 64, 128256),  # Llama-3.2-1B
+}
+
+
+def make(path: str, family: str = "qwen3", layers: int = 28):
+    import torch
+
+    from onpolicy.tiny import make_tokenizer
+
+    h, i, nh, kvh, hd, v = SHAPES[family]
+    if family == "qwen3":
+        from transformers import Qwen3Config as C, Qwen3ForCausalLM as M
+    elif family == "qwen2":
+        from transformers import Qwen2Config as C, Qwen2ForCausalLM as M
+    else:
+        from transformers import LlamaConfig as C, LlamaForCausalLM as M
+    kw = dict(vocab_size=v, hidden_size=h, intermediate_size=i, num_hidden_layers=layers, num_attention_heads=nh,
+              num_key_value_heads=kvh, head_dim=hd, max_position_embeddings=4096, tie_word_embeddings=False,
+              bos_token_id=3, eos_token_id=1, pad_token_id=2)
+    if family == "llama":
+        kw["rope_parameters"] = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0, "low_freq_factor": 1.0,
+                                 "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        m = M(C(**kw)).to(torch.bfloat16)
+        with torch.no_grad():
+            m.lm_head.weight.mul_(8.0)  # sharper logits: a mismatch shows in the sampled tokens
+    m.save_pretrained(path)
+    make_tokenizer(v).save_pretrained(path)
+    print(f"made {family} model ({layers} layers) at {path}", flush=True)
+
+
+def prompts(n: int, vocab: int, seed: int = 0):
+    import random
+
+    rng = random.Random(seed)
+    return [[3] + [rng.randrange(100, vocab) for _ in range(rng.randint(8, 48))] for _ in range(n)]
+
+
+def accept(path: str):
+    import torch
+
+    import onpolicy
+    import onpolicy.vllm_plugin as plugin
+    from transformers import AutoModelForCausalLM
+    from vllm import LLM, SamplingParams
+
+    plugin.enable()
+    llm = LLM(model=path, dtype="bfloat16", max_model_len=1024, seed=0, logprobs_mode="processed_logprobs",
+              gpu_memory_utilization=0.4)
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).cuda().eval()
+    vocab = hf.config.vocab_size
+    ps = prompts(64, vocab)
+    for T in (1.0, 0.7):
+        sp = [SamplingParams(temperature=T, max_tokens=32, logprobs=0, seed=100 + i, ignore_eos=True)
+              for i in range(len(ps))]
+        outs = llm.generate([{"prompt_token_ids": p} for p in ps], sp, use_tqdm=False)
+        eq = tot = 0
+        dmax = 0.0
+        for p, o in zip(ps, outs):
+            c = o.outputs[0]
+            ids = torch.tensor([p + list(c.token_ids)], device="cuda")
+            with torch.no_grad():
+                tl = onpolicy.token_logprobs(hf, ids, temperature=T, logits_to_keep=len(c.token_ids))[0].cpu()
+            sl = torch.tensor([c.logprobs[k][t].logprob for k, t in enumerate(c.token_ids)])
+            eq += int((sl == tl).sum())
+            tot += sl.numel()
+            dmax = max(dmax, float((sl - tl).abs().max()))
+        print(f"T={T}: {eq}/{tot} sampled tokens bitwise equal (max |dlogp| {dmax:.3g})", flush=True)
+    sp = SamplingParams(temperature=1.0, max_tokens=32, logprobs=0, seed=7, ignore_eos=True)
+    target = ps[5]
+    alone = llm.generate([{"prompt_token_ids": target}], sp, use_tqdm=False)[0].outputs[0]
+    for n in (7, 64):
+        batch = ps[:n]
+        batch[n // 2] = target
+        params = [SamplingParams(temperature=1.0, max_tokens=32, logprobs=0, seed=1000 + i, ignore_eos=True)
+                  for i in range(n)]
+        params[n // 2] = sp
+        got = llm.generate([{"prompt_token_ids": p} for p in batch], params, use_tqdm=False)[n // 2].outputs[0]
+        same_lp = [alone.logprobs[k][t].logprob for k, t in enumerate(alone.token_ids)] == \
+                  [got.logprobs[k][t].logprob for k, t in enumerate(got.token_ids)]
+        print(f"seeded prompt alone vs inside a batch of {n}: identical completion "
+              f"{list(alone.token_ids) == list(got.token_ids)}, identical logprobs {same_lp}", flush=True)
+
+
+def throughput(path: str, conf: str):
+    if conf == "batch_invariant":
+        os.environ["VLLM_BATCH_INVARIANT"] = "1"
+    elif conf == "onpolicy":
+        import onpolicy.vllm_plugin as plugin
+
+        plugin.enable()
+    from vllm import LLM, SamplingParams
+
+    llm = LLM(model=path, dtype="bfloat16", max_model_len=1024, seed=0, gpu_memory_utilization=0.6)
+    ps = prompts(1000, 150000, seed=1)
+    sp = SamplingParams(temperature=1.0, max_tokens=100, ignore_eos=True)
+    llm.generate([{"prompt_token_ids": p} for p in ps[:32]], sp, use_tqdm=False)  # warm-up
+    t0 = time.perf_counter()
+    outs = llm.generate([{"prompt_token_ids": p} for p in ps], sp, use_tqdm=False)
+    dt = time.perf_counter() - t0
+    n = sum(len(o.outputs[0].token_ids) for o in outs)
+    print(f"THROUGHPUT {conf}: {n / dt:.0f} tok/s ({n} tokens in {dt:.1f} s)", flush=True)
+
+
+if __name__ == "__main__":
+    cmd = sys.argv[1]
+    if cmd == "make":
+        args = sys.argv[2:]
+        fam = args[args.index("--family") + 1] if "--family" in args else "qwen3"
+        layers = int(args[args.index("--layers") + 1]) if "--layers" in args else 28
+        make(args[0], fam, layers)
+    elif cmd == "accept":
+        accept(sys.argv[2])
+    elif cmd == "throughput":
+        throughput(sys.argv[2], sys.argv[3])
+    else:
+        raise SystemExit(__doc__)
