@@ -1,6 +1,6 @@
 """One onpolicy engine for one model family, sampler vs trainer bitwise (run as a script).
 
-usage: python family_check.py FAMILY OUT_DIR [--tied] [--eager]
+usage: python family_check.py FAMILY OUT_DIR [--tied] [--eager] [--no-cudagraph]
 Prints one line "RESULT {json}" with the equal/total counts per temperature.
 Run in its own process by test_families.py (one vLLM engine per process).
 """
@@ -22,14 +22,15 @@ def main():
 
     family, out = sys.argv[1], sys.argv[2]
     tied, eager = "--tied" in sys.argv, "--eager" in sys.argv
+    extra = {"compilation_config": {"cudagraph_mode": "NONE"}} if "--no-cudagraph" in sys.argv else {}
     path = make_tiny_model(os.path.join(out, family + ("-tied" if tied else "")), family, dtype=torch.bfloat16,
                            max_position_embeddings=512, overrides={"tie_word_embeddings": True} if tied else None)
     llm = LLM(model=str(path), dtype="bfloat16", max_model_len=512, seed=0, gpu_memory_utilization=0.3,
-              logprobs_mode="processed_logprobs", enforce_eager=eager)
+              logprobs_mode="processed_logprobs", enforce_eager=eager, **extra)
     dev = "cuda" if torch.cuda.is_available() else "cpu"  # the trainer runs where vLLM runs
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).to(dev).eval()
     prompts = [[3] + [100 + (i * 37 + j * 13) % 900 for j in range(5 + i % 9)] for i in range(16)]
-    result = {}
+    result, diffs = {}, {}
     for temperature in (1.0, 0.7):
         params = SamplingParams(temperature=temperature, max_tokens=16, logprobs=0, seed=1, ignore_eos=True)
         outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
@@ -41,8 +42,10 @@ def main():
                 lp = onpolicy.token_logprobs(hf, ids, temperature=temperature, logits_to_keep=len(c.token_ids))[0].cpu()
             sampled = torch.tensor([c.logprobs[k][t].logprob for k, t in enumerate(c.token_ids)], dtype=torch.float32)
             equal += int((sampled.view(torch.int32) == lp.view(torch.int32)).sum())
+            diffs[str(temperature)] = max(diffs.get(str(temperature), 0.0), float((sampled - lp).abs().max()))
             total += len(c.token_ids)
         result[str(temperature)] = [equal, total]
+    print("MAXDIFF " + json.dumps(diffs), flush=True)
     print("RESULT " + json.dumps(result), flush=True)
 
 
