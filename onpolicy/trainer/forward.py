@@ -16,7 +16,7 @@ copies happen between the kernels, so no other rounding can creep in.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -36,6 +36,12 @@ class TokenPlan:
     cu_seqlens: torch.Tensor  # int32 [S+1] packed sequence boundaries
     past_len: int = 0
     cache: object = None
+    tap: Optional[Callable[[str, torch.Tensor], None]] = None  # `onpolicy check` records activations here
+
+    def record(self, name: str, t: torch.Tensor) -> torch.Tensor:
+        if self.tap is not None:
+            self.tap(name, t)
+        return t
 
 
 def plan_tokens(B: int, L: int, attention_mask, position_ids, past_len: int, device) -> TokenPlan:
@@ -101,9 +107,13 @@ def attention_forward(self, x: torch.Tensor, plan: TokenPlan) -> torch.Tensor:
     """Self-attention of a (patched) transformers attention module on the packed stream x [T, hidden]."""
     T = x.shape[0]
     hd = self.head_dim
-    q = K.linear(x, self.q_proj.weight, self.q_proj.bias).view(T, -1, hd)
-    k = K.linear(x, self.k_proj.weight, self.k_proj.bias).view(T, -1, hd)
-    v = K.linear(x, self.v_proj.weight, self.v_proj.bias).view(T, -1, hd)
+    name = f"layers.{self.layer_idx}.self_attn"
+    q = K.linear(x, self.q_proj.weight, self.q_proj.bias)
+    k = K.linear(x, self.k_proj.weight, self.k_proj.bias)
+    v = K.linear(x, self.v_proj.weight, self.v_proj.bias)
+    if plan.tap is not None:
+        plan.record(f"{name}.qkv_proj", torch.cat([q, k, v], dim=-1))
+    q, k, v = q.view(T, -1, hd), k.view(T, -1, hd), v.view(T, -1, hd)
     if getattr(self, "q_norm", None) is not None:
         q = K.rms_norm(q, self.q_norm.weight, self.q_norm.variance_epsilon)
         k = K.rms_norm(k, self.k_norm.weight, self.k_norm.variance_epsilon)
@@ -122,30 +132,41 @@ def attention_forward(self, x: torch.Tensor, plan: TokenPlan) -> torch.Tensor:
         vp, _ = _paged_view(vf.transpose(1, 2))
         seq_lens = torch.full((B,), S, dtype=torch.int32, device=x.device)
         o = attention(q, kp, vp, table, plan.cu_seqlens, seq_lens, self.scaling)
-    return K.linear(o.reshape(T, -1), self.o_proj.weight, self.o_proj.bias)
+    o = plan.record(f"{name}.attn", o.reshape(T, -1))
+    return plan.record(f"{name}.o_proj", K.linear(o, self.o_proj.weight, self.o_proj.bias))
 
 
-def mlp_forward(self, x: torch.Tensor) -> torch.Tensor:
+def mlp_forward(self, x: torch.Tensor, plan: Optional[TokenPlan] = None, name: str = "mlp") -> torch.Tensor:
     gate = K.linear(x, self.gate_proj.weight, self.gate_proj.bias)
     up = K.linear(x, self.up_proj.weight, self.up_proj.bias)
-    return K.linear(K.silu_and_mul(torch.cat([gate, up], dim=-1)), self.down_proj.weight, self.down_proj.bias)
+    gate_up = torch.cat([gate, up], dim=-1)
+    act = K.silu_and_mul(gate_up)
+    out = K.linear(act, self.down_proj.weight, self.down_proj.bias)
+    if plan is not None and plan.tap is not None:
+        plan.record(f"{name}.gate_up_proj", gate_up)
+        plan.record(f"{name}.act_fn", act)
+        plan.record(f"{name}.down_proj", out)
+    return out
 
 
 def layer_forward(self, hidden: torch.Tensor, residual: Optional[torch.Tensor], plan: TokenPlan):
     """One decoder layer as vLLM runs it; returns (mlp output, residual) for the next fused norm."""
     n1, n2 = self.input_layernorm, self.post_attention_layernorm
+    name = f"layers.{self.self_attn.layer_idx}"
     if residual is None:
         residual = hidden
         x = K.rms_norm(hidden, n1.weight, n1.variance_epsilon)
     else:
         x, residual = K.fused_add_rms_norm(hidden, residual, n1.weight, n1.variance_epsilon)
+    plan.record(f"{name}.input_layernorm", x)
     a = attention_forward(self.self_attn, x, plan)
     x, residual = K.fused_add_rms_norm(a, residual, n2.weight, n2.variance_epsilon)
-    return mlp_forward(self.mlp, x), residual
+    plan.record(f"{name}.post_attention_layernorm", x)
+    return mlp_forward(self.mlp, x, plan, f"{name}.mlp"), residual
 
 
 def packed_hidden(model, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
-                  inputs_embeds=None, use_cache=False):
+                  inputs_embeds=None, use_cache=False, tap=None):
     """Run the patched base model; returns (final hidden [T, hidden] packed, plan, cache)."""
     if (input_ids is None) == (inputs_embeds is None):
         raise ValueError("give exactly one of input_ids or inputs_embeds")
@@ -157,6 +178,7 @@ def packed_hidden(model, input_ids=None, attention_mask=None, position_ids=None,
         past_key_values = DynamicCache(config=model.config)
     past_len = past_key_values.get_seq_length() if past_key_values is not None else 0
     plan = plan_tokens(B, L, attention_mask, position_ids, past_len, emb.device)
+    plan.tap = tap
     if past_key_values is not None:
         if attention_mask is not None and not bool(attention_mask.bool().all()):
             raise NotImplementedError("onpolicy's patched forward supports a KV cache only for unpadded batches")
@@ -168,7 +190,7 @@ def packed_hidden(model, input_ids=None, attention_mask=None, position_ids=None,
         hidden, residual = layer(hidden, residual, plan)
     norm = model.norm
     hidden, _ = K.fused_add_rms_norm(hidden, residual, norm.weight, norm.variance_epsilon)
-    return hidden, plan, past_key_values
+    return plan.record("norm", hidden), plan, past_key_values
 
 
 def base_model_forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,

@@ -1,0 +1,178 @@
+"""Truly on-policy GRPO: TRL's GRPOTrainer + vLLM (colocated), onpolicy's kernels on both sides.
+
+    accelerate launch --config_file recipes/accelerate/cpu.yaml recipes/grpo.py --config recipes/cpu_demo.yaml
+
+The default config builds a tiny Qwen3 locally, warms it up briefly with SFT on
+a synthetic arithmetic task (so the reward has room to move), then runs GRPO
+with onpolicy in strict mode: every step, vLLM's sampled-token logprobs must
+equal the trainer's bitwise, and the step fails otherwise. With `control: true`
+a second run with onpolicy off (plain TRL) follows from the same seed, for the
+dashboard to compare: `onpolicy dashboard runs/demo/onpolicy runs/demo/control`.
+
+Point it at a real model and data set by flags, e.g.
+`--model Qwen/Qwen3-0.6B --dataset openai/gsm8k --dataset_config main`.
+"""
+from __future__ import annotations
+
+import os
+import random
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@dataclass
+class RecipeArgs:
+    model: str = field(default="tiny", metadata={"help": "model path or hub id; 'tiny' builds a tiny model locally"})
+    family: str = field(default="qwen3", metadata={"help": "family of the tiny model: qwen3, qwen2, llama"})
+    dataset: str = field(default="arithmetic", metadata={"help": "'arithmetic' (synthetic) or a hub data set id"})
+    dataset_config: Optional[str] = field(default=None, metadata={"help": "hub data set config (e.g. 'main')"})
+    num_prompts: int = field(default=512, metadata={"help": "synthetic prompts to make"})
+    onpolicy: str = field(default="strict", metadata={"help": "strict | monitor | off"})
+    control: bool = field(default=False, metadata={"help": "after the run, repeat it with onpolicy off"})
+    sft_warmup_steps: int = field(default=0, metadata={"help": "SFT steps on the task before GRPO (tiny model)"})
+    run_dir: str = field(default="runs/demo", metadata={"help": "where metrics.jsonl and checkpoints go"})
+
+
+# --- the synthetic task -------------------------------------------------------------------------------------------
+
+def arithmetic_dataset(n: int, seed: int):
+    """Prompts 'a+b=' with one-digit a, b; the answer is their sum."""
+    from datasets import Dataset
+
+    rng = random.Random(seed)
+    pairs = [(rng.randint(0, 9), rng.randint(0, 9)) for _ in range(n)]
+    return Dataset.from_dict({"prompt": [f"{a}+{b}=" for a, b in pairs], "answer": [str(a + b) for a, b in pairs]})
+
+
+def hub_dataset(name: str, config: Optional[str]):
+    from datasets import load_dataset
+
+    ds = load_dataset(name, config, split="train")
+    if "question" in ds.column_names and "answer" in ds.column_names:  # GSM8K layout
+        return ds.map(lambda r: {"prompt": r["question"], "answer": r["answer"].split("####")[-1].strip()})
+    raise ValueError(f"data set {name!r} needs 'question' and 'answer' columns (GSM8K layout)")
+
+
+def correctness_reward(completions, answer, **_):
+    """1 for the right number first; partial credit for a number close to it; 0 for no number."""
+    out = []
+    for c, a in zip(completions, answer):
+        m = re.match(r"\s*(-?\d+)", c if isinstance(c, str) else c[0]["content"])
+        if m is None:
+            out.append(0.0)
+        else:
+            out.append(1.0 if m.group(1) == a else max(0.05, 0.5 - 0.1 * abs(int(m.group(1)) - int(a))))
+    return out
+
+
+# --- the tiny model and its warm-up ---------------------------------------------------------------------------------
+
+def tiny_model(path: Path, family: str, warmup_steps: int, seed: int) -> str:
+    """Build a tiny model (once) and teach it the answer format with a short SFT."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from onpolicy.tiny import make_tiny_model
+
+    done = path / ".warm"
+    if done.exists():
+        return str(path)
+    make_tiny_model(path, family, dtype=torch.float32, head_scale=1.0, seed=seed)
+    if warmup_steps:
+        tok = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+        rng = random.Random(seed)
+        from tqdm import tqdm
+
+        for _ in tqdm(range(warmup_steps), desc="SFT warm-up", file=sys.stdout):
+            # mostly right answers, some off by one, so GRPO has something to fix
+            texts = []
+            for _ in range(32):
+                a, b = rng.randint(0, 9), rng.randint(0, 9)
+                s = a + b + (rng.choice([-1, 1]) if rng.random() < 0.3 else 0)
+                texts.append(f"{a}+{b}={s}<eos>")
+            batch = tok(texts, return_tensors="pt", padding=True)
+            labels = batch.input_ids.masked_fill(batch.attention_mask == 0, -100)
+            loss = model(**batch, labels=labels).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+        model.save_pretrained(path)
+    AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(torch.bfloat16).save_pretrained(path)
+    done.touch()
+    return str(path)
+
+
+# --- the run --------------------------------------------------------------------------------------------------------
+
+def train(recipe: RecipeArgs, cfg, model: str, dataset, mode: str, run_dir: Path):
+    from onpolicy.trl_grpo import OnPolicyGRPOTrainer
+
+    cfg.output_dir = str(run_dir)
+    trainer = OnPolicyGRPOTrainer(model=model, reward_funcs=correctness_reward, args=cfg, train_dataset=dataset,
+                                  onpolicy=mode, run_dir=str(run_dir))
+    trainer.train()
+    return run_dir / "metrics.jsonl"
+
+
+def summary(paths):
+    import json
+
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="onpolicy GRPO: sampler vs trainer, per step")
+    for c in ("run", "step", "tokens", "bitwise equal", "max |Δlogp|", "KL k3", "IS ratio range", "reward"):
+        table.add_column(c, justify="right")
+    for name, p in paths:
+        for line in Path(p).read_text().splitlines():
+            r = json.loads(line)
+            table.add_row(name, str(r["step"]), str(r["tokens"]), f"{100 * r['bitwise_equal_frac']:.1f}%",
+                          f"{r['logp_abs_diff_max']:.2e}", f"{r['kl_k3']:.2e}",
+                          f"{r['is_ratio_min']:.6g}..{r['is_ratio_max']:.6g}",
+                          "-" if r.get("reward_mean") is None else f"{r['reward_mean']:.3f}")
+    Console().print(table)
+
+
+def main(argv=None):
+    from trl import GRPOConfig, TrlParser
+
+    parser = TrlParser((RecipeArgs, GRPOConfig))
+    recipe, cfg = parser.parse_args_and_config(argv)
+    if recipe.onpolicy not in ("strict", "monitor", "off"):
+        raise SystemExit(f"--onpolicy must be strict, monitor or off (got {recipe.onpolicy!r})")
+    root = Path(recipe.run_dir)
+    model = recipe.model
+    if model == "tiny":
+        model = tiny_model(root / "tiny-model", recipe.family, recipe.sft_warmup_steps, cfg.seed)
+    cfg.model_init_kwargs = {**(cfg.model_init_kwargs or {}), "dtype": "bfloat16"}
+    data = (arithmetic_dataset(recipe.num_prompts, cfg.seed) if recipe.dataset == "arithmetic"
+            else hub_dataset(recipe.dataset, recipe.dataset_config))
+    name = "control" if recipe.onpolicy == "off" else "onpolicy"
+    run_dir = root / name
+    (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+    done = [(name, train(recipe, cfg, model, data, recipe.onpolicy, run_dir))]
+    if recipe.control and recipe.onpolicy != "off":
+        # The control needs a fresh process: the vLLM plugin, once on, stays on in its process.
+        import subprocess
+
+        argv = list(sys.argv[1:] if argv is None else argv)
+        env = {k: v for k, v in os.environ.items()
+               if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE", "ONPOLICY_VLLM")}
+        subprocess.run([sys.executable, __file__, *argv, "--onpolicy", "off", "--control", "false"], check=True,
+                       env=env)
+        done.append(("control", root / "control" / "metrics.jsonl"))
+    if int(os.environ.get("RANK", "0")) == 0:
+        summary(done)
+        print(f"dashboard: onpolicy dashboard {' '.join(str(p.parent) for _, p in done)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,81 @@
+"""`onpolicy check` (issue 10): 100% with the plugin on, names a perturbed layer, reports the plain stack's
+first diverging layer with the plugin off, and rejects bad input cleanly.
+
+vLLM plugins are process-global, so each engine configuration runs in its own subprocess.
+"""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+ENV = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "ONPOLICY_VLLM": "0"}
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    from onpolicy.tiny import make_tiny_model
+
+    return str(make_tiny_model(tmp_path_factory.mktemp("check") / "qwen3", "qwen3", dtype=torch.bfloat16))
+
+
+def _cli(*args, timeout=600):
+    return subprocess.run([sys.executable, "-m", "onpolicy.cli", "check", *args], capture_output=True, text=True,
+                          env=ENV, timeout=timeout)
+
+
+@pytest.mark.vllm
+def test_plugin_on_is_bitwise_and_a_perturbed_norm_is_named(model_dir):
+    script = textwrap.dedent(f"""
+        import json
+        from onpolicy.check import make_engine, run_check, load_trainer
+        llm = make_engine({model_dir!r}, plugin=True)
+        ok = run_check({model_dir!r}, prompts=8, max_tokens=16, llm=llm)
+        print("ON " + json.dumps({{"metrics": ok.metrics, "divergence": ok.divergence}}))
+        def perturb(model):  # a test hook: one layer's norm epsilon changed on the trainer side
+            model.model.layers[2].post_attention_layernorm.variance_epsilon = 1e-2
+        bad = run_check({model_dir!r}, prompts=8, max_tokens=16, llm=llm, trainer=load_trainer({model_dir!r}, True),
+                        trainer_hook=perturb)
+        print("PERTURBED " + json.dumps({{"metrics": bad.metrics, "divergence": bad.divergence}}))
+    """)
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=ENV, timeout=600)
+    lines = {ln.split(" ", 1)[0]: json.loads(ln.split(" ", 1)[1]) for ln in r.stdout.splitlines()
+             if ln.startswith(("ON ", "PERTURBED "))}
+    assert "ON" in lines and "PERTURBED" in lines, r.stderr[-3000:]
+    on = lines["ON"]
+    assert on["metrics"]["tokens"] == 8 * 16 and on["metrics"]["bitwise_equal_frac"] == 1.0
+    assert on["divergence"] is None
+    bad = lines["PERTURBED"]
+    assert bad["metrics"]["bitwise_equal_frac"] < 1.0
+    d = bad["divergence"]
+    assert d["op"] == "layers.2.post_attention_layernorm", d
+    assert d["max_abs_diff"] > 0
+    # every sub-op before it (input norms, attention of layers 0-2, MLPs of layers 0-1) was identical
+    assert d["identical_before"] == 2 * 8 + 4
+
+
+@pytest.mark.vllm
+def test_plugin_off_reports_the_mismatch_and_the_first_diverging_layer(model_dir):
+    r = _cli("--model", model_dir, "--prompts", "8", "--max-tokens", "16", "--off", "--json")
+    assert r.returncode == 0, r.stderr[-3000:]  # --off: a mismatch is the expected finding, not a failure
+    res = json.loads(r.stdout.strip().splitlines()[-1])
+    assert not res["ok"] and not res["plugin"]
+    assert res["metrics"]["bitwise_equal_frac"] < 1.0 and res["metrics"]["logp_abs_diff_max"] > 0
+    assert res["divergence"]["op"].startswith("layers.0.")
+
+
+def test_bad_input_gets_a_clear_error_and_no_traceback(tmp_path, model_dir):
+    r = _cli("--model", str(tmp_path / "nope"))
+    assert r.returncode == 2 and "does not exist" in r.stdout + r.stderr and "Traceback" not in r.stderr
+    from transformers import GPT2Config
+
+    GPT2Config(n_layer=1, n_embd=32, n_head=2).save_pretrained(tmp_path / "gpt2")
+    r = _cli("--model", str(tmp_path / "gpt2"))
+    assert r.returncode == 2 and "supported families" in r.stdout + r.stderr and "Traceback" not in r.stderr
+    bad = tmp_path / "prompts.jsonl"
+    bad.write_text('{"prompt": "1+1="}\n{not json\n')
+    r = _cli("--model", model_dir, "--prompt-file", str(bad))
+    assert r.returncode == 2 and "prompts.jsonl:2" in r.stdout + r.stderr and "Traceback" not in r.stderr
