@@ -71,4 +71,29 @@ def is_registered() -> bool:
     return _registered
 
 
-__all__ = ["register", "enable", "is_enabled", "is_registered", "OnpolicyVllmError", "ENV_VAR"]
+def verify(llm) -> dict:
+    """Raise unless the in-process engine `llm` runs entirely on onpolicy.
+
+    Checks the platform, the engine's linear config, audits every layer of the
+    model (worker.audit_model) and that the sampler is onpolicy's. Returns the
+    layer counts. Scripts call it right after ``LLM(...)``: it turns "plugin
+    silently not loaded" (e.g. ``ONPOLICY_VLLM=1`` set but no entry points
+    installed and `enable()` never called) into an error.
+    """
+    from . import compat, sampler, worker
+
+    if not _registered:
+        raise OnpolicyVllmError("the plugin is not registered in this process: call onpolicy.vllm_plugin.enable() "
+                                "before LLM(...) (ONPOLICY_VLLM=1 alone needs the entry points installed)")
+    engine = llm.llm_engine
+    worker.check_process(getattr(engine, "vllm_config", None))
+    model = compat.engine_model(llm)
+    counts = worker.audit_model(model, getattr(getattr(engine, "model_config", None), "hf_config", None))
+    runner = compat.engine_runner(llm)
+    if runner is not None and not isinstance(compat.runner_sampler(runner), sampler.OnpolicySamplerMixin):
+        raise OnpolicyVllmError(f"the engine's sampler is {type(compat.runner_sampler(runner)).__name__}, "
+                                "not onpolicy's")
+    return counts
+
+
+__all__ = ["register", "enable", "is_enabled", "is_registered", "verify", "OnpolicyVllmError", "ENV_VAR"]

@@ -209,6 +209,16 @@ def current_vllm_config():
 # Reaching the model of an in-process engine
 # ---------------------------------------------------------------------------
 
+def engine_runner(llm):
+    """The model runner of an in-process `LLM` (None if it cannot be reached, e.g. multiprocess)."""
+    driver = getattr(llm.llm_engine.model_executor, "driver_worker", None)
+    for owner in (driver, getattr(driver, "worker", None)):
+        runner = getattr(owner, "model_runner", None)
+        if runner is not None:
+            return runner
+    return None
+
+
 def engine_model(llm):
     """The torch module an in-process `LLM` runs (what TRL's weight sync writes into).
 

@@ -4,8 +4,10 @@ Mechanism: a quantization config named "onpolicy" (vLLM's official per-layer
 hook, `register_quantization_config`). Its `get_quant_method` hands
   * every `LinearBase` (merged QKV, merged gate/up, o_proj, down_proj) an
     `OnpolicyLinearMethod`, and
-  * the `ParallelLMHead` an `OnpolicyHeadMethod`;
-everything else (token embedding, attention) keeps vLLM's default. Both
+  * every vocab embedding (the `ParallelLMHead`, and the token embedding,
+    which vLLM 0.26's Qwen2/Qwen3 reuse as the tied head) an
+    `OnpolicyHeadMethod` (lookup = vLLM's gather, head matmul = ours);
+everything else (attention) keeps vLLM's default. Both
 methods inherit vLLM's unquantized `create_weights`, so `layer.weight` stays
 the same loadable parameter with the same `weight_loader` (checkpoint loading,
 merged q/k/v and gate/up shards, and TRL's `model.load_weights` weight sync all
@@ -42,7 +44,8 @@ def _make_classes() -> dict[str, type]:
     from vllm.model_executor.layers.linear import LinearBase, UnquantizedLinearMethod
     from vllm.model_executor.layers.logits_processor import LogitsProcessor
     from vllm.model_executor.layers.quantization.base_config import QuantizationConfig
-    from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, UnquantizedEmbeddingMethod
+    from vllm.model_executor.layers.vocab_parallel_embedding import (UnquantizedEmbeddingMethod,
+                                                                      VocabParallelEmbedding)
 
     class OnpolicyLinearMethod(UnquantizedLinearMethod):
         """vLLM's unquantized weights, computed with onpolicy's batch-invariant linear."""
@@ -92,7 +95,12 @@ def _make_classes() -> dict[str, type]:
             return cls()
 
         def get_quant_method(self, layer: torch.nn.Module, prefix: str):
-            if isinstance(layer, ParallelLMHead):
+            # Every vocab embedding, not only ParallelLMHead: vLLM 0.26's Qwen2/Qwen3
+            # tie the head by *reusing* the token embedding module
+            # (v26:models/qwen3.py:298-299, qwen2.py:464), so the token embedding
+            # may be the LM head. Its lookup stays vLLM's gather (inherited
+            # `embedding`); only the head matmul (`apply`) is ours.
+            if isinstance(layer, VocabParallelEmbedding):
                 return OnpolicyHeadMethod()
             if isinstance(layer, LinearBase):
                 return OnpolicyLinearMethod()

@@ -83,6 +83,9 @@ def __getattr__(name: str):
             cls = subclass_for(resolve_obj_by_qualname(base_qualname), name)
             globals()[name] = cls
             return cls
+    for cls in _SUBCLASSES.values():  # e.g. OnpolicyNvmlCudaPlatform (ensure_active on vLLM 0.26 CUDA)
+        if cls.__name__ == name:
+            return cls
     raise AttributeError(name)
 
 

@@ -15,8 +15,13 @@ vLLM's argmax, so the sampled policy is exactly exp(lp).
 vLLM's distribution-changing options that run before temperature (logit bias,
 min_tokens, allowed/bad words, penalties) are applied by vLLM as usual; the
 trainer does not see them, so tokens they touch are not on-policy (documented).
-top-k / top-p / min-p are applied to lp before sampling; if they mask anything
-while logprobs are requested, the step fails loudly (not on-policy).
+top-k / top-p / min-p are applied to lp before sampling. A step fails loudly
+(not on-policy) when a request asks for processed logprobs *and* sets top-k,
+top-p or min-p: the decision reads the requests' sampling parameters (host-side
+state), never the tensors. vLLM's own warm-up requests (0.26:
+`SamplingParams.for_sampler_warmup()`, top_k=50, top_p=0.9, min_p=0.1,
+logprobs=5, run by `warmup_kernels` while the engine is built) are exempt: the
+worker marks the sampler while `compile_or_warm_up_model` runs (worker.py).
 
 Two sampler layouts: V1 (vllm/v1/sample/sampler.py: the CPU runner, and GPU
 with VLLM_USE_V2_MODEL_RUNNER=0) and model-runner-V2 as in vLLM 0.26
@@ -29,8 +34,46 @@ import torch
 from . import compat
 from .errors import OnpolicyVllmError
 
-_NOT_ON_POLICY = ("top-k / top-p / min-p masked tokens while logprobs were requested: the returned logprobs "
-                  "would not be the trainer's. Use top_k=-1 (0 in TRL), top_p=1.0, min_p=0.0 with onpolicy")
+_NOT_ON_POLICY = ("a request asked for processed logprobs together with top-k / top-p / min-p: the returned "
+                  "logprobs would not be the trainer's. Use top_k=-1 (0 in TRL), top_p=1.0, min_p=0.0 with onpolicy")
+
+
+def v1_masking_requested(md) -> bool:
+    """V1 runner: does any request of this batch set top-k, top-p or min-p?
+
+    vLLM's V1 input batch passes `top_k` / `top_p` as None unless some request
+    uses them (v32 and v26 `v1/worker/gpu_input_batch.py`, `no_top_k`/`no_top_p`);
+    min-p lives in the argmax-invariant `MinPLogitsProcessor` (`min_p_count`).
+    Any other argmax-invariant processor is counted as masking (it may).
+    """
+    if md.top_k is not None or md.top_p is not None:
+        return True
+    for proc in md.logitsprocs.argmax_invariant:
+        count = getattr(proc, "min_p_count", None)
+        if count is None or count:
+            return True
+    return False
+
+
+def v2_masking_with_logprobs(states, token_ids_state, idx_mapping_np) -> tuple[bool, bool]:
+    """V2 runner (0.26): (any row masks, any row both masks and wants logprobs).
+
+    Reads the per-request host arrays of `SamplingStates` (v26
+    `v1/worker/gpu/sample/states.py:22-61`: top_k is normalised to vocab_size
+    when off, top_p 1.0 and min_p 0.0 when off, num_logprobs -1 when no
+    logprobs) and `LogprobTokenIdsState.num_token_ids` (explicit logprob ids).
+    """
+    import numpy as np
+
+    idx = idx_mapping_np
+    masks = ((states.top_k.np[idx] != states.vocab_size) | (states.top_p.np[idx] != 1.0)
+             | (states.min_p.np[idx] != 0.0))
+    if not masks.any():
+        return False, False
+    wants = states.num_logprobs[idx] != -1  # NO_LOGPROBS
+    if token_ids_state is not None:
+        wants = wants | (token_ids_state.num_token_ids.np[idx] > 0)
+    return True, bool(np.any(masks & wants))
 
 
 def _log_softmax(logits: torch.Tensor, temperature) -> torch.Tensor:
@@ -41,6 +84,7 @@ class OnpolicySamplerMixin:
     """Marker; `_onpolicy_mode` is the logprobs mode the user asked for."""
 
     _onpolicy_mode: str = "raw_logprobs"
+    _onpolicy_warmup: bool = False  # True while vLLM warms the engine up (worker.py)
 
 
 class V1SamplerMixin(OnpolicySamplerMixin):
@@ -67,12 +111,14 @@ class V1SamplerMixin(OnpolicySamplerMixin):
         temp = md.temperature
         t = temp if md.all_random else torch.where(temp < _SAMPLING_EPS, torch.ones_like(temp), temp)
         lp = _log_softmax(logits, t)
-        masked = lp.clone()
-        for proc in md.logitsprocs.argmax_invariant:
-            masked = proc.apply(masked)
-        masked = apply_top_k_top_p(masked, md.top_k, md.top_p)
-        if processed and not torch.equal(masked, lp):
-            raise OnpolicyVllmError(_NOT_ON_POLICY)
+        masked = lp
+        if v1_masking_requested(md):
+            if processed and not self._onpolicy_warmup:
+                raise OnpolicyVllmError(_NOT_ON_POLICY)
+            masked = lp.clone()
+            for proc in md.logitsprocs.argmax_invariant:
+                masked = proc.apply(masked)
+            masked = apply_top_k_top_p(masked, md.top_k, md.top_p)
         random_sampled, _ = self.topk_topp_sampler(masked, md.generators, None, None)
         if greedy is None:
             sampled = random_sampled
@@ -105,11 +151,15 @@ class V2SamplerMixin026(OnpolicySamplerMixin):
         t = temp_all[expanded_idx_mapping].to(torch.float32)
         t = torch.where(t == 0.0, torch.ones_like(t), t)
         lp = _log_softmax(logits, t)
-        masked = lp.clone()
-        self.sampling_states.apply_min_p(masked, expanded_idx_mapping, idx_mapping_np)
-        masked = self.sampling_states.apply_top_k_top_p(masked, expanded_idx_mapping, idx_mapping_np)
-        if return_logprobs and mode == "processed_logprobs" and not torch.equal(masked, lp):
-            raise OnpolicyVllmError(_NOT_ON_POLICY)
+        masked = lp
+        any_mask, mask_with_logprobs = v2_masking_with_logprobs(
+            self.sampling_states, getattr(self, "logprob_token_ids_state", None), idx_mapping_np)
+        if any_mask:
+            if mask_with_logprobs and mode == "processed_logprobs" and not self._onpolicy_warmup:
+                raise OnpolicyVllmError(_NOT_ON_POLICY)
+            masked = lp.clone()  # lp itself is what the logprobs are gathered from
+            self.sampling_states.apply_min_p(masked, expanded_idx_mapping, idx_mapping_np)
+            masked = self.sampling_states.apply_top_k_top_p(masked, expanded_idx_mapping, idx_mapping_np)
         sampled = gumbel_sample(masked, expanded_idx_mapping, temp_all, self.sampling_states.seeds.gpu, pos,
                                 apply_temperature=False, use_fp64=getattr(self, "use_fp64_gumbel", False))
         if raw is None:

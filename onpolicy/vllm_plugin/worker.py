@@ -3,10 +3,14 @@ kernels and audit that every compute layer of the model is onpolicy's.
 
 The platform (config.py) swaps vLLM's default worker class for the matching
 subclass here (`parallel_config.worker_cls`), in every engine flavour
-(in-process, multiprocess, TRL's external_launcher).
+(in-process, multiprocess, TRL's external_launcher). The worker also
+registers the plugin in its own process (a worker process started without
+onpolicy's entry points installed would otherwise build vLLM's layers), and
+marks the sampler while vLLM warms the engine up with its own dummy requests.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 
 from . import compat
@@ -21,31 +25,91 @@ ALLOWED_VLLM_CUSTOM_OPS = {"ApplyRotaryEmb"}
 
 
 class OnpolicyWorkerMixin:
+    def __init__(self, *args, **kwargs):
+        # This worker was chosen by onpolicy's config, so the plugin is wanted in
+        # this process too: register its layers, linear config and attention
+        # backend, and switch this process's platform, before any model is built.
+        from . import enable
+
+        enable()
+        super().__init__(*args, **kwargs)  # type: ignore[misc]
+
     def load_model(self, *args, **kwargs):
         out = super().load_model(*args, **kwargs)  # type: ignore[misc]
         after_load(self)
         return out
 
+    def compile_or_warm_up_model(self, *args, **kwargs):
+        # vLLM's warm-up samples its own requests with every sampling feature on
+        # (0.26: SamplingParams.for_sampler_warmup(), logprobs with top-k/top-p/
+        # min-p); the sampler must not refuse those.
+        with sampler_warmup(getattr(self, "model_runner", None)):
+            return super().compile_or_warm_up_model(*args, **kwargs)  # type: ignore[misc]
+
+
+@contextlib.contextmanager
+def sampler_warmup(model_runner):
+    """While active, the onpolicy sampler does not refuse top-k/top-p/min-p with logprobs."""
+    from .sampler import OnpolicySamplerMixin
+
+    sampler = compat.runner_sampler(model_runner) if model_runner is not None else None
+    if not isinstance(sampler, OnpolicySamplerMixin):
+        yield
+        return
+    sampler._onpolicy_warmup = True
+    try:
+        yield
+    finally:
+        sampler._onpolicy_warmup = False
+
 
 def after_load(worker) -> None:
     runner = worker.model_runner
     model = runner.get_model() if hasattr(runner, "get_model") else runner.model
-    audit_model(model)
+    vllm_config = getattr(worker, "vllm_config", None)
+    check_process(vllm_config)
+    hf_config = getattr(getattr(vllm_config, "model_config", None), "hf_config", None)
+    counts = audit_model(model, hf_config)
     from .sampler import install
 
     install(runner)
-    logger.info("onpolicy: model audited and sampler installed")
+    logger.info("onpolicy: model audited (%s) and sampler installed",
+                ", ".join(f"{k} {v}" for k, v in counts.items()))
 
 
-def audit_model(model) -> None:
-    """Raise if any compute layer of `model` is not on onpolicy's kernels."""
+def check_process(vllm_config) -> None:
+    """Raise unless this process's platform and the engine's linear config are onpolicy's."""
+    import vllm.platforms as vp
+
+    from .linear import classes
+    from .platform import OnpolicyPlatformMixin
+
+    if not isinstance(vp.current_platform, OnpolicyPlatformMixin):
+        raise OnpolicyVllmError(f"the vLLM platform of this process is {type(vp.current_platform).__name__}, not "
+                                "onpolicy's (call onpolicy.vllm_plugin.enable() before building the engine)")
+    if vllm_config is not None and not isinstance(vllm_config.quant_config, classes()["OnpolicyQuantConfig"]):
+        raise OnpolicyVllmError(f"the engine's linear config is {type(vllm_config.quant_config).__name__}, not "
+                                "onpolicy's")
+
+
+def audit_model(model, hf_config=None) -> dict[str, int]:
+    """Raise if any compute layer of `model` is not on onpolicy's kernels.
+
+    Two halves: (1) every layer vLLM could compute with -- anything holding a
+    `quant_method`, every attention layer (its impl *and* its backend class,
+    which owns the metadata builder), every CustomOp (norms, activations,
+    RoPE), the LogitsProcessor -- must be ours; (2) onpolicy's layers must be
+    found in the numbers the architecture has (attention, linear, norm, RoPE,
+    LM head), so an audit that sees nothing (a vLLM version whose layers it
+    does not recognise) fails instead of passing. Returns the counts.
+    """
     from vllm.model_executor.custom_op import CustomOp
-    from vllm.model_executor.layers.attention import Attention
+    from vllm.model_executor.layers.attention_layer_base import AttentionLayerBase
     from vllm.model_executor.layers.linear import LinearBase
     from vllm.model_executor.layers.logits_processor import LogitsProcessor
-    from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead
+    from vllm.model_executor.layers.vocab_parallel_embedding import VocabParallelEmbedding
 
-    from .attention import OnpolicyAttentionImpl
+    from .attention import OnpolicyAttentionBackend, OnpolicyAttentionImpl
     from .config import supported_architectures
     from .layers import OnpolicyOp
     from .linear import classes
@@ -55,25 +119,73 @@ def audit_model(model) -> None:
     if arch not in supported_architectures():
         raise OnpolicyVllmError(f"loaded model class {arch} is not supported")
     bad = []
+    counts = {"attention": 0, "linear": 0, "lm_head": 0, "norm": 0, "rope": 0, "silu_and_mul": 0,
+              "logits_processor": 0}
     for name, m in model.named_modules():
         kind = type(m).__name__
-        if isinstance(m, ParallelLMHead):
-            if not isinstance(m.quant_method, lin["OnpolicyHeadMethod"]):
-                bad.append(f"{name} ({kind}, method {type(m.quant_method).__name__})")
+        method = getattr(m, "quant_method", None)
+        if isinstance(m, VocabParallelEmbedding):  # token embedding and LM head (ParallelLMHead)
+            if not isinstance(method, lin["OnpolicyHeadMethod"]):
+                bad.append(f"{name} ({kind}, method {type(method).__name__})")
         elif isinstance(m, LinearBase):
-            if not isinstance(m.quant_method, lin["OnpolicyLinearMethod"]):
-                bad.append(f"{name} ({kind}, method {type(m.quant_method).__name__})")
-        elif isinstance(m, LogitsProcessor):
-            if not isinstance(m, lin["OnpolicyLogitsProcessor"]):
+            if isinstance(method, lin["OnpolicyLinearMethod"]):
+                counts["linear"] += 1
+            else:
+                bad.append(f"{name} ({kind}, method {type(method).__name__})")
+        elif method is not None:
+            bad.append(f"{name} ({kind}, method {type(method).__name__})")
+        if isinstance(m, LogitsProcessor):
+            if isinstance(m, lin["OnpolicyLogitsProcessor"]):
+                counts["logits_processor"] += 1
+            else:
                 bad.append(f"{name} ({kind})")
-        elif isinstance(m, Attention):
-            if not isinstance(m.impl, OnpolicyAttentionImpl):
-                bad.append(f"{name} (attention impl {type(m.impl).__name__})")
-        elif isinstance(m, CustomOp) and not isinstance(m, OnpolicyOp) and kind not in ALLOWED_VLLM_CUSTOM_OPS:
-            bad.append(f"{name} ({kind})")
+        elif isinstance(m, AttentionLayerBase):
+            impl = getattr(m, "impl", None)
+            backend = m.get_attn_backend() if hasattr(m, "get_attn_backend") else getattr(m, "attn_backend", None)
+            if isinstance(impl, OnpolicyAttentionImpl) and isinstance(backend, type) and issubclass(
+                    backend, OnpolicyAttentionBackend):
+                counts["attention"] += 1
+            else:
+                bad.append(f"{name} ({kind}, backend {getattr(backend, '__name__', backend)}, impl "
+                           f"{type(impl).__name__})")
+        elif isinstance(m, CustomOp):
+            if isinstance(m, OnpolicyOp):
+                key = {"OnpolicyRMSNorm": "norm", "OnpolicySiluAndMul": "silu_and_mul"}.get(kind, "rope")
+                counts[key] += 1
+            elif kind not in ALLOWED_VLLM_CUSTOM_OPS:
+                bad.append(f"{name} ({kind})")
+    head = getattr(model, "lm_head", None)  # a ParallelLMHead, or the token embedding itself when tied (0.26)
+    if isinstance(head, VocabParallelEmbedding) and isinstance(getattr(head, "quant_method", None),
+                                                                lin["OnpolicyHeadMethod"]):
+        counts["lm_head"] = 1
     if bad:
         shown = "; ".join(bad[:8]) + (f"; and {len(bad) - 8} more" if len(bad) > 8 else "")
         raise OnpolicyVllmError(f"these layers are not on onpolicy's kernels: {shown}")
+    check_counts(counts, hf_config if hf_config is not None else getattr(model, "config", None))
+    return counts
+
+
+def check_counts(counts: dict[str, int], hf_config) -> None:
+    """The layers a Qwen2/Qwen3/Llama decoder of `hf_config` has must all have been found as onpolicy's."""
+    n = getattr(hf_config, "num_hidden_layers", None)
+    if not n:
+        raise OnpolicyVllmError("cannot audit the model: its config has no num_hidden_layers")
+    qk_norm = 2 * n if getattr(hf_config, "model_type", "") == "qwen3" else 0
+    expected = {
+        "attention": n,
+        "linear": 4 * n,  # qkv, o, gate_up, down
+        "norm": 2 * n + 1 + qk_norm,  # input + post-attention per layer, final; Qwen3 q/k norms
+        "silu_and_mul": n,
+        "rope": 1,  # at least one (vLLM shares one RoPE module between layers)
+        "lm_head": 1,
+        "logits_processor": 1,
+    }
+    short = {k: (counts.get(k, 0), v) for k, v in expected.items()
+             if (counts.get(k, 0) < v if k == "rope" else counts.get(k, 0) != v)}
+    if short:
+        desc = ", ".join(f"{k}: found {got} of onpolicy's, expected {want}" for k, (got, want) in short.items())
+        raise OnpolicyVllmError(f"the audit did not find every layer on onpolicy's kernels ({desc}); this vLLM "
+                                "version builds the model differently from what onpolicy knows")
 
 
 _CLASSES: dict[str, type] = {}

@@ -1,8 +1,14 @@
 """One onpolicy engine for one model family, sampler vs trainer bitwise (run as a script).
 
 usage: python family_check.py FAMILY OUT_DIR [--tied] [--eager] [--no-cudagraph]
-Prints one line "RESULT {json}" with the equal/total counts per temperature.
-Run in its own process by test_families.py (one vLLM engine per process).
+Prints "PLUGIN {json}" (layer counts of the audit) and one line "RESULT {json}"
+with the equal/total counts per temperature. Run in its own process by
+test_families.py (one vLLM engine per process), and as is on the GPU machine.
+
+The plugin is switched on in-process with `enable()` (what TRL users do), so it
+needs no entry points (the GPU machine runs the repo without installing it;
+test_families.py runs one case with VLLM_PLUGINS set to exclude them), and
+`verify(llm)` fails the script unless every layer and the sampler are onpolicy's.
 """
 import json
 import os
@@ -18,7 +24,10 @@ def main():
     from vllm import LLM, SamplingParams
 
     import onpolicy
+    import onpolicy.vllm_plugin as plugin
     from onpolicy.tiny import make_tiny_model
+
+    plugin.enable()
 
     family, out = sys.argv[1], sys.argv[2]
     tied, eager = "--tied" in sys.argv, "--eager" in sys.argv
@@ -27,6 +36,7 @@ def main():
                            max_position_embeddings=512, overrides={"tie_word_embeddings": True} if tied else None)
     llm = LLM(model=str(path), dtype="bfloat16", max_model_len=512, seed=0, gpu_memory_utilization=0.3,
               logprobs_mode="processed_logprobs", enforce_eager=eager, **extra)
+    print("PLUGIN " + json.dumps(plugin.verify(llm)), flush=True)
     dev = "cuda" if torch.cuda.is_available() else "cpu"  # the trainer runs where vLLM runs
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).to(dev).eval()
     prompts = [[3] + [100 + (i * 37 + j * 13) % 900 for j in range(5 + i % 9)] for i in range(16)]

@@ -82,3 +82,97 @@ def test_weight_sync_then_bitwise_again(llm, model_dir):
             assert torch.equal(ls.view(torch.int32), lt.view(torch.int32))
     finally:
         push(list(original.items()))  # the engine is shared by the session
+
+
+# --- the post-load audit fails loudly when any piece is not onpolicy's ----------------------------------------------
+
+def test_verify_counts_every_layer(llm):
+    import onpolicy.vllm_plugin as plugin
+    from onpolicy.vllm_plugin import compat
+
+    n = compat.engine_model(llm).config.num_hidden_layers
+    counts = plugin.verify(llm)
+    assert counts["attention"] == n and counts["linear"] == 4 * n and counts["silu_and_mul"] == n
+    assert counts["norm"] == 4 * n + 1  # Qwen3: input, post-attention, q and k norm per layer; final norm
+    assert counts["lm_head"] == 1 and counts["logits_processor"] == 1 and counts["rope"] >= 1
+
+
+def _first(model, cls):
+    return next(m for m in model.modules() if isinstance(m, cls))
+
+
+def _audit_raises(model, match, hf_config=None):
+    from onpolicy.vllm_plugin import OnpolicyVllmError
+    from onpolicy.vllm_plugin.worker import audit_model
+
+    with pytest.raises(OnpolicyVllmError, match=match):
+        audit_model(model, hf_config)
+
+
+def test_audit_catches_a_vllm_norm(llm):
+    from vllm.model_executor.layers.layernorm import RMSNorm
+
+    from onpolicy.vllm_plugin import compat
+    from onpolicy.vllm_plugin.layers import OnpolicyOp
+
+    model = compat.engine_model(llm)
+    norm = next(m for m in model.modules() if isinstance(m, RMSNorm) and isinstance(m, OnpolicyOp))
+    ours = type(norm)
+    norm.__class__ = RMSNorm
+    try:
+        _audit_raises(model, r"not on onpolicy's kernels: .*\(RMSNorm\)")
+    finally:
+        norm.__class__ = ours
+
+
+def test_audit_catches_a_vllm_linear_method(llm):
+    from vllm.model_executor.layers.linear import LinearBase, UnquantizedLinearMethod
+
+    from onpolicy.vllm_plugin import compat
+
+    model = compat.engine_model(llm)
+    layer = _first(model, LinearBase)
+    ours = layer.quant_method
+    layer.quant_method = UnquantizedLinearMethod()
+    try:
+        _audit_raises(model, "method UnquantizedLinearMethod")
+    finally:
+        layer.quant_method = ours
+
+
+def test_audit_catches_a_vllm_attention_backend(llm):
+    from vllm.model_executor.layers.attention import Attention
+    from vllm.v1.attention.backend import AttentionBackend
+
+    from onpolicy.vllm_plugin import compat
+
+    model = compat.engine_model(llm)
+    layer = _first(model, Attention)
+    ours = layer.attn_backend
+    layer.attn_backend = AttentionBackend
+    try:
+        _audit_raises(model, "backend AttentionBackend")
+    finally:
+        layer.attn_backend = ours
+
+
+def test_audit_catches_missing_layers(llm):
+    """An audit that finds fewer of onpolicy's layers than the architecture has must fail (not pass silently)."""
+    from types import SimpleNamespace
+
+    from onpolicy.vllm_plugin import compat
+
+    model = compat.engine_model(llm)
+    cfg = SimpleNamespace(num_hidden_layers=model.config.num_hidden_layers + 1, model_type="qwen3")
+    _audit_raises(model, "did not find every layer", hf_config=cfg)
+
+
+def test_process_check_catches_a_missing_linear_config():
+    from types import SimpleNamespace
+
+    import onpolicy.vllm_plugin as plugin
+    from onpolicy.vllm_plugin.worker import check_process
+
+    plugin.enable()
+    with pytest.raises(plugin.OnpolicyVllmError, match="linear config is NoneType"):
+        check_process(SimpleNamespace(quant_config=None))

@@ -15,15 +15,21 @@ pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 SCRIPT = Path(__file__).with_name("family_check.py")
 
 
-@pytest.mark.parametrize("family, flags", [("qwen2", []), ("llama", []), ("qwen3", ["--tied"]),
-                                           ("qwen3", ["--eager"])],
-                         ids=["qwen2", "llama", "qwen3-tied", "qwen3-eager"])
-def test_family_bitwise(family, flags, tmp_path):
-    env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0")
+# qwen3-eager-no-entry-points: vLLM loads none of the installed plugins (VLLM_PLUGINS names
+# none of them), as on the GPU machine where onpolicy is not pip-installed: only the
+# in-process `enable()` path (re-classing the already-resolved platform) is left.
+@pytest.mark.parametrize("family, flags, env_extra",
+                         [("qwen2", [], {}), ("llama", [], {}), ("qwen3", ["--tied"], {}),
+                          ("qwen3", ["--eager"], {"VLLM_PLUGINS": "no-such-plugin"})],
+                         ids=["qwen2", "llama", "qwen3-tied", "qwen3-eager-no-entry-points"])
+def test_family_bitwise(family, flags, env_extra, tmp_path):
+    env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0", **env_extra)
     r = subprocess.run([sys.executable, str(SCRIPT), family, str(tmp_path), *flags], env=env, capture_output=True,
                        text=True, timeout=600)
     line = [ln for ln in r.stdout.splitlines() if ln.startswith("RESULT ")]
     assert r.returncode == 0 and line, r.stdout[-3000:] + r.stderr[-4000:]
+    audit = [ln for ln in r.stdout.splitlines() if ln.startswith("PLUGIN ")]
+    assert audit and json.loads(audit[0][len("PLUGIN "):])["attention"] > 0, r.stdout[-3000:]
     result = json.loads(line[0][len("RESULT "):])
     print(f"\n{family} {' '.join(flags)}: " + ", ".join(f"T={t}: {e}/{n} bitwise" for t, (e, n) in result.items()))
     for t, (equal, total) in result.items():

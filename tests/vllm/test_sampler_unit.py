@@ -120,3 +120,61 @@ def test_top_k_without_logprobs_samples_inside_the_top_k():
     top3 = logits.float().topk(3, dim=-1).indices
     tok = out.sampled_token_ids[:, 0].long()
     assert all(int(tok[i]) in top3[i].tolist() for i in range(2))
+
+
+# --- when the sampler refuses: the requests' parameters decide, not the tensors ---------------------------------------
+
+def _v2_states(top_k, top_p, min_p, num_logprobs, token_ids=None, vocab=V):
+    import numpy as np
+
+    arr = lambda v, dt: SimpleNamespace(np=np.asarray(v, dtype=dt))  # noqa: E731
+    states = SimpleNamespace(vocab_size=vocab, top_k=arr(top_k, np.int32), top_p=arr(top_p, np.float32),
+                             min_p=arr(min_p, np.float32), num_logprobs=np.asarray(num_logprobs, dtype=np.int32))
+    ids = None if token_ids is None else SimpleNamespace(num_token_ids=arr(token_ids, np.int32))
+    return states, ids
+
+
+@pytest.mark.parametrize("top_k, top_p, min_p, num_logprobs, token_ids, rows, expected", [
+    # defaults everywhere (what vLLM 0.26 stores for top_k=0/-1: vocab_size), logprobs requested: no mask, no error
+    ([V, V, V], [1.0, 1.0, 1.0], [0.0, 0.0, 0.0], [0, 5, -1], None, [0, 1, 2], (False, False)),
+    # row 2 masks but asks no logprobs; rows 0-1 ask logprobs without masking: sample masked, no error
+    ([V, V, 50], [1.0, 1.0, 0.9], [0.0, 0.0, 0.0], [0, 0, -1], None, [0, 1, 2], (True, False)),
+    # a request with top-p and logprobs: error
+    ([V, V], [1.0, 0.9], [0.0, 0.0], [-1, 0], None, [0, 1], (True, True)),
+    # min-p with explicit logprob token ids: error
+    ([V, V], [1.0, 1.0], [0.0, 0.1], [-1, -1], [0, 3], [0, 1], (True, True)),
+    # the masking request is not in this step's batch (idx mapping picks rows 0 and 2): nothing to do
+    ([V, 7, V], [1.0, 1.0, 1.0], [0.0, 0.0, 0.0], [0, 0, 0], None, [0, 2], (False, False)),
+])
+def test_v2_masking_decision_reads_request_parameters(top_k, top_p, min_p, num_logprobs, token_ids, rows, expected):
+    import numpy as np
+
+    from onpolicy.vllm_plugin.sampler import v2_masking_with_logprobs
+
+    states, ids = _v2_states(top_k, top_p, min_p, num_logprobs, token_ids)
+    assert v2_masking_with_logprobs(states, ids, np.asarray(rows)) == expected
+
+
+def test_default_parameters_with_logprobs_never_refuse():
+    """top_k/top_p None (vLLM's "no request uses it") and no min-p: no error, whatever the logits."""
+    s = _sampler("processed_logprobs")
+    logits = _logits(4, seed=5)
+    logits[0, :] = float("-inf")  # a row vLLM may hand over masked (e.g. grammar) must not trip the check
+    logits[0, 7] = 0.0
+    out = s(logits.clone(), _metadata([1.0, 0.7, 1.0, 1.3]))
+    assert out.sampled_token_ids[0, 0] == 7
+
+
+def test_warmup_requests_are_not_refused():
+    """vLLM's warm-up samples with top-k and logprobs; the worker marks the sampler while it runs."""
+    from onpolicy.vllm_plugin.worker import sampler_warmup
+
+    s = _sampler("processed_logprobs")
+    md = _metadata([0.9, 0.9], logprobs=5, top_k=torch.tensor([50, 50]))
+    with sampler_warmup(SimpleNamespace(sampler=s)):
+        s(_logits(2).clone(), md)
+    assert not s._onpolicy_warmup
+    from onpolicy.vllm_plugin import OnpolicyVllmError
+
+    with pytest.raises(OnpolicyVllmError, match="top-k / top-p / min-p"):
+        s(_logits(2).clone(), md)
