@@ -19,7 +19,7 @@ def test_recipe_is_bitwise_every_step_and_the_control_is_not(tmp_path):
     env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
     env.pop("ONPOLICY_VLLM", None)
     cmd = ["accelerate", "launch", "--config_file", "recipes/accelerate/cpu.yaml", "recipes/grpo.py",
-           "--config", "recipes/cpu_demo.yaml", "--max_steps", "3", "--sft_warmup_steps", "0",
+           "--config", "recipes/cpu_demo.yaml", "--max_steps", "3", "--sft_warmup_steps", "40",
            "--run_dir", str(tmp_path), "--report_to", "none"]
     r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
     assert r.returncode == 0, (r.stdout[-3000:], r.stderr[-5000:])
