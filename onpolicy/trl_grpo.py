@@ -159,8 +159,8 @@ def make_trainer_class():
                 raise ValueError("OnPolicyGRPOTrainer compares vLLM's sampled logprobs with the trainer's: "
                                  "pass args=GRPOConfig(use_vllm=True, ...)")
             if cfg.vllm_mode != "colocate":
-                raise NotImplementedError("OnPolicyGRPOTrainer supports vllm_mode='colocate'; for server mode start "
-                                          "the server with ONPOLICY_VLLM=1 (see README)")
+                raise NotImplementedError("OnPolicyGRPOTrainer supports vllm_mode='colocate' only so far "
+                                          "(server mode is not supported yet)")
             # TRL computes the trainer's old logprobs and compares them with vLLM's only with this on; with
             # onpolicy the ratio is exactly 1, so the correction changes nothing.
             cfg.vllm_importance_sampling_correction = True
