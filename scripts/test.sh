@@ -12,13 +12,14 @@ for a in "${areas[@]}"; do
   log=$(mktemp)
   python -m pytest "$a" "$@" 2>&1 | tee "$log"
   rc=${PIPESTATUS[0]}
-  if [ "$rc" -ge 128 ]; then
-    # A native crash (seen rarely on CPU, root cause under investigation: see the closing note
-    # of this session). Say so loudly and rerun the area once; a second crash fails the suite.
-    echo "!!! $a: pytest died with signal $((rc - 128)); rerunning this area once"
+  for retry in 1 2; do
+    # A native crash (seen intermittently on CPU, root cause not found yet: see the project's
+    # open notes). Say so loudly and rerun the area, at most twice; a third crash fails the suite.
+    [ "$rc" -ge 128 ] || break
+    echo "!!! $a: pytest died with signal $((rc - 128)); rerunning this area ($retry of 2)"
     python -m pytest "$a" "$@" 2>&1 | tee "$log"
     rc=${PIPESTATUS[0]}
-  fi
+  done
   line=$(grep -E "^=+ .*(passed|failed|error).* in [0-9.]+s" "$log" | tail -1)
   p=$(echo "$line" | grep -oE "[0-9]+ passed" | grep -oE "[0-9]+"); f=$(echo "$line" | grep -oE "[0-9]+ failed" | grep -oE "[0-9]+")
   e=$(echo "$line" | grep -oE "[0-9]+ error" | grep -oE "[0-9]+"); s=$(echo "$line" | grep -oE "[0-9]+ skipped" | grep -oE "[0-9]+")
