@@ -1,15 +1,10 @@
-"""Test session set-up shared by every test.
+"""Test session set-up shared by every test: vLLM runs in-process, nothing reaches a hub.
 
-On a machine without a GPU, Triton runs under its interpreter: the variable
-must be set before triton (or onpolicy_kernels) is first imported. vLLM runs
-in-process.
+TRITON_INTERPRET is set only for the kernel tests (tests/kernels/conftest.py), which
+test the Triton kernels on the CPU; everything else runs the CPU path without it.
 """
 import os
 
-import torch
-
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
