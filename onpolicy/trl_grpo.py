@@ -121,7 +121,10 @@ def weights_fingerprint(model: torch.nn.Module) -> str:
     h = hashlib.sha1()
     with torch.no_grad():
         for p in model.parameters():
-            flat = p.detach().reshape(-1)
+            p = p.detach()
+            if hasattr(p, "to_local"):  # FSDP2 / DTensor: this rank's shard (no collective from one rank)
+                p = p.to_local()
+            flat = p.reshape(-1)
             h.update(flat[:: max(1, flat.numel() // 64)].float().cpu().numpy().tobytes())
     return h.hexdigest()[:16]
 
@@ -164,6 +167,9 @@ def make_trainer_class():
             # TRL computes the trainer's old logprobs and compares them with vLLM's only with this on; with
             # onpolicy the ratio is exactly 1, so the correction changes nothing.
             cfg.vllm_importance_sampling_correction = True
+            if onpolicy != "off" and getattr(cfg, "vllm_tensor_parallel_size", 1) not in (1, 2):
+                raise ValueError(f"vllm_tensor_parallel_size={cfg.vllm_tensor_parallel_size} is not supported with "
+                                 "onpolicy: use 1 or 2 (the trainer mirrors the TP=2 all-reduce bitwise)")
             self.onpolicy_mode = onpolicy
             plugin = None if onpolicy == "off" else "1"
             cpu_control = onpolicy == "off" and not torch.cuda.is_available()
@@ -180,9 +186,10 @@ def make_trainer_class():
                 gen.sync_weights = sync_and_repack
             self._check_dtypes()
             if onpolicy != "off":
+                tp = int(getattr(cfg, "vllm_tensor_parallel_size", 1) or 1)
                 for m in (self.model, getattr(self, "ref_model", None)):
                     if m is not None:
-                        patch_model(m)
+                        patch_model(m, tensor_parallel_size=tp)  # mirrors vLLM's TP reductions (1 or 2)
                         add_onpolicy_lm_head(m, self.temperature)
             self.onpolicy_log = RunLog(run_dir or cfg.output_dir)
             self._onpolicy_step = 0

@@ -12,6 +12,16 @@ removed, like vLLM's flattened batch), every layer is
 
 and the final norm is fused with the last residual. Only views, splits and
 copies happen between the kernels, so no other rounding can creep in.
+
+Tensor parallelism: a vLLM engine with tensor_parallel_size=2 computes each
+row-parallel layer (o_proj, down_proj) as two half-K partial matmuls, one per
+GPU, each rounded to the model dtype, then all-reduces them: one rounded
+addition. Its vocab-parallel embedding adds a zero from the other rank to each
+row. The patched forward reproduces both when the model is patched with
+`tensor_parallel_size=2` (see `row_parallel_linear`); column-parallel layers,
+attention heads and the vocab-parallel LM head need nothing, because onpolicy's
+kernels give every output element the same bits however the N dimension is
+split. docs/tensor-parallel.md has the design.
 """
 from __future__ import annotations
 
@@ -23,6 +33,41 @@ import torch
 import onpolicy_kernels as K
 
 PAGE = 16  # page size used to view contiguous K/V as a paged cache (decode with an HF cache)
+SUPPORTED_TP = (1, 2)
+
+
+def check_tp(tp: int) -> int:
+    """Validate a tensor-parallel size the trainer can mirror bitwise."""
+    if not isinstance(tp, int) or isinstance(tp, bool) or tp not in SUPPORTED_TP:
+        raise ValueError(
+            f"tensor_parallel_size={tp!r} is not supported: onpolicy mirrors vLLM's tensor parallelism bitwise "
+            "for sizes 1 and 2 (beyond two ranks the all-reduce's summation order and precision depend on the "
+            "all-reduce algorithm); run vLLM with tensor_parallel_size 1 or 2")
+    return tp
+
+
+def row_parallel_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], tp: int) -> torch.Tensor:
+    """What a vLLM RowParallelLinear computes with `tp` ranks, in one process.
+
+    Rank r multiplies its K-slice of the input by its K-slice of the weight
+    (onpolicy `linear`, output in the model dtype; the bias only on rank 0),
+    and the all-reduce adds the partial outputs. With two ranks that is one
+    correctly rounded addition, whatever the all-reduce algorithm (NCCL, vLLM's
+    custom all-reduce, the CPU's shared-memory one): round(p0 + p1), which is
+    what the model-dtype `+` below computes.
+    """
+    if tp == 1:
+        return K.linear(x, weight, bias)
+    k = x.shape[-1]
+    if k % tp:
+        raise ValueError(f"input size {k} does not split into {tp} tensor-parallel ranks")
+    s = k // tp
+    out = None
+    for r in range(tp):
+        part = K.linear(x[:, r * s:(r + 1) * s].contiguous(), weight[:, r * s:(r + 1) * s].contiguous(),
+                        bias if r == 0 else None)
+        out = part if out is None else out + part
+    return out
 
 
 @dataclass
@@ -37,6 +82,7 @@ class TokenPlan:
     past_len: int = 0
     cache: object = None
     tap: Optional[Callable[[str, torch.Tensor], None]] = None  # `onpolicy check` records activations here
+    tp: int = 1  # vLLM tensor-parallel size the forward mirrors (row_parallel_linear)
 
     def record(self, name: str, t: torch.Tensor) -> torch.Tensor:
         if self.tap is not None:
@@ -133,7 +179,8 @@ def attention_forward(self, x: torch.Tensor, plan: TokenPlan) -> torch.Tensor:
         seq_lens = torch.full((B,), S, dtype=torch.int32, device=x.device)
         o = attention(q, kp, vp, table, plan.cu_seqlens, seq_lens, self.scaling)
     o = plan.record(f"{name}.attn", o.reshape(T, -1))
-    return plan.record(f"{name}.o_proj", K.linear(o, self.o_proj.weight, self.o_proj.bias))
+    out = row_parallel_linear(o, self.o_proj.weight, self.o_proj.bias, plan.tp)
+    return plan.record(f"{name}.o_proj", out)
 
 
 def mlp_forward(self, x: torch.Tensor, plan: Optional[TokenPlan] = None, name: str = "mlp") -> torch.Tensor:
@@ -141,7 +188,7 @@ def mlp_forward(self, x: torch.Tensor, plan: Optional[TokenPlan] = None, name: s
     up = K.linear(x, self.up_proj.weight, self.up_proj.bias)
     gate_up = torch.cat([gate, up], dim=-1)
     act = K.silu_and_mul(gate_up)
-    out = K.linear(act, self.down_proj.weight, self.down_proj.bias)
+    out = row_parallel_linear(act, self.down_proj.weight, self.down_proj.bias, plan.tp if plan is not None else 1)
     if plan is not None and plan.tap is not None:
         plan.record(f"{name}.gate_up_proj", gate_up)
         plan.record(f"{name}.act_fn", act)
@@ -170,7 +217,10 @@ def packed_hidden(model, input_ids=None, attention_mask=None, position_ids=None,
     """Run the patched base model; returns (final hidden [T, hidden] packed, plan, cache)."""
     if (input_ids is None) == (inputs_embeds is None):
         raise ValueError("give exactly one of input_ids or inputs_embeds")
+    tp = getattr(model, "_onpolicy_tp", 1)
     emb = model.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+    if tp > 1 and inputs_embeds is None:
+        emb = emb + 0.0  # vLLM's vocab-parallel lookup all-reduces with the other ranks' zeros (-0.0 -> +0.0)
     B, L = emb.shape[:2]
     if use_cache and past_key_values is None:
         from transformers import DynamicCache
@@ -179,6 +229,7 @@ def packed_hidden(model, input_ids=None, attention_mask=None, position_ids=None,
     past_len = past_key_values.get_seq_length() if past_key_values is not None else 0
     plan = plan_tokens(B, L, attention_mask, position_ids, past_len, emb.device)
     plan.tap = tap
+    plan.tp = tp
     if past_key_values is not None:
         if attention_mask is not None and not bool(attention_mask.bool().all()):
             raise NotImplementedError("onpolicy's patched forward supports a KV cache only for unpadded batches")

@@ -61,6 +61,7 @@ def token_logprobs(
     logits_to_keep: Optional[int] = None,
     position_ids: Optional[torch.Tensor] = None,
     chunk_rows: int = 2048,
+    tensor_parallel_size: Optional[int] = None,
 ) -> torch.Tensor:
     """Logprobs of each token given the tokens before it, in fp32.
 
@@ -73,7 +74,8 @@ def token_logprobs(
     the onpolicy vLLM adapter computes them, bitwise. Entries whose token or
     predecessor is padding (attention_mask 0) hold 0.0. Differentiable (the
     backward uses standard kernels). The model is patched for the call if it
-    is not already.
+    is not already. tensor_parallel_size: that of the vLLM engine that sampled
+    (1 or 2), so the forward reproduces its sharded reductions.
     """
     if input_ids.dim() != 2:
         raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
@@ -83,7 +85,7 @@ def token_logprobs(
         raise ValueError(f"logits_to_keep must be in [1, {L - 1}] for sequences of length {L}, got {k}")
     score = torch.zeros(B, L - 1, dtype=torch.bool, device=input_ids.device)
     score[:, L - 1 - k :] = True
-    with patched(model):
+    with patched(model, tensor_parallel_size):
         lp, _ = score_tokens(model, input_ids, attention_mask, position_ids, score, temperature,
                              chunk_rows=chunk_rows)
     return lp[:, L - 1 - k :]

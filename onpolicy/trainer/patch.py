@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import types
+from typing import Optional
 
 import torch
 
@@ -40,16 +41,27 @@ def _parts(model):
     return base, head
 
 
-def patch_model(model: torch.nn.Module) -> torch.nn.Module:
-    """Patch `model` in place (idempotent: patching twice is a no-op); returns it."""
+def patch_model(model: torch.nn.Module, tensor_parallel_size: Optional[int] = None) -> torch.nn.Module:
+    """Patch `model` in place (idempotent: patching twice is a no-op); returns it.
+
+    tensor_parallel_size: the vLLM engine's tensor-parallel size the forward
+    must mirror (1 or 2; see forward.row_parallel_linear). None keeps the size
+    of an enclosing patch, else 1.
+    """
     state = getattr(model, _STATE, None)
     if state is not None:
+        if tensor_parallel_size is not None and tensor_parallel_size != state["tp"]:
+            raise ValueError(f"the model is already patched for tensor_parallel_size={state['tp']}; unpatch it "
+                             f"before patching for {tensor_parallel_size}")
         state["depth"] += 1
         return model
+    tp = F.check_tp(1 if tensor_parallel_size is None else tensor_parallel_size)
     fam = check_supported(model.config, next(model.parameters()).dtype)
     base, head = _parts(model)
     cache = cos_sin_cache_for(model.config).to(next(model.parameters()).device)
     saved: list = []
+    attrs: list = [(base, "_onpolicy_tp")]  # attributes set on modules, removed by unpatch
+    base._onpolicy_tp = tp
     _bind(base, F.base_model_forward, saved)
     _bind(head, F.lm_head_forward, saved)
     for layer in base.layers:
@@ -59,8 +71,9 @@ def patch_model(model: torch.nn.Module) -> torch.nn.Module:
         if fam.qk_norm != (getattr(attn, "q_norm", None) is not None):
             raise TypeError(f"{fam.name} attention module does not have the expected q/k norm layout")
         attn._onpolicy_cos_sin = cache
-        saved.append((attn, None))  # marks the cache attribute for removal
-    object.__setattr__(model, _STATE, {"saved": saved, "depth": 1, "family": fam})
+        attrs.append((attn, "_onpolicy_cos_sin"))
+    object.__setattr__(model, _STATE, {"saved": saved, "attrs": attrs, "depth": 1, "family": fam,
+                                     "tp": tp})
     return model
 
 
@@ -72,9 +85,10 @@ def unpatch_model(model: torch.nn.Module, force: bool = False) -> torch.nn.Modul
     state["depth"] -= 1
     if state["depth"] > 0 and not force:
         return model
+    for module, attr in state["attrs"]:
+        if attr in module.__dict__:
+            delattr(module, attr)
     for module, fwd in reversed(state["saved"]):
-        if hasattr(module, "_onpolicy_cos_sin"):
-            del module._onpolicy_cos_sin
         if "forward" in module.__dict__:
             del module.forward
         if fwd is not None:
@@ -83,10 +97,16 @@ def unpatch_model(model: torch.nn.Module, force: bool = False) -> torch.nn.Modul
     return model
 
 
+def tensor_parallel_size(model: torch.nn.Module) -> int:
+    """The tensor-parallel size a patched model mirrors (1 when not patched)."""
+    state = getattr(model, _STATE, None)
+    return 1 if state is None else state["tp"]
+
+
 @contextlib.contextmanager
-def patched(model: torch.nn.Module):
+def patched(model: torch.nn.Module, tensor_parallel_size: Optional[int] = None):
     """`with patched(model): ...` runs the model on onpolicy's kernels, restoring it after (nests)."""
-    patch_model(model)
+    patch_model(model, tensor_parallel_size)
     try:
         yield model
     finally:

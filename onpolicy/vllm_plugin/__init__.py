@@ -5,8 +5,9 @@ SiLU-mul, rotary embedding, linear layer (QKV, gate/up, o, down, LM head) and th
 attention of a supported model run on `onpolicy_kernels`, and the sampler's
 logprobs come from `onpolicy_kernels.log_softmax` -- the same kernels the trainer
 (`onpolicy.token_logprobs`) runs, so sampler and trainer logprobs are bitwise
-equal. Supported: Qwen3ForCausalLM, Qwen2ForCausalLM, LlamaForCausalLM, one GPU
-(or the CPU), unquantized. Anything else fails when the engine is built.
+equal. Supported: Qwen3ForCausalLM, Qwen2ForCausalLM, LlamaForCausalLM, unquantized, on one GPU
+(or the CPU) or with tensor_parallel_size=2 (the trainer mirrors the sharded
+reductions: patch_model(..., tensor_parallel_size=2)). Anything else fails when the engine is built.
 
 Enable it with the environment variable ``ONPOLICY_VLLM=1`` (read by both entry
 points, so child processes inherit it), or call `enable()` before ``LLM(...)``.
@@ -87,6 +88,13 @@ def verify(llm) -> dict:
                                 "before LLM(...) (ONPOLICY_VLLM=1 alone needs the entry points installed)")
     engine = llm.llm_engine
     worker.check_process(getattr(engine, "vllm_config", None))
+    if compat.engine_runner(llm) is None:  # workers in other processes (tensor parallel, multiprocess engine)
+        per_rank = llm.collective_rpc(worker.audit_in_worker)
+        if not per_rank or any(not isinstance(c, dict) for c in per_rank):
+            raise OnpolicyVllmError(f"the engine's workers did not report an onpolicy audit: {per_rank!r}")
+        if any(c != per_rank[0] for c in per_rank):
+            raise OnpolicyVllmError(f"the engine's workers report different layer counts: {per_rank!r}")
+        return per_rank[0]
     model = compat.engine_model(llm)
     counts = worker.audit_model(model, getattr(getattr(engine, "model_config", None), "hf_config", None))
     runner = compat.engine_runner(llm)

@@ -57,6 +57,30 @@ def check_model(model_config) -> None:
         raise OnpolicyVllmError(f"logprobs_mode={mode!r} is not supported; use one of {SUPPORTED_LOGPROBS_MODES}")
 
 
+# torch.compile passes that would fuse or reorder the tensor-parallel all-reduce (with the norms or the
+# matmuls), changing the rounding the trainer mirrors; switched off when tensor_parallel_size > 1.
+COLLECTIVE_PASSES = ("enable_sp", "fuse_gemm_comms", "fuse_allreduce_rms",  # vLLM 0.26-0.32 names
+                     "enable_sequence_parallelism", "enable_async_tp", "enable_fi_allreduce_fusion")  # older names
+
+
+def keep_collectives_plain(vllm_config) -> list[str]:
+    """Pin off the compile passes that fuse the TP all-reduce; returns those that were on.
+
+    Set to False even when unset (None), so a later default (by optimization level) cannot turn them on.
+    """
+    pc = getattr(getattr(vllm_config, "compilation_config", None), "pass_config", None)
+    off = []
+    for name in COLLECTIVE_PASSES:
+        if pc is not None and hasattr(pc, name):
+            if getattr(pc, name):
+                off.append(name)
+            setattr(pc, name, False)
+    if off:
+        logger.warning("onpolicy: switched off compile passes %s (they fuse the tensor-parallel all-reduce into "
+                       "other ops, which the trainer does not mirror)", off)
+    return off
+
+
 def configure(vllm_config) -> None:
     """Check the engine config and install onpolicy's linear config and worker."""
     mc = vllm_config.model_config
@@ -71,10 +95,13 @@ def configure(vllm_config) -> None:
         "decode_context_parallel_size": getattr(pc, "decode_context_parallel_size", 1),
         "prefill_context_parallel_size": getattr(pc, "prefill_context_parallel_size", 1),
     }
-    too_big = {k: v for k, v in sizes.items() if v not in (None, 1)}
+    too_big = {k: v for k, v in sizes.items() if v not in (None, 1) and not (k == "tensor_parallel_size" and v == 2)}
     if too_big:
-        raise OnpolicyVllmError(f"model parallelism is not supported yet ({too_big}): the trainer's full matmuls "
-                                "would not give the bits of sharded ones")
+        raise OnpolicyVllmError(f"this parallelism is not supported ({too_big}): onpolicy mirrors tensor_parallel_size "
+                                "1 or 2 in the trainer (pass tensor_parallel_size=2 to patch_model/token_logprobs), "
+                                "and no pipeline or context parallelism")
+    if sizes["tensor_parallel_size"] == 2:
+        keep_collectives_plain(vllm_config)
     if getattr(vllm_config, "speculative_config", None) is not None:
         raise OnpolicyVllmError("speculative decoding is not supported")
     if getattr(vllm_config, "lora_config", None) is not None:

@@ -77,6 +77,21 @@ def after_load(worker) -> None:
                 ", ".join(f"{k} {v}" for k, v in counts.items()))
 
 
+def audit_in_worker(worker) -> dict[str, int]:
+    """Run inside a vLLM worker (through `LLM.collective_rpc`): audit its model and sampler, return the counts."""
+    from .sampler import OnpolicySamplerMixin
+
+    runner = worker.model_runner
+    model = runner.get_model() if hasattr(runner, "get_model") else runner.model
+    vllm_config = getattr(worker, "vllm_config", None)
+    check_process(vllm_config)
+    counts = audit_model(model, getattr(getattr(vllm_config, "model_config", None), "hf_config", None))
+    if not isinstance(compat.runner_sampler(runner), OnpolicySamplerMixin):
+        raise OnpolicyVllmError(f"the worker's sampler is {type(compat.runner_sampler(runner)).__name__}, "
+                                "not onpolicy's")
+    return counts
+
+
 def check_process(vllm_config) -> None:
     """Raise unless this process's platform and the engine's linear config are onpolicy's."""
     import vllm.platforms as vp

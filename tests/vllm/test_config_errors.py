@@ -20,11 +20,25 @@ PREFIX = "onpolicy vLLM plugin: "
         ({"attention_config": {"backend": "CPU_ATTN"}}, "attention backend CPU_ATTN was requested"),
         ({"logprobs_mode": "processed_logits"}, "logprobs_mode='processed_logits' is not supported"),
         ({"kv_cache_dtype": "fp8"}, "kv_cache_dtype='fp8' is not supported"),
+        ({"tensor_parallel_size": 4}, "this parallelism is not supported ({'tensor_parallel_size': 4})"),
+        ({"pipeline_parallel_size": 2}, "this parallelism is not supported ({'pipeline_parallel_size': 2})"),
     ],
 )
 def test_rejected_settings(model_dir, overrides, match):
     with pytest.raises(ValueError, match=PREFIX + ".*" + match.replace("(", r"\(").replace(")", r"\)")):
         make_llm(model_dir, **overrides)
+
+
+def test_tp2_pins_collective_fusions_off():
+    """At TP=2 the compile passes that fuse the all-reduce with norms or matmuls are pinned off."""
+    from types import SimpleNamespace
+
+    from onpolicy.vllm_plugin.config import keep_collectives_plain
+
+    pc = SimpleNamespace(fuse_allreduce_rms=True, enable_sp=None, fuse_gemm_comms=False, fuse_norm_quant=True)
+    cfg = SimpleNamespace(compilation_config=SimpleNamespace(pass_config=pc))
+    assert keep_collectives_plain(cfg) == ["fuse_allreduce_rms"]
+    assert (pc.fuse_allreduce_rms, pc.enable_sp, pc.fuse_gemm_comms, pc.fuse_norm_quant) == (False, False, False, True)
 
 
 def test_forced_custom_backend_is_accepted_by_the_check():

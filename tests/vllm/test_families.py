@@ -34,3 +34,21 @@ def test_family_bitwise(family, flags, env_extra, tmp_path):
     print(f"\n{family} {' '.join(flags)}: " + ", ".join(f"T={t}: {e}/{n} bitwise" for t, (e, n) in result.items()))
     for t, (equal, total) in result.items():
         assert equal == total and total == 256, f"T={t}: {equal}/{total}"
+
+
+def test_tensor_parallel_2_bitwise(tmp_path):
+    """vLLM with tensor_parallel_size=2 (two worker processes, one CPU core each; each o_proj and
+    down_proj sums two half-K partial matmuls in an all-reduce) == the trainer mirroring it
+    (tensor_parallel_size=2), bitwise; a trainer that does not mirror it differs."""
+    env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0")
+    r = subprocess.run([sys.executable, str(SCRIPT), "qwen3", str(tmp_path), "--eager", "--tp", "2"], env=env,
+                       capture_output=True, text=True, timeout=600)
+    lines = {ln.split(" ", 1)[0]: json.loads(ln.split(" ", 1)[1]) for ln in r.stdout.splitlines()
+             if ln.startswith(("RESULT ", "RESULT_TP1 ", "PLUGIN "))}
+    assert r.returncode == 0 and "RESULT" in lines, r.stdout[-3000:] + r.stderr[-4000:]
+    assert lines["PLUGIN"]["linear"] > 0
+    print("\nTP=2: " + ", ".join(f"T={t}: {e}/{n} bitwise (trainer without TP mirror: {lines['RESULT_TP1'][t][0]}/{n})"
+                                 for t, (e, n) in lines["RESULT"].items()))
+    for t, (equal, total) in lines["RESULT"].items():
+        assert equal == total and total == 256, f"T={t}: {equal}/{total}"
+        assert lines["RESULT_TP1"][t][0] < total, "the TP=1 trainer matched too: the TP=2 reduction was not exercised"
