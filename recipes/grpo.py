@@ -138,7 +138,14 @@ def summary(paths):
                           f"{r['logp_abs_diff_max']:.2e}", f"{r['kl_k3']:.2e}",
                           f"{r['is_ratio_min']:.6g}..{r['is_ratio_max']:.6g}",
                           "-" if r.get("reward_mean") is None else f"{r['reward_mean']:.3f}")
-    Console().print(table)
+    console = Console()
+    console.print(table)
+    for name, p in paths:
+        times = [json.loads(line)["time"] for line in Path(p).read_text().splitlines()]
+        gaps = sorted(b - a for a, b in zip(times, times[1:]))
+        if gaps:  # one gap = one optimizer step + the next generation (the first step's warm-up excluded)
+            console.print(f"{name}: step time {gaps[len(gaps) // 2]:.3f} s (median of {len(gaps)} steps after the "
+                          f"first; min {gaps[0]:.3f}, max {gaps[-1]:.3f})")
 
 
 def main(argv=None):

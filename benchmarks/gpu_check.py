@@ -1,0 +1,57 @@
+"""`onpolicy check` at the Qwen3-1.7B shape on the GPU machine (issue 10), three ways.
+
+    python3 benchmarks/gpu_check.py MODEL_DIR OUT_DIR [--tp 2]
+
+1. plugin on: `onpolicy check --model M --prompts 64 --max-tokens 32 --json` (must be 100%);
+2. plugin on, trainer perturbed (layer 13's post-attention norm epsilon) through run_check's
+   trainer_hook: the divergence must name layers.13.post_attention_layernorm;
+3. plugin off (`--off`): plain vLLM vs plain transformers, the first diverging layer.
+Each runs in its own process (a vLLM plugin is process-global). Prints one RESULT line each.
+With --tp 2 only (1) runs, at tensor_parallel_size=2.
+"""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import time
+
+PERTURB = textwrap.dedent("""
+    import json, sys
+    from onpolicy.check import run_check, load_trainer
+    m = sys.argv[1]
+    def perturb(model):
+        model.model.layers[13].post_attention_layernorm.variance_epsilon = 1e-2
+    r = run_check(m, prompts=16, max_tokens=32, trainer=load_trainer(m, True), trainer_hook=perturb)
+    print(json.dumps({"metrics": r.metrics, "divergence": r.divergence, "notes": r.notes}))
+""")
+
+
+def run(name, cmd, out):
+    t = time.time()
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    with open(os.path.join(out, f"check_{name}.log"), "w") as f:
+        f.write(r.stdout + "\n---- stderr\n" + r.stderr)
+    last = [ln for ln in r.stdout.splitlines() if ln.startswith("{")]
+    res = json.loads(last[-1]) if last else {"error": r.stderr[-2000:]}
+    m, d = res.get("metrics", {}), res.get("divergence")
+    print(f"RESULT {name}: exit {r.returncode}, {time.time() - t:.0f} s, tokens {m.get('tokens')}, bitwise "
+          f"{m.get('bitwise_equal_frac')}, mean |dlogp| {m.get('logp_abs_diff_mean')}, max {m.get('logp_abs_diff_max')}"
+          f", divergence {json.dumps(d)}" + (f" ERROR {res['error'][-800:]}" if "error" in res else ""), flush=True)
+
+
+def main():
+    model, out = sys.argv[1], sys.argv[2]
+    os.makedirs(out, exist_ok=True)
+    cli = [sys.executable, "-m", "onpolicy.cli", "check", "--model", model, "--prompts", "64", "--max-tokens", "32",
+           "--json"]
+    if "--tp" in sys.argv:
+        run("on_tp2", cli + ["--tp", sys.argv[sys.argv.index("--tp") + 1]], out)
+        return
+    run("on", cli, out)
+    run("perturbed", [sys.executable, "-c", PERTURB, model], out)
+    run("off", cli + ["--off"], out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# GPU session for issues 6, 7, 10, 11 (after `source .gpu/b/setup.sh` or `source /tmp/gpu-site/setup.sh`).
+#   PARTS="check recipe determinism" bash benchmarks/gpu_session3.sh        # one GPU
+#   PARTS="tp2check tp2recipe" bash benchmarks/gpu_session3.sh              # two GPUs
+set -u
+source benchmarks/gpu_env.sh
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+M=/tmp/q3
+[ -d $M ] || python3 benchmarks/gpu_vllm.py make $M 2>&1 | tail -1
+nvidia-smi --query-gpu=name --format=csv,noheader
+for part in ${PARTS-check recipe}; do
+  echo "== $part ($(date +%T))"
+  case $part in
+    check) timeout 900 python3 benchmarks/gpu_check.py $M "$OUT" ;;
+    tp2check) timeout 600 python3 benchmarks/gpu_check.py $M "$OUT" --tp 2 ;;
+    recipe|tp2recipe)
+      if [ $part = recipe ]; then acc=single_gpu; extra=""; else acc=fsdp2; extra="--vllm_tensor_parallel_size 2"; fi
+      timeout 1200 accelerate launch --config_file recipes/accelerate/$acc.yaml recipes/grpo.py \
+        --config recipes/gpu_qwen3_1p7b.yaml --model $M --run_dir "$OUT/$part" $extra > "$OUT/$part.log" 2>&1
+      echo "exit $?"; grep -E "│|step time|Error|error:" "$OUT/$part.log" | grep -v Warning | tail -30 ;;
+    determinism)
+      timeout 1500 python3 -m onpolicy.cli bench determinism --model $M --n ${N:-1000} --max-tokens 200 \
+        --concurrency ${CONC:-64} --json > "$OUT/determinism.json" 2> "$OUT/determinism.log"
+      echo "exit $?"; tail -c 3000 "$OUT/determinism.json"; grep -E "Error|error" "$OUT/determinism.log" | tail -5 ;;
+  esac
+done
+echo "== done ($(date +%T))"
