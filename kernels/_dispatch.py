@@ -11,6 +11,18 @@ from __future__ import annotations
 import os
 
 import torch
+from torch._library.custom_ops import OPDEFS
+
+if __name__ != "onpolicy_kernels._dispatch":
+    # This folder is also importable as the top-level package `kernels` wherever the
+    # checkout's root is on sys.path (`python -m pytest`, `python -m onpolicy.cli` or
+    # `python -c` run there) -- and transformers imports `kernels` when it probes for
+    # Hugging Face's package of that name. Let the real package define the ops first,
+    # so that the second copy only finds them (see `custom_op`).
+    try:
+        import onpolicy_kernels  # noqa: F401
+    except ImportError:  # not installed: this copy is the only one
+        pass
 
 _VALID = ("auto", "cpu", "triton")
 
@@ -27,6 +39,45 @@ def use_triton(x: torch.Tensor) -> bool:
     if b == "auto":
         return x.is_cuda
     return b == "triton"
+
+
+class _Defined:
+    """An op this process already defined: calls it; a second copy's registrations are dropped."""
+
+    def __init__(self, opdef):
+        self._opdef = opdef
+
+    def __call__(self, *args, **kwargs):
+        return self._opdef(*args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self._opdef, name)
+
+    def register_fake(self, fn, /):
+        return fn
+
+    def register_autograd(self, backward, /, *, setup_context=None):
+        return None
+
+
+def custom_op(name: str, *, mutates_args):
+    """`torch.library.custom_op`, defined at most once per process.
+
+    Defining an op again (these modules run a second time when the package is also
+    imported as `kernels`, see above, or on a reload) makes torch destroy the first
+    definition: the dispatcher entry is freed while every op object bound before
+    (torch.ops.onpolicy.*, the functions of the first import) still points at it. Calls
+    through them then read freed memory -- intermittent segfaults, std::bad_alloc,
+    "schema for '' not registered". So a second definition gets the first one.
+    """
+
+    def define(fn):
+        opdef = OPDEFS.get(name)
+        if opdef is not None:
+            return _Defined(opdef)
+        return torch.library.custom_op(name, mutates_args=mutates_args)(fn)
+
+    return define
 
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)

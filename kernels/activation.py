@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from ._cpu import chunked
-from ._dispatch import check_float, use_triton
+from ._dispatch import check_float, custom_op, use_triton
 from ._triton import HAS_TRITON, require_triton, tl, triton
 
 if HAS_TRITON:
@@ -47,7 +47,7 @@ def _cpu(x):
     return (g / (1.0 + chunked(torch.exp, -g)) * u).to(x.dtype).contiguous()
 
 
-@torch.library.custom_op("onpolicy::silu_and_mul", mutates_args=())
+@custom_op("onpolicy::silu_and_mul", mutates_args=())
 def _silu_and_mul_op(x: torch.Tensor) -> torch.Tensor:
     return _triton(x) if use_triton(x) else _cpu(x)
 

@@ -64,7 +64,7 @@ from typing import Optional
 import torch
 
 from ._cpu import ROW_TILE, chunked, next_pow2, round_up
-from ._dispatch import check_float, use_triton
+from ._dispatch import check_float, custom_op, use_triton
 from ._triton import HAS_TRITON, require_triton, tl, triton
 
 KV_TILE = 64  # key positions per online-softmax step: fixed, part of the bits.
@@ -401,7 +401,7 @@ def _attention_impl(q, k_cache, v_cache, block_table, cu_q, seq_lens, scale, cau
     return _attention_cpu(q, k_cache, v_cache, block_table, cu_q, seq_lens, scale, causal)
 
 
-@torch.library.custom_op("onpolicy::attention", mutates_args=())
+@custom_op("onpolicy::attention", mutates_args=())
 def _attention_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,
                   cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor, scale: float, causal: bool) -> torch.Tensor:
     return _attention_impl(q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens, scale, causal)
@@ -449,7 +449,7 @@ def _copy_to_pages(k, v, cu_seqlens, bsz=16):
     return kc.view(total, bsz, Hkv, D), vc.view(total, bsz, Hkv, D), block_table, lens.to(torch.int32)
 
 
-@torch.library.custom_op("onpolicy::attention_contiguous", mutates_args=())
+@custom_op("onpolicy::attention_contiguous", mutates_args=())
 def _attention_contiguous_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
                              scale: float) -> torch.Tensor:
     kc, vc, bt, seq_lens = _as_pages(k, v, cu_seqlens)
@@ -522,7 +522,7 @@ def _backward_contig(ctx, g):
 _attention_contiguous_op.register_autograd(_backward_contig, setup_context=_setup_contig)
 
 
-@torch.library.custom_op("onpolicy::reshape_and_cache", mutates_args=("k_cache", "v_cache"))
+@custom_op("onpolicy::reshape_and_cache", mutates_args=("k_cache", "v_cache"))
 def _reshape_and_cache_op(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                           slot_mapping: torch.Tensor) -> None:
     T, H, D = key.shape

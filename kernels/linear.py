@@ -24,7 +24,7 @@ from typing import Optional
 import torch
 
 from ._cpu import tiled_matmul
-from ._dispatch import check_float, check_same, use_triton
+from ._dispatch import check_float, check_same, custom_op, use_triton
 from ._triton import HAS_TRITON, require_triton, tl, triton
 
 # A tile configuration is (max M, BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)
@@ -295,7 +295,7 @@ def linear_cpu(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor]) -> t
     return tiled_matmul(x, w, b).to(x.dtype)
 
 
-@torch.library.custom_op("onpolicy::linear", mutates_args=())
+@custom_op("onpolicy::linear", mutates_args=())
 def _linear_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
     if use_triton(x):
         return linear_triton(x, weight, bias)

@@ -25,7 +25,7 @@ from typing import Union
 import torch
 
 from ._cpu import chunked, tree_max, tree_sum
-from ._dispatch import check_float, use_triton
+from ._dispatch import check_float, custom_op, use_triton
 from ._triton import HAS_TRITON, require_triton, tl, triton
 
 ROWS_PER_CALL = 64  # CPU: bound the fp32 temporaries; rows are independent anyway.
@@ -132,7 +132,7 @@ def _check_values(temperature, token_ids=None, V=0):
             raise ValueError(f"token id out of range [0, {V})")
 
 
-@torch.library.custom_op("onpolicy::log_softmax", mutates_args=())
+@custom_op("onpolicy::log_softmax", mutates_args=())
 def _log_softmax_op(logits: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor:
     _check_values(temperature)
     return _log_softmax_impl(logits, temperature)
@@ -143,7 +143,7 @@ def _(logits, temperature):
     return logits.new_empty(logits.shape, dtype=torch.float32)
 
 
-@torch.library.custom_op("onpolicy::token_logprobs", mutates_args=())
+@custom_op("onpolicy::token_logprobs", mutates_args=())
 def _token_logprobs_op(logits: torch.Tensor, token_ids: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor:
     _check_values(temperature, token_ids, logits.shape[-1])
     return _token_logprobs_impl(logits, token_ids, temperature)

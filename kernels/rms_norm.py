@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 
 from ._cpu import tree_sum
-from ._dispatch import check_float, check_same, use_triton
+from ._dispatch import check_float, check_same, custom_op, use_triton
 from ._triton import HAS_TRITON, require_triton, tl, triton
 
 if HAS_TRITON:
@@ -76,7 +76,7 @@ def _cpu(x, residual, weight, eps):
     return (y * weight.float()).to(x.dtype).contiguous(), x.contiguous()
 
 
-@torch.library.custom_op("onpolicy::rms_norm", mutates_args=())
+@custom_op("onpolicy::rms_norm", mutates_args=())
 def _rms_norm_op(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return (_triton if use_triton(x) else _cpu)(x, None, weight, eps)[0]
 
@@ -86,7 +86,7 @@ def _(x, weight, eps):
     return x.new_empty(x.shape)
 
 
-@torch.library.custom_op("onpolicy::fused_add_rms_norm", mutates_args=())
+@custom_op("onpolicy::fused_add_rms_norm", mutates_args=())
 def _fused_op(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     out, h = (_triton if use_triton(x) else _cpu)(x, residual, weight, eps)
     return out, h

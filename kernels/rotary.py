@@ -22,7 +22,7 @@ from typing import Optional
 import torch
 
 from ._cpu import chunked
-from ._dispatch import check_float, check_same, use_triton
+from ._dispatch import check_float, check_same, custom_op, use_triton
 from ._triton import HAS_TRITON, require_triton, tl, triton
 
 SUPPORTED_ROPE_TYPES = ("default", "llama3")
@@ -144,7 +144,7 @@ def _rotate(positions, x, cache, is_neox):
     return (_rotate_triton if use_triton(x) else _rotate_cpu)(positions, x, cache, is_neox)
 
 
-@torch.library.custom_op("onpolicy::rotary_embedding", mutates_args=())
+@custom_op("onpolicy::rotary_embedding", mutates_args=())
 def _rotary_op(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cache: torch.Tensor,
                is_neox: bool) -> tuple[torch.Tensor, torch.Tensor]:
     # Value check inside the op (it runs eagerly, also under torch.compile); skipped
