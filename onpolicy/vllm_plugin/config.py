@@ -102,6 +102,12 @@ def configure(vllm_config) -> None:
                                 "and no pipeline or context parallelism")
     if sizes["tensor_parallel_size"] == 2:
         keep_collectives_plain(vllm_config)
+    cc = getattr(vllm_config, "compilation_config", None)
+    if cc is not None and getattr(cc, "cudagraph_num_of_warmups", 1) < 1:
+        # Run each CUDA-graph size once eagerly before capturing it, so every Triton kernel
+        # specialisation is compiled and loaded outside stream capture (a first load inside a
+        # capture faulted on the H200 under TRL's engine settings).
+        cc.cudagraph_num_of_warmups = 1
     if getattr(vllm_config, "speculative_config", None) is not None:
         raise OnpolicyVllmError("speculative decoding is not supported")
     if getattr(vllm_config, "lora_config", None) is not None:
