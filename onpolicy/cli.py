@@ -16,10 +16,8 @@ def _register():
     app.command()(check)
     app.command()(dashboard)
     app.command()(report)
-    try:
-        from .bench_determinism import determinism
-    except ImportError:  # pragma: no cover - the server bench is optional
-        return
+    from .bench.cli import determinism
+
     bench.command()(determinism)
 
 
