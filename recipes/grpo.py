@@ -83,6 +83,15 @@ def tiny_model(path: Path, family: str, warmup_steps: int, seed: int) -> str:
     done = path / ".warm"
     if done.exists():
         return str(path)
+    if int(os.environ.get("LOCAL_RANK", "0")) != 0:  # several processes: local rank 0 builds, the others wait
+        import time
+
+        deadline = time.time() + 1800
+        while not done.exists():
+            if time.time() > deadline:
+                raise TimeoutError(f"local rank 0 did not finish building the tiny model in {path} within 30 min")
+            time.sleep(1)
+        return str(path)
     make_tiny_model(path, family, dtype=torch.float32, head_scale=1.0, seed=seed)
     if warmup_steps:
         tok = AutoTokenizer.from_pretrained(path)
