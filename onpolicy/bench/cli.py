@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import shutil
 import signal
 import sys
 import tempfile
@@ -117,25 +118,29 @@ def run_bench(s: dict, console, log_dir: Optional[Path]) -> dict:
                                  s["seed"])
     scorer = analysis.TrainerLogprobs(s["model"]) if s["logprobs_check"] else None
     records = []
-    with tempfile.TemporaryDirectory(prefix="onpolicy-bench-") as tmp:
-        logs = Path(log_dir) if log_dir else Path(tmp)
-        logs.mkdir(parents=True, exist_ok=True)
-        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                      console=console) as progress:
-            for name in s["configs"]:
-                rec, results = run_config(s, name, pool, vocab_end, target, schedule, logs, progress.console.log,
-                                          progress)
-                rec["logprobs"] = None
-                if scorer is not None and rec["error"] is None:
-                    task = progress.add_task(f"{name}: trainer logprobs (sequences)", total=None)
-                    rec["logprobs"] = analysis.compare_logprobs(
-                        results, scorer, s["logprobs_mode"], on_total=lambda k: progress.update(task, total=k),
-                        on_done=lambda k: progress.advance(task, k))
-                rec["verdict"] = verdict(rec, s["seed_check"])
-                records.append(rec)
+    logs = Path(log_dir) if log_dir else Path(tempfile.mkdtemp(prefix="onpolicy-bench-"))
+    logs.mkdir(parents=True, exist_ok=True)
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=console) as progress:
+        for name in s["configs"]:
+            rec, results = run_config(s, name, pool, vocab_end, target, schedule, logs, progress.console.log,
+                                      progress)
+            rec["logprobs"] = None
+            if scorer is not None and rec["error"] is None:
+                task = progress.add_task(f"{name}: trainer logprobs (sequences)", total=None)
+                rec["logprobs"] = analysis.compare_logprobs(
+                    results, scorer, s["logprobs_mode"], on_total=lambda k: progress.update(task, total=k),
+                    on_done=lambda k: progress.advance(task, k))
+            rec["verdict"] = verdict(rec, s["seed_check"])
+            records.append(rec)
     doc = {"model": s["model"], "settings": {k: v for k, v in s.items() if k not in ("model",)},
            "target_prompt": target, "configs": records}
     doc["ok"], doc["summary"] = summarize(doc)
+    if log_dir is None and doc["ok"]:
+        shutil.rmtree(logs, ignore_errors=True)
+    else:
+        doc["settings"]["notes"].append(f"the servers' logs are in {logs}")
+    doc["log_dir"] = None if (log_dir is None and doc["ok"]) else str(logs)
     return doc
 
 
@@ -149,7 +154,7 @@ def determinism(
     configs: Annotated[Optional[str], typer.Option(help="Comma-separated, run in this order: onpolicy, default, "
                                                    "batch_invariant (default: all three; on CPU the first two).")]
     = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON document (stdout) instead of tables.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON document (stdout), not tables.")] = False,
     seed_check: Annotated[bool, typer.Option("--seed-check/--no-seed-check", help="Also send the target n/4 times "
                                              "at temperature 1 with one fixed seed.")] = True,
     background: Annotated[Optional[int], typer.Option(help="Requests of other prompts and lengths mixed in "

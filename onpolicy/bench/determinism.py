@@ -59,7 +59,8 @@ def prepare(model: str) -> tuple[list, int]:
 
         tok = AutoTokenizer.from_pretrained(model)
     except Exception as e:  # noqa: BLE001 - any failure here is the user's model directory
-        raise BenchError(f"cannot load the tokenizer of {model}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise BenchError(f"cannot load the tokenizer of {model}: {first}") from None
     specials = set(tok.all_special_ids)
     n = min(len(tok), cfg.vocab_size)
     pool = [i for i in range(n) if i not in specials]
@@ -102,7 +103,8 @@ def run_config(s: dict, name: str, pool: list, vocab_end: int, target: list, sch
                 target=target, max_tokens=s["max_tokens"], on_done=lambda: progress.advance(task)))
             rec["alive_after"] = srv.running() and srv.healthy()
             if not rec["alive_after"]:
-                rec["error"] = f"the server was not healthy after the run; its last lines:\n{srv.log_tail()}"
+                rec["error"] = (f"the server was not healthy after the run (log: {log_path})\n"
+                                f"last lines of the log:\n{srv.log_tail()}")
     except ServerError as e:
         rec["error"] = str(e)
         progress.update(task, description=f"{name}: failed")
@@ -125,7 +127,8 @@ def run_config(s: dict, name: str, pool: list, vocab_end: int, target: list, sch
 def verdict(rec: dict, seed_check: bool) -> dict:
     """Per configuration: ran cleanly? deterministic? equal to the trainer?"""
     v = {"ran": rec["error"] is None and rec.get("alive_after") is True
-         and rec["requests"]["failed"] == 0 and all(p["ok"] for p in rec["bad_input"])}
+         and rec["requests"]["failed"] == 0 and all(p["ok"] for p in rec["bad_input"]),
+         "deterministic": None, "logprobs_equal": None}
     if rec["error"] is None:
         v["deterministic"] = (rec["target"]["distinct"] == 1
                               and (not seed_check or (rec["seeded"] or {}).get("distinct") == 1))

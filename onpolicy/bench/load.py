@@ -217,7 +217,8 @@ async def run(url: str, model: str, schedule: list, *, concurrency: int, request
     out, probes = [], []
     for item, res in zip(schedule, results):
         if isinstance(item, Job):
-            out.append(res if res is not None else Result(item, False, error=f"not finished within {run_timeout:.0f} s"))
+            late = f"not finished within {run_timeout:.0f} s"
+            out.append(res if res is not None else Result(item, False, error=late))
         else:
             probes.append(res if res is not None else
                           ProbeResult(item.case, item.round, None, f"not finished within {run_timeout:.0f} s", False))

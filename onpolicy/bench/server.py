@@ -128,8 +128,8 @@ class VllmServer:
 
     def _failure(self, what: str) -> str:
         cause = self.root_cause()
-        return (f"{what}{': ' + cause if cause else ''} (log: {self.log_path}); its last lines:\n"
-                f"{self.log_tail()}")
+        return (f"{what}{': ' + cause if cause else ''} (log: {self.log_path})\n"
+                f"last lines of the log:\n{self.log_tail()}")
 
     def running(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
@@ -158,9 +158,12 @@ class VllmServer:
     def served_model(self) -> str:
         import httpx
 
-        r = httpx.get(self.url + "/v1/models", timeout=30, trust_env=False)
-        r.raise_for_status()
-        return r.json()["data"][0]["id"]
+        try:
+            r = httpx.get(self.url + "/v1/models", timeout=30, trust_env=False)
+            r.raise_for_status()
+            return r.json()["data"][0]["id"]
+        except (httpx.HTTPError, ValueError, KeyError, IndexError) as e:
+            raise ServerError(self._failure(f"GET /v1/models failed ({type(e).__name__}: {e})")) from None
 
     def stop(self, grace: float = 20.0) -> None:
         """SIGTERM to the API server (it shuts its engine down), then SIGKILL to whatever of its process
