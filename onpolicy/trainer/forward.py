@@ -36,6 +36,15 @@ PAGE = 16  # page size used to view contiguous K/V as a paged cache (decode with
 SUPPORTED_TP = (1, 2)
 
 
+def full(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """A parameter as one whole tensor: FSDP2 can leave the root's own parameters (final norm,
+    LM head) sharded (DTensor) when they are read outside a module call; gather them here
+    (differentiable; every rank runs the same forward, so the collective is matched)."""
+    if t is not None and hasattr(t, "full_tensor"):
+        return t.full_tensor()
+    return t
+
+
 def check_tp(tp: int) -> int:
     """Validate a tensor-parallel size the trainer can mirror bitwise."""
     if not isinstance(tp, int) or isinstance(tp, bool) or tp not in SUPPORTED_TP:
@@ -164,6 +173,8 @@ def attention_forward(self, x: torch.Tensor, plan: TokenPlan) -> torch.Tensor:
         q = K.rms_norm(q, self.q_norm.weight, self.q_norm.variance_epsilon)
         k = K.rms_norm(k, self.k_norm.weight, self.k_norm.variance_epsilon)
     cache = self._onpolicy_cos_sin
+    if cache.device != q.device:  # the model moved after patching (accelerate / FSDP2 place it on the GPU later)
+        cache = self._onpolicy_cos_sin = cache.to(q.device)
     q, k = K.rotary_embedding(plan.positions, q, k, cache, is_neox=True)
     from onpolicy_kernels.attention import attention, attention_contiguous  # noqa: PLC0415
 
@@ -218,7 +229,12 @@ def packed_hidden(model, input_ids=None, attention_mask=None, position_ids=None,
     if (input_ids is None) == (inputs_embeds is None):
         raise ValueError("give exactly one of input_ids or inputs_embeds")
     tp = getattr(model, "_onpolicy_tp", 1)
-    emb = model.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+    if inputs_embeds is not None:
+        emb = inputs_embeds
+    elif hasattr(model.embed_tokens.weight, "full_tensor"):  # left sharded by FSDP2 (see `full`)
+        emb = torch.nn.functional.embedding(input_ids, full(model.embed_tokens.weight), model.embed_tokens.padding_idx)
+    else:
+        emb = model.embed_tokens(input_ids)
     if tp > 1 and inputs_embeds is None:
         emb = emb + 0.0  # vLLM's vocab-parallel lookup all-reduces with the other ranks' zeros (-0.0 -> +0.0)
     B, L = emb.shape[:2]
@@ -240,7 +256,7 @@ def packed_hidden(model, input_ids=None, attention_mask=None, position_ids=None,
     for layer in model.layers[: model.config.num_hidden_layers]:
         hidden, residual = layer(hidden, residual, plan)
     norm = model.norm
-    hidden, _ = K.fused_add_rms_norm(hidden, residual, norm.weight, norm.variance_epsilon)
+    hidden, _ = K.fused_add_rms_norm(hidden, residual, full(norm.weight), norm.variance_epsilon)
     return plan.record("norm", hidden), plan, past_key_values
 
 
@@ -260,4 +276,4 @@ def base_model_forward(self, input_ids=None, attention_mask=None, position_ids=N
 
 
 def lm_head_forward(self, x: torch.Tensor) -> torch.Tensor:
-    return K.linear(x, self.weight, self.bias)
+    return K.linear(x, full(self.weight), full(self.bias))

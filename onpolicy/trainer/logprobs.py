@@ -37,10 +37,11 @@ def score_tokens(model, input_ids: torch.Tensor, attention_mask: Optional[torch.
     if per_row_t:
         temperature = temperature.to(dev).float().reshape(B, 1).expand(B, L - 1).reshape(-1)
     head = model.lm_head
+    w, b = F.full(head.weight), F.full(head.bias)
     lps, ents = [], []
     for s in range(0, rows.numel(), chunk_rows):
         r = rows[s : s + chunk_rows]
-        logits = K.linear(hidden[src[r]], head.weight, head.bias)
+        logits = K.linear(hidden[src[r]], w, b)
         t = temperature[r] if per_row_t else temperature
         lps.append(K.token_logprobs(logits, targets[r], t))
         if with_entropy:
