@@ -66,6 +66,14 @@ class TrainerLogprobs:
             self._model = patch_model(m)
         return self._model
 
+    def release(self) -> None:
+        """Free the model (its results stay cached): on a GPU, the next configuration's server wants the memory."""
+        import torch
+
+        self._model = None
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
     def missing(self, keys: list) -> int:
         return len({k for k in keys if k not in self._cache})
 

@@ -111,6 +111,7 @@ def summarize(doc: dict) -> tuple[bool, str]:
 
 
 def run_bench(s: dict, console, log_dir: Optional[Path]) -> dict:
+    import torch
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     pool, vocab_end = prepare(s["model"])
@@ -131,6 +132,8 @@ def run_bench(s: dict, console, log_dir: Optional[Path]) -> dict:
                 rec["logprobs"] = analysis.compare_logprobs(
                     results, scorer, s["logprobs_mode"], on_total=lambda k: progress.update(task, total=k),
                     on_done=lambda k: progress.advance(task, k))
+                if torch.cuda.is_available():
+                    scorer.release()
             rec["verdict"] = verdict(rec, s["seed_check"])
             records.append(rec)
     doc = {"model": s["model"], "settings": {k: v for k, v in s.items() if k not in ("model",)},
