@@ -17,7 +17,13 @@ for part in ${PARTS-check recipe}; do
       if [ $part = recipe ]; then acc=single_gpu; extra=""; else acc=fsdp2; extra="--vllm_tensor_parallel_size 2"; fi
       timeout 1200 accelerate launch --config_file recipes/accelerate/$acc.yaml recipes/grpo.py \
         --config recipes/gpu_qwen3_1p7b.yaml --model $M --run_dir "$OUT/$part" $extra > "$OUT/$part.log" 2>&1
-      echo "exit $?"; grep -E "│|step time|Error|error:" "$OUT/$part.log" | grep -v Warning | tail -30 ;;
+      echo "exit $?"
+      if [ $part = tp2recipe ]; then  # several processes: the control is a launch of its own
+        timeout 1200 accelerate launch --config_file recipes/accelerate/$acc.yaml recipes/grpo.py \
+          --config recipes/gpu_qwen3_1p7b.yaml --model $M --run_dir "$OUT/$part" $extra --onpolicy off \
+          --control false >> "$OUT/$part.log" 2>&1; echo "control exit $?"
+      fi
+      grep -E "│|step time|Error|error:" "$OUT/$part.log" | grep -v Warning | tail -30 ;;
     determinism)
       timeout 1500 python3 -m onpolicy.cli bench determinism --model $M --n ${N:-1000} --max-tokens 200 \
         --concurrency ${CONC:-64} --json > "$OUT/determinism.json" 2> "$OUT/determinism.log"

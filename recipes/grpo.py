@@ -36,6 +36,9 @@ class RecipeArgs:
     onpolicy: str = field(default="strict", metadata={"help": "strict | monitor | off"})
     control: bool = field(default=False, metadata={"help": "after the run, repeat it with onpolicy off"})
     sft_warmup_steps: int = field(default=0, metadata={"help": "SFT steps on the task before GRPO (tiny model)"})
+    reward: str = field(default="correctness", metadata={
+        "help": "'correctness' (the task's answer) or 'digits' (share of digit characters in the completion: a "
+                "dense signal even an untrained model varies on, so every step updates the weights)"})
     run_dir: str = field(default="runs/demo", metadata={"help": "where metrics.jsonl and checkpoints go"})
 
 
@@ -69,6 +72,18 @@ def correctness_reward(completions, answer, **_):
         else:
             out.append(1.0 if m.group(1) == a else max(0.05, 0.5 - 0.1 * abs(int(m.group(1)) - int(a))))
     return out
+
+
+def digits_reward(completions, **_):
+    """Share of the completion's characters that are digits (for runs on untrained models)."""
+    out = []
+    for c in completions:
+        text = c if isinstance(c, str) else c[0]["content"]
+        out.append(sum(ch.isdigit() for ch in text) / max(1, len(text)))
+    return out
+
+
+REWARDS = {"correctness": correctness_reward, "digits": digits_reward}
 
 
 # --- the tiny model and its warm-up ---------------------------------------------------------------------------------
@@ -125,7 +140,7 @@ def train(recipe: RecipeArgs, cfg, model: str, dataset, mode: str, run_dir: Path
     from onpolicy.trl_grpo import OnPolicyGRPOTrainer
 
     cfg.output_dir = str(run_dir)
-    trainer = OnPolicyGRPOTrainer(model=model, reward_funcs=correctness_reward, args=cfg, train_dataset=dataset,
+    trainer = OnPolicyGRPOTrainer(model=model, reward_funcs=REWARDS[recipe.reward], args=cfg, train_dataset=dataset,
                                   onpolicy=mode, run_dir=str(run_dir))
     trainer.train()
     return run_dir / "metrics.jsonl"
@@ -164,6 +179,8 @@ def main(argv=None):
     recipe, cfg = parser.parse_args_and_config(argv)
     if recipe.onpolicy not in ("strict", "monitor", "off"):
         raise SystemExit(f"--onpolicy must be strict, monitor or off (got {recipe.onpolicy!r})")
+    if recipe.reward not in REWARDS:
+        raise SystemExit(f"--reward must be one of {', '.join(REWARDS)} (got {recipe.reward!r})")
     root = Path(recipe.run_dir)
     model = recipe.model
     if model == "tiny":
@@ -175,7 +192,12 @@ def main(argv=None):
     run_dir = root / name
     (run_dir / "metrics.jsonl").unlink(missing_ok=True)
     done = [(name, train(recipe, cfg, model, data, recipe.onpolicy, run_dir))]
-    if recipe.control and recipe.onpolicy != "off":
+    several = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if recipe.control and recipe.onpolicy != "off" and several:
+        if int(os.environ.get("RANK", "0")) == 0:
+            print("control run skipped: with several processes launch it yourself with the same command plus "
+                  "`--onpolicy off --control false`", flush=True)
+    elif recipe.control and recipe.onpolicy != "off":
         # The control needs a fresh process: the vLLM plugin, once on, stays on in its process.
         import subprocess
 
