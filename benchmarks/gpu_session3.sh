@@ -25,9 +25,10 @@ for part in ${PARTS-check recipe}; do
       fi
       grep -E "│|step time|Error|error:" "$OUT/$part.log" | grep -v Warning | tail -30 ;;
     determinism)
-      timeout 1500 python3 -m onpolicy.cli bench determinism --model $M --n ${N:-1000} --max-tokens 200 \
-        --concurrency ${CONC:-64} --json > "$OUT/determinism.json" 2> "$OUT/determinism.log"
-      echo "exit $?"; tail -c 3000 "$OUT/determinism.json"; grep -E "Error|error" "$OUT/determinism.log" | tail -5 ;;
+      c=${CONFIGS:-onpolicy,default,batch_invariant}; f="$OUT/determinism_${c//,/_}"
+      timeout 560 python3 -m onpolicy.cli bench determinism --model $M --n ${N:-1000} --max-tokens 200 \
+        --concurrency ${CONC:-256} --configs $c --log-dir "$OUT/detlogs" > "$f.txt" 2> "$f.log"
+      echo "exit $?"; cat "$f.txt"; grep -E "Error|error" "$f.log" | tail -5 ;;
   esac
 done
 echo "== done ($(date +%T))"
