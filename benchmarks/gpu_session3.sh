@@ -2,6 +2,7 @@
 # GPU session for issues 6, 7, 10, 11 (after `source .gpu/b/setup.sh` or `source /tmp/gpu-site/setup.sh`).
 #   PARTS="check recipe determinism" bash benchmarks/gpu_session3.sh        # one GPU
 #   PARTS="tp2check tp2recipe" bash benchmarks/gpu_session3.sh              # two GPUs
+#   PARTS=throughput LOADS="256x512,8x2500" CONFS="default batch_invariant onpolicy default" bash benchmarks/gpu_session3.sh
 set -u
 source benchmarks/gpu_env.sh
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -24,6 +25,13 @@ for part in ${PARTS-check recipe}; do
           --control false >> "$OUT/$part.log" 2>&1; echo "control exit $?"
       fi
       grep -E "│|step time|Error|error:" "$OUT/$part.log" | grep -v Warning | tail -30 ;;
+    throughput)  # one process per configuration, timing each load in turn (LOADS, CONFS)
+      l=${LOADS:-256x512,8x2500}
+      for c in ${CONFS:-default batch_invariant onpolicy default}; do
+        timeout 400 python3 benchmarks/gpu_vllm.py throughput $M $c $l > "$OUT/tp_$c.log" 2>&1
+        grep -aE "THROUGHPUT|Error|cudagraph_mode|CUDAGraphMode|Capturing CUDA graphs" "$OUT/tp_$c.log" | grep -v Warning | tail -5
+        mv "$OUT/tp_$c.log" "$OUT/tp_${c}_$(date +%H%M%S).log"
+      done ;;
     determinism)
       c=${CONFIGS:-onpolicy,default,batch_invariant}; f="$OUT/determinism_${c//,/_}"
       timeout 560 python3 -m onpolicy.cli bench determinism --model $M --n ${N:-1000} --max-tokens 200 \

@@ -2,7 +2,9 @@
 
     python benchmarks/gpu_vllm.py make MODEL_DIR [--family qwen3|qwen2|llama] [--layers N]
     python benchmarks/gpu_vllm.py accept MODEL_DIR           # plugin on: sampler vs trainer, batch invariance
-    python benchmarks/gpu_vllm.py throughput MODEL_DIR CONF  # CONF: default | batch_invariant | onpolicy
+    python benchmarks/gpu_vllm.py throughput MODEL_DIR CONF [NxT,...]  # CONF: default | batch_invariant | onpolicy;
+                                                                  # NxT: prompts x tokens, default 1000x100
+    python benchmarks/gpu_vllm.py profile MODEL_DIR CONF [NxT]    # top GPU kernels under torch.profiler
 
 `accept` samples 64 prompts x 32 tokens at T=1.0 and T=0.7 with the onpolicy
 plugin (CUDA graphs and torch.compile as vLLM defaults them), recomputes every
@@ -107,7 +109,8 @@ def accept(path: str):
               f"{list(alone.token_ids) == list(got.token_ids)}, identical logprobs {same_lp}", flush=True)
 
 
-def throughput(path: str, conf: str):
+def throughput(path: str, conf: str, loads: str = "1000x100"):
+    """One engine for `conf`; each load in `loads` ("NxT,NxT...": prompts x tokens) timed in turn."""
     if conf == "batch_invariant":
         os.environ["VLLM_BATCH_INVARIANT"] = "1"
     elif conf == "onpolicy":
@@ -116,15 +119,45 @@ def throughput(path: str, conf: str):
         plugin.enable()
     from vllm import LLM, SamplingParams
 
-    llm = LLM(model=path, dtype="bfloat16", max_model_len=1024, seed=0, gpu_memory_utilization=0.6)
-    ps = prompts(1000, 150000, seed=1)
-    sp = SamplingParams(temperature=1.0, max_tokens=100, ignore_eos=True)
-    llm.generate([{"prompt_token_ids": p} for p in ps[:32]], sp, use_tqdm=False)  # warm-up
-    t0 = time.perf_counter()
-    outs = llm.generate([{"prompt_token_ids": p} for p in ps], sp, use_tqdm=False)
-    dt = time.perf_counter() - t0
-    n = sum(len(o.outputs[0].token_ids) for o in outs)
-    print(f"THROUGHPUT {conf}: {n / dt:.0f} tok/s ({n} tokens in {dt:.1f} s)", flush=True)
+    shapes = [tuple(int(x) for x in load.split("x")) for load in loads.split(",")]
+    llm = LLM(model=path, dtype="bfloat16", max_model_len=max(1024, max(t for _, t in shapes) + 64), seed=0,
+              gpu_memory_utilization=0.6)
+    warm = SamplingParams(temperature=1.0, max_tokens=64, ignore_eos=True)
+    llm.generate([{"prompt_token_ids": p} for p in prompts(32, 150000, seed=2)], warm, use_tqdm=False)
+    for n_prompts, n_tokens in shapes:
+        ps = prompts(n_prompts, 150000, seed=1)
+        sp = SamplingParams(temperature=1.0, max_tokens=n_tokens, ignore_eos=True)
+        t0 = time.perf_counter()
+        outs = llm.generate([{"prompt_token_ids": p} for p in ps], sp, use_tqdm=False)
+        dt = time.perf_counter() - t0
+        n = sum(len(o.outputs[0].token_ids) for o in outs)
+        print(f"THROUGHPUT {conf} {n_prompts}x{n_tokens}: {n / dt:.0f} tok/s ({n} tokens in {dt:.1f} s)", flush=True)
+
+
+def profile(path: str, conf: str, load: str = "256x128"):
+    """Where the GPU time goes: torch.profiler over one load, top kernels by GPU time."""
+    import torch
+
+    if conf == "onpolicy":
+        import onpolicy.vllm_plugin as plugin
+
+        plugin.enable()
+    from vllm import LLM, SamplingParams
+
+    n_prompts, n_tokens = (int(x) for x in load.split("x"))
+    llm = LLM(model=path, dtype="bfloat16", max_model_len=max(1024, n_tokens + 64), seed=0,
+              gpu_memory_utilization=0.6)
+    ps = prompts(n_prompts, 150000, seed=1)
+    sp = SamplingParams(temperature=1.0, max_tokens=n_tokens, ignore_eos=True)
+    llm.generate([{"prompt_token_ids": p} for p in ps[:32]], sp, use_tqdm=False)
+    acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=acts) as prof:
+        t0 = time.perf_counter()
+        llm.generate([{"prompt_token_ids": p} for p in ps], sp, use_tqdm=False)
+        dt = time.perf_counter() - t0
+    print(f"PROFILE {conf} {load}: {n_prompts * n_tokens / dt:.0f} tok/s under the profiler", flush=True)
+    print(prof.key_averages().table(sort_by="self_device_time_total", row_limit=30, max_name_column_width=70),
+          flush=True)
 
 
 if __name__ == "__main__":
@@ -137,6 +170,8 @@ if __name__ == "__main__":
     elif cmd == "accept":
         accept(sys.argv[2])
     elif cmd == "throughput":
-        throughput(sys.argv[2], sys.argv[3])
+        throughput(*sys.argv[2:5])
+    elif cmd == "profile":
+        profile(*sys.argv[2:5])
     else:
         raise SystemExit(__doc__)

@@ -187,7 +187,10 @@ async def run(url: str, model: str, schedule: list, *, concurrency: int, request
 
     results: list = [None] * len(schedule)
     sem = asyncio.Semaphore(concurrency)
-    limits = httpx.Limits(max_connections=concurrency + 8, max_keepalive_connections=concurrency)
+    # Idle connections expire on the client (1 s) before the server closes them (uvicorn: 5 s);
+    # otherwise a request sent on a connection the server is closing fails with ReadError.
+    limits = httpx.Limits(max_connections=concurrency + 8, max_keepalive_connections=concurrency,
+                          keepalive_expiry=1.0)
 
     async with httpx.AsyncClient(base_url=url, timeout=request_timeout, limits=limits, trust_env=False) as client:
         async def one(i, item):

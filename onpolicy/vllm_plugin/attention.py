@@ -93,7 +93,14 @@ class OnpolicyAttentionMetadata:
 
 
 class OnpolicyAttentionMetadataBuilder(AttentionMetadataBuilder[OnpolicyAttentionMetadata]):
-    _cudagraph_support: ClassVar[AttentionCGSupport] = AttentionCGSupport.NEVER
+    # Full CUDA graphs for uniform (decode) batches: the kernel reads every per-step value
+    # (query_start_loc, seq_lens, block_table) from vLLM's persistent device buffers, and
+    # its grid depends only on the padded token count and the padded request count, which
+    # a captured graph fixes. vLLM pads the extra requests to zero-length queries with
+    # seq_len 0 and the extra tokens to slot -1, which the kernels skip. A row's bits do
+    # not depend on the grid, so graph replay == eager. Mixed prefill/decode batches stay
+    # piecewise (eager attention between captured pieces).
+    _cudagraph_support: ClassVar[AttentionCGSupport] = AttentionCGSupport.UNIFORM_BATCH
     reorder_batch_threshold: Optional[int] = None
 
     def __init__(self, kv_cache_spec, layer_names, vllm_config, device):
