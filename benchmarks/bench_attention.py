@@ -84,7 +84,7 @@ def gpu(quick: bool, dry: bool = False):
     bench = lambda f: triton.testing.do_bench(f, warmup=25, rep=100, return_mode="median")  # noqa: E731
     heads = [(16, 8, 128), (32, 8, 128), (14, 2, 64)]
     prefill = ((1, 8192), (4, 2048), (16, 512))
-    decode = ((1, 8192), (8, 4096), (64, 2048), (256, 1024))
+    decode = ((1, 8192), (8, 4096), (8, 2500), (64, 2048), (256, 1024))
     cases = {"prefill 4x2048": (4, 2048, 2048), "decode 64x2048": (64, 2048, 1), "decode 1x8192": (1, 8192, 1)}
     if quick:
         heads = heads[:1]
@@ -127,8 +127,8 @@ def gpu(quick: bool, dry: bool = False):
             del kc, vc, k, v, base
     print("\n## decode (1 query per sequence, paged cache, blocks of 16)\n")
     print("| heads q/kv/D | B x ctx | ours ms | sdpa-flash contiguous ms | gather+sdpa ms | ratio flash/ours | "
-          "ratio gather/ours | ours GB/s (K+V) |")
-    print("|---|---|---|---|---|---|---|---|")
+          "ratio gather/ours | ours GB/s (K+V) | ours one-pass ms | split == one-pass bits |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for Hq, Hkv, D in heads:
         G = Hq // Hkv
         for B, L in decode:
@@ -149,8 +149,12 @@ def gpu(quick: bool, dry: bool = False):
             t_sdpa = bench(base)
             t_gath = bench(gather_sdpa)
             gbs = 2 * B * L * Hkv * D * 2 / t_ours / 1e6
+            args = (q, kc, vc, bt, cu, sl, scale, True)
+            t_one = bench(lambda: A._attention_triton(*args, split=False))
+            same = torch.equal(A._attention_triton(*args, split=True), A._attention_triton(*args, split=False))
             print(f"| {Hq}/{Hkv}/{D} | {B} x {L} | {t_ours:.3f} | {t_sdpa:.3f} ({label}) | {t_gath:.3f} | "
-                  f"{t_sdpa / t_ours:.2f} | {t_gath / t_ours:.2f} | {gbs:.0f} |")
+                  f"{t_sdpa / t_ours:.2f} | {t_gath / t_ours:.2f} | {gbs:.0f} | {t_one:.3f} | "
+                  f"{'yes' if same else 'NO'} |")
             rows.append(("decode", Hq, Hkv, D, B, L, t_ours, t_sdpa))
             del kc, vc, k, v, base
     print("\n## trainer step: forward + backward (ours: attention_contiguous, backward recomputed by SDPA)\n")

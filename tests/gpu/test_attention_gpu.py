@@ -107,6 +107,24 @@ def test_prefill_equals_decode(shape, dtype):
         assert torch.equal(alone, pre[i:i + 1]), i
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_split_kv_launch_equals_one_pass(shape, dtype):
+    """The split-KV launch (small decode batches) == the one-pass launch, bitwise: decode rows at
+    and around split edges and a 2000-token prefill, either launch forced."""
+    Hq, Hkv, D = shape
+    L = 2000
+    q, k, v = seq(L, Hq, Hkv, D, dtype, 3)
+    pre = paged([(k, v)], [L], [q], 16, 1)
+    one = A._attention_triton(*pre, 0.088, True, split=False)
+    assert torch.equal(A._attention_triton(*pre, 0.088, True, split=True), one)
+    S = A.KV_SPLIT
+    pos = sorted({0, S - 1, S, S + 1, 3 * S, 1000, L - 1})
+    dec = paged([(k[:i + 1], v[:i + 1]) for i in pos], [1] * len(pos), [q[i:i + 1] for i in pos], 16, 2)
+    for split in (True, False, None):
+        assert torch.equal(A._attention_triton(*dec, 0.088, True, split=split), one[pos]), split
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("shape", SHAPES[:2])
 def test_chunked_prefill_equals_whole(shape, dtype):

@@ -138,6 +138,34 @@ def test_prefill_equals_decode_of_each_position(backend):
             assert torch.equal(prefill[i:i + 1], alone), (dtype, i)
 
 
+@pytest.mark.skipif(not (HAS_TRITON and INTERPRETING), reason="the Triton path; runs under TRITON_INTERPRET=1")
+def test_split_kv_launch_equals_one_pass():
+    """The GPU path's two launches, KV splits in separate programs folded by a second kernel
+    (what small decode batches use) and one program per query tile: the same bits, for
+    rows at and around split edges, in prefill, a chunk and decode."""
+    Hq, Hkv, D, L = 4, 2, 64, 2 * A.KV_SPLIT + 40
+    for dtype in (torch.float16, torch.float32):
+        q, k, v = make_seq(L, Hq, Hkv, D, dtype, 5)
+
+        def run(batch, split):
+            return A._attention_triton(batch.q, batch.k_cache, batch.v_cache, batch.block_table, batch.cu,
+                                       batch.seq_lens, 0.125, True, split=split)
+
+        whole = Batch([(k, v)], [L], [q], 16, seed=1)
+        ref = run(whole, False)
+        assert torch.equal(run(whole, True), ref), dtype
+        S = A.KV_SPLIT
+        pos = [0, S - 1, S, S + 1, 2 * S - 1, 2 * S, L - 1]
+        dec = Batch([(k[:i + 1], v[:i + 1]) for i in pos], [1] * len(pos), [q[i:i + 1] for i in pos], 32, seed=2)
+        for split in (True, False):
+            assert torch.equal(run(dec, split), ref[pos]), (dtype, split)
+        lo, hi = S - 20, S + 30  # a chunk across a split edge, beside a decode row
+        chunk = Batch([(k[:hi], v[:hi]), (k[:7], v[:7])], [hi - lo, 1], [q[lo:hi], q[6:7]], 16, seed=3)
+        for split in (True, False):
+            out = run(chunk, split)
+            assert torch.equal(out[:hi - lo], ref[lo:hi]) and torch.equal(out[hi - lo:], ref[6:7]), (dtype, split)
+
+
 # --------------------------------------------------------------------------- property 2
 
 
