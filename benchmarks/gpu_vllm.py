@@ -122,8 +122,12 @@ def throughput(path: str, conf: str, loads: str = "1000x100"):
     shapes = [tuple(int(x) for x in load.split("x")) for load in loads.split(",")]
     llm = LLM(model=path, dtype="bfloat16", max_model_len=max(1024, max(t for _, t in shapes) + 64), seed=0,
               gpu_memory_utilization=0.6)
-    warm = SamplingParams(temperature=1.0, max_tokens=64, ignore_eos=True)
-    llm.generate([{"prompt_token_ids": p} for p in prompts(32, 150000, seed=2)], warm, use_tqdm=False)
+    # Warm-up at each load's batch size (other prompts, 16 tokens): the Triton kernels compile
+    # once per tile configuration and M specialization, on first use; vLLM's JIT monitor showed
+    # onpolicy's linear kernels compiling inside a timed run warmed up with 32 prompts only.
+    warm = SamplingParams(temperature=1.0, max_tokens=16, ignore_eos=True)
+    for n_prompts, _ in shapes:
+        llm.generate([{"prompt_token_ids": p} for p in prompts(n_prompts, 150000, seed=2)], warm, use_tqdm=False)
     for n_prompts, n_tokens in shapes:
         ps = prompts(n_prompts, 150000, seed=1)
         sp = SamplingParams(temperature=1.0, max_tokens=n_tokens, ignore_eos=True)
