@@ -322,6 +322,15 @@ def _sm_count(device) -> int:
     return _SM_COUNT[device]
 
 
+def use_split(programs: int, n_split: int, row_elems: int, sms: int) -> bool:
+    """The GPU's launch choice, from shapes only (never from lengths on the device, so a
+    CUDA graph captured for a batch size fits every replay): split the KV when the one-pass
+    launch (`programs` = query tiles x KV heads) would leave at least half the SMs idle, the
+    cache has room for more than one split, and the fp32 partials (n_split x rows x D) stay
+    small. Either choice gives the same bits."""
+    return n_split > 1 and programs * 2 <= sms and n_split * row_elems <= SPLIT_MAX_ELEMS
+
+
 def _attention_triton(q, k_cache, v_cache, block_table, cu_q, seq_lens, scale, causal, config=None, split=None):
     """The Triton path. `config` = (Q_TILE, KV_TILE, num_warps, num_stages) overrides the
     fixed launch configuration, for the GPU benchmark's bitwise comparison only.
@@ -345,8 +354,7 @@ def _attention_triton(q, k_cache, v_cache, block_table, cu_q, seq_lens, scale, c
     # sequence's keys exit at once.
     n_split = -(-block_table.shape[1] * k_cache.shape[1] // KV_SPLIT)
     if split is None:
-        split = (q.is_cuda and n_split > 1 and tiles * Hkv * 2 <= _sm_count(q.device)
-                 and n_split * T * Hq * D <= SPLIT_MAX_ELEMS)
+        split = q.is_cuda and use_split(tiles * Hkv, n_split, T * Hq * D, _sm_count(q.device))
     block_d = triton.next_power_of_2(D)
     if split:
         pm = torch.empty((n_split, T, Hq), dtype=torch.float32, device=q.device)

@@ -138,6 +138,17 @@ def test_prefill_equals_decode_of_each_position(backend):
             assert torch.equal(prefill[i:i + 1], alone), (dtype, i)
 
 
+def test_split_choice_depends_on_shapes_only():
+    """The GPU launch choice: split-KV for decode of few sequences on a long cache, one pass
+    when the tiles fill the SMs, the cache holds one split, or the partials would be large."""
+    sms = 132
+    assert A.use_split(programs=8 * 8, n_split=16, row_elems=8 * 16 * 128, sms=sms)  # 8 decodes, 8 KV heads
+    assert not A.use_split(programs=66 * 8, n_split=16, row_elems=64 * 16 * 128, sms=sms)  # 64 decodes
+    assert not A.use_split(programs=8, n_split=1, row_elems=16 * 128, sms=sms)  # cache of <= 256 positions
+    assert not A.use_split(programs=8, n_split=1 << 12, row_elems=1 << 13, sms=sms)  # partials too big
+    assert A.use_split(programs=66, n_split=2, row_elems=1, sms=sms) and not A.use_split(67, 2, 1, sms)
+
+
 @pytest.mark.skipif(not (HAS_TRITON and INTERPRETING), reason="the Triton path; runs under TRITON_INTERPRET=1")
 def test_split_kv_launch_equals_one_pass():
     """The GPU path's two launches, KV splits in separate programs folded by a second kernel
