@@ -3,8 +3,11 @@
     accelerate launch --config_file recipes/accelerate/cpu.yaml recipes/grpo.py --config recipes/cpu_demo.yaml
 
 The default config builds a tiny Qwen3 locally, warms it up briefly with SFT on
-a synthetic arithmetic task (so the reward has room to move), then runs GRPO
-with onpolicy in strict mode: every step, vLLM's sampled-token logprobs must
+a synthetic arithmetic task ('a+b=' with digits 0..4) from a sloppy teacher
+(most of its answers are one too high), then runs GRPO with the strict reward
+(the completion must be a bare number: 1 if right, partial credit by distance),
+which trains the teacher's mistake away, so the reward rises over the run.
+onpolicy runs in strict mode: every step, vLLM's sampled-token logprobs must
 equal the trainer's bitwise, and the step fails otherwise. With `control: true`
 a second run with onpolicy off (plain TRL) follows from the same seed, for the
 dashboard to compare: `onpolicy dashboard runs/demo/onpolicy runs/demo/control`.
@@ -33,23 +36,32 @@ class RecipeArgs:
     dataset: str = field(default="arithmetic", metadata={"help": "'arithmetic' (synthetic) or a hub data set id"})
     dataset_config: Optional[str] = field(default=None, metadata={"help": "hub data set config (e.g. 'main')"})
     num_prompts: int = field(default=512, metadata={"help": "synthetic prompts to make"})
+    max_operand: int = field(default=9, metadata={
+        "help": "arithmetic task: the operands are 0..max_operand (4: 25 distinct prompts, one-digit answers)"})
     onpolicy: str = field(default="strict", metadata={"help": "strict | monitor | off"})
     control: bool = field(default=False, metadata={"help": "after the run, repeat it with onpolicy off"})
     sft_warmup_steps: int = field(default=0, metadata={"help": "SFT steps on the task before GRPO (tiny model)"})
+    sft_error_rate: float = field(default=0.3, metadata={
+        "help": "share of SFT warm-up examples whose answer is one too high (a sloppy teacher: the mistake the "
+                "GRPO reward then trains away)"})
     reward: str = field(default="correctness", metadata={
-        "help": "'correctness' (the task's answer) or 'digits' (share of digit characters in the completion: a "
-                "dense signal even an untrained model varies on, so every step updates the weights)"})
+        "help": "'correctness' (the first number in the completion vs the answer), 'strict' (the completion must "
+                "be a bare number: 1 if it is the answer, partial credit by distance, 0 for anything else) or "
+                "'digits' (share of digit characters in the completion: a dense signal even an untrained model "
+                "varies on, so every step updates the weights)"})
     run_dir: str = field(default="runs/demo", metadata={"help": "where metrics.jsonl and checkpoints go"})
 
 
 # --- the synthetic task -------------------------------------------------------------------------------------------
 
-def arithmetic_dataset(n: int, seed: int):
-    """Prompts 'a+b=' with one-digit a, b; the answer is their sum."""
+def arithmetic_dataset(n: int, seed: int, max_operand: int = 9):
+    """Prompts 'a+b=' with 0 <= a, b <= max_operand (one digit); the answer is their sum."""
     from datasets import Dataset
 
+    if not 0 <= max_operand <= 9:
+        raise ValueError(f"max_operand must be a digit, 0..9 (got {max_operand})")
     rng = random.Random(seed)
-    pairs = [(rng.randint(0, 9), rng.randint(0, 9)) for _ in range(n)]
+    pairs = [(rng.randint(0, max_operand), rng.randint(0, max_operand)) for _ in range(n)]
     return Dataset.from_dict({"prompt": [f"{a}+{b}=" for a, b in pairs], "answer": [str(a + b) for a, b in pairs]})
 
 
@@ -62,16 +74,34 @@ def hub_dataset(name: str, config: Optional[str]):
     raise ValueError(f"data set {name!r} needs 'question' and 'answer' columns (GSM8K layout)")
 
 
+LEADING_NUMBER = re.compile(r"\s*(-?\d+)")
+BARE_NUMBER = re.compile(r"\s*(-?\d+)\s*")
+
+
+def _text(completion) -> str:
+    return completion if isinstance(completion, str) else completion[0]["content"]
+
+
+def _score(m, answer: str) -> float:
+    """1 for the answer, partial credit for a number close to it, 0 for no number."""
+    if m is None:
+        return 0.0
+    return 1.0 if m.group(1) == answer else max(0.05, 0.5 - 0.1 * abs(int(m.group(1)) - int(answer)))
+
+
 def correctness_reward(completions, answer, **_):
     """1 for the right number first; partial credit for a number close to it; 0 for no number."""
-    out = []
-    for c, a in zip(completions, answer):
-        m = re.match(r"\s*(-?\d+)", c if isinstance(c, str) else c[0]["content"])
-        if m is None:
-            out.append(0.0)
-        else:
-            out.append(1.0 if m.group(1) == a else max(0.05, 0.5 - 0.1 * abs(int(m.group(1)) - int(a))))
-    return out
+    return [_score(LEADING_NUMBER.match(_text(c)), a) for c, a in zip(completions, answer)]
+
+
+def strict_reward(completions, answer, **_):
+    """As correctness, but the completion must be the bare number (the sequence ends right after it).
+
+    Anything else scores 0, so a policy cannot keep the credit for a leading number while it learns
+    to avoid ending the sequence after wrong ones ('correctness' lets a GRPO run do that: it then
+    drifts into trailing junk and its reward collapses).
+    """
+    return [_score(BARE_NUMBER.fullmatch(_text(c)), a) for c, a in zip(completions, answer)]
 
 
 def digits_reward(completions, **_):
@@ -83,54 +113,74 @@ def digits_reward(completions, **_):
     return out
 
 
-REWARDS = {"correctness": correctness_reward, "digits": digits_reward}
+REWARDS = {"correctness": correctness_reward, "strict": strict_reward, "digits": digits_reward}
 
 
 # --- the tiny model and its warm-up ---------------------------------------------------------------------------------
 
-def tiny_model(path: Path, family: str, warmup_steps: int, seed: int) -> str:
-    """Build a tiny model (once) and teach it the answer format with a short SFT."""
+def sloppy_teacher(rng: random.Random, n: int, max_operand: int, error_rate: float) -> list:
+    """n SFT examples 'a+b=s<eos>': s is the sum, or one too high with probability error_rate."""
+    texts = []
+    for _ in range(n):
+        a, b = rng.randint(0, max_operand), rng.randint(0, max_operand)
+        texts.append(f"{a}+{b}={a + b + (rng.random() < error_rate)}<eos>")
+    return texts
+
+
+def tiny_model(path: Path, family: str, warmup_steps: int, seed: int, error_rate: float = 0.3,
+               max_operand: int = 9) -> str:
+    """Build a tiny model (once per settings) and warm it up on the task with a short SFT.
+
+    The warm-up data come from a sloppy teacher: a share `error_rate` of its answers are one too
+    high. The model learns the sums and the mistake; sampled, it is often one too high, which the
+    GRPO run's reward (1 for the sum, 0.4 for one off) then trains away.
+    """
+    import json
+
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from onpolicy.tiny import make_tiny_model
 
-    done = path / ".warm"
-    if done.exists():
+    done = path / ".warm"  # holds the settings it was built with: other settings rebuild it
+    key = json.dumps({"family": family, "sft_warmup_steps": warmup_steps, "seed": seed, "sft_error_rate": error_rate,
+                      "max_operand": max_operand, "version": 2}, sort_keys=True)  # version: of this warm-up code
+
+    def ready():
+        return done.exists() and done.read_text() == key
+
+    if ready():
         return str(path)
     if int(os.environ.get("LOCAL_RANK", "0")) != 0:  # several processes: local rank 0 builds, the others wait
         import time
 
         deadline = time.time() + 1800
-        while not done.exists():
+        while not ready():
             if time.time() > deadline:
                 raise TimeoutError(f"local rank 0 did not finish building the tiny model in {path} within 30 min")
             time.sleep(1)
         return str(path)
+    done.unlink(missing_ok=True)
     make_tiny_model(path, family, dtype=torch.float32, head_scale=1.0, seed=seed)
     if warmup_steps:
         tok = AutoTokenizer.from_pretrained(path)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-        opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+        opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 1 - i / warmup_steps)  # linear decay: settles
         rng = random.Random(seed)
         from tqdm import tqdm
 
         for _ in tqdm(range(warmup_steps), desc="SFT warm-up", file=sys.stdout):
-            # mostly right answers, some off by one, so GRPO has something to fix
-            texts = []
-            for _ in range(32):
-                a, b = rng.randint(0, 9), rng.randint(0, 9)
-                s = a + b + (rng.choice([-1, 1]) if rng.random() < 0.3 else 0)
-                texts.append(f"{a}+{b}={s}<eos>")
-            batch = tok(texts, return_tensors="pt", padding=True)
+            batch = tok(sloppy_teacher(rng, 64, max_operand, error_rate), return_tensors="pt", padding=True)
             labels = batch.input_ids.masked_fill(batch.attention_mask == 0, -100)
             loss = model(**batch, labels=labels).loss
             loss.backward()
             opt.step()
             opt.zero_grad()
+            sched.step()
         model.save_pretrained(path)
     AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(torch.bfloat16).save_pretrained(path)
-    done.touch()
+    done.write_text(key)
     return str(path)
 
 
@@ -146,30 +196,53 @@ def train(recipe: RecipeArgs, cfg, model: str, dataset, mode: str, run_dir: Path
     return run_dir / "metrics.jsonl"
 
 
-def summary(paths):
+def reward_rise(rows, k: int = 3):
+    """(mean reward of the first k steps, of the last k steps), or None when the run has fewer than 2k steps."""
+    rewards = [r["reward_mean"] for r in rows if r.get("reward_mean") is not None]
+    if len(rewards) < 2 * k:
+        return None
+    return sum(rewards[:k]) / k, sum(rewards[-k:]) / k
+
+
+def summary(paths, max_rows: int = 24):
     import json
 
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title="onpolicy GRPO: sampler vs trainer, per step")
+    runs = [(name, [json.loads(line) for line in Path(p).read_text().splitlines()]) for name, p in paths]
+    longest = max((len(rows) for _, rows in runs), default=0)
+    every = 1 if longest <= max_rows else 10  # long runs: the first 3 steps, every 10th, the last 3
+    table = Table(title="onpolicy GRPO: sampler vs trainer, per step",
+                  caption=None if every == 1 else "(first 3, every 10th and last 3 steps; all in metrics.jsonl)")
     for c in ("run", "step", "tokens", "bitwise equal", "max |Δlogp|", "KL k3", "IS ratio range", "reward"):
         table.add_column(c, justify="right")
-    for name, p in paths:
-        for line in Path(p).read_text().splitlines():
-            r = json.loads(line)
+    for name, rows in runs:
+        for i, r in enumerate(rows):
+            if every > 1 and not (i < 3 or i >= len(rows) - 3 or r["step"] % every == 0):
+                continue
             table.add_row(name, str(r["step"]), str(r["tokens"]), f"{100 * r['bitwise_equal_frac']:.1f}%",
                           f"{r['logp_abs_diff_max']:.2e}", f"{r['kl_k3']:.2e}",
                           f"{r['is_ratio_min']:.6g}..{r['is_ratio_max']:.6g}",
                           "-" if r.get("reward_mean") is None else f"{r['reward_mean']:.3f}")
     console = Console()
     console.print(table)
-    for name, p in paths:
-        times = [json.loads(line)["time"] for line in Path(p).read_text().splitlines()]
+    for name, rows in runs:
+        if not rows:
+            continue
+        equal = sum(r["bitwise_equal_frac"] == 1.0 for r in rows)
+        console.print(f"{name}: all tokens bitwise equal at {equal} of {len(rows)} steps (worst step "
+                      f"{100 * min(r['bitwise_equal_frac'] for r in rows):.1f}%), max |Δlogp| "
+                      f"{max(r['logp_abs_diff_max'] for r in rows):.2e}", soft_wrap=True)
+        rise = reward_rise(rows)
+        if rise is not None:
+            console.print(f"{name}: reward: first-3-steps mean {rise[0]:.3f} -> last-3-steps mean {rise[1]:.3f} "
+                          f"({rise[1] - rise[0]:+.3f})", soft_wrap=True)
+        times = [r["time"] for r in rows]
         gaps = sorted(b - a for a, b in zip(times, times[1:]))
         if gaps:  # one gap = one optimizer step + the next generation (the first step's warm-up excluded)
             console.print(f"{name}: step time {gaps[len(gaps) // 2]:.3f} s (median of {len(gaps)} steps after the "
-                          f"first; min {gaps[0]:.3f}, max {gaps[-1]:.3f})")
+                          f"first; min {gaps[0]:.3f}, max {gaps[-1]:.3f})", soft_wrap=True)
 
 
 def main(argv=None):
@@ -184,9 +257,10 @@ def main(argv=None):
     root = Path(recipe.run_dir)
     model = recipe.model
     if model == "tiny":
-        model = tiny_model(root / "tiny-model", recipe.family, recipe.sft_warmup_steps, cfg.seed)
+        model = tiny_model(root / "tiny-model", recipe.family, recipe.sft_warmup_steps, cfg.seed,
+                           recipe.sft_error_rate, recipe.max_operand)
     cfg.model_init_kwargs = {**(cfg.model_init_kwargs or {}), "dtype": "bfloat16"}
-    data = (arithmetic_dataset(recipe.num_prompts, cfg.seed) if recipe.dataset == "arithmetic"
+    data = (arithmetic_dataset(recipe.num_prompts, cfg.seed, recipe.max_operand) if recipe.dataset == "arithmetic"
             else hub_dataset(recipe.dataset, recipe.dataset_config))
     name = "control" if recipe.onpolicy == "off" else "onpolicy"
     run_dir = root / name

@@ -1,6 +1,11 @@
-"""The GRPO recipe (issue 6), short version on CPU: bitwise at every step across weight syncs; the control is not."""
+"""The GRPO recipe (issue 6), short version on CPU: bitwise at every step across weight syncs; the control is not.
+
+Also the demo's task, rewards and summary on known inputs (the demo's rising reward itself takes
+minutes, so it is measured by running the demo, see the README, not here)."""
+import importlib.util
 import json
 import os
+import random
 import subprocess
 import sys
 from pathlib import Path
@@ -14,12 +19,89 @@ def _rows(path):
     return [json.loads(line) for line in Path(path).read_text().splitlines()]
 
 
+@pytest.fixture(scope="module")
+def recipe():
+    spec = importlib.util.spec_from_file_location("onpolicy_recipe_grpo", ROOT / "recipes" / "grpo.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses look their module up
+    try:
+        spec.loader.exec_module(mod)
+        yield mod
+    finally:
+        sys.modules.pop(spec.name, None)
+
+
+def test_rewards_on_known_completions(recipe):
+    answers = ["4"] * 7
+    completions = ["4", " 4 ", "5", "2", "4=2", "", "x4"]
+    assert recipe.correctness_reward(completions, answers) == pytest.approx([1, 1, 0.4, 0.3, 1, 0, 0])
+    # strict: the completion must be the bare number; trailing junk scores 0, not the leading number's credit
+    assert recipe.strict_reward(completions, answers) == pytest.approx([1, 1, 0.4, 0.3, 0, 0, 0])
+    assert recipe.strict_reward(["13", "40", "-4"], ["4", "4", "4"]) == pytest.approx([0.05, 0.05, 0.05])
+    chat = [[{"role": "assistant", "content": "5"}], [{"role": "assistant", "content": "4."}]]
+    assert recipe.strict_reward(chat, ["5", "5"]) == [1.0, 0.0]
+    assert recipe.digits_reward(["12ab", "", "77"]) == [0.5, 0.0, 1.0]
+    assert set(recipe.REWARDS) == {"correctness", "strict", "digits"}
+
+
+def test_arithmetic_task_and_sloppy_teacher(recipe):
+    ds = recipe.arithmetic_dataset(400, seed=3, max_operand=4)
+    assert ds.column_names == ["prompt", "answer"] and len(ds) == 400
+    pairs = {(int(p[0]), int(p[2])) for p in ds["prompt"]}
+    assert pairs == {(a, b) for a in range(5) for b in range(5)}  # all 25 prompts, nothing above 4
+    assert all(p == f"{p[0]}+{p[2]}=" and a == str(int(p[0]) + int(p[2])) for p, a in zip(ds["prompt"], ds["answer"]))
+    assert recipe.arithmetic_dataset(50, seed=3, max_operand=4)["prompt"] == ds["prompt"][:50]  # seeded
+    assert max(int(p[0]) for p in recipe.arithmetic_dataset(400, seed=0)["prompt"]) == 9  # default: 0..9
+    with pytest.raises(ValueError):
+        recipe.arithmetic_dataset(4, seed=0, max_operand=10)
+    texts = recipe.sloppy_teacher(random.Random(0), 2000, 4, 0.75)
+    off = []
+    for t in texts:
+        q, s = t.removesuffix("<eos>").split("=")
+        a, b = map(int, q.split("+"))
+        assert a <= 4 and b <= 4 and int(s) - (a + b) in (0, 1)
+        off.append(int(s) - (a + b))
+    assert 0.72 < sum(off) / len(off) < 0.78
+    assert all(t.endswith("=" + str(sum(map(int, t[:3].split("+")))) + "<eos>")
+               for t in recipe.sloppy_teacher(random.Random(0), 100, 9, 0.0))
+
+
+def test_summary_reports_the_reward_rise(recipe, tmp_path, capsys):
+    rows = []
+    for step in range(1, 41):
+        rows.append({"step": step, "time": 1000.0 + step, "tokens": 10, "bitwise_equal_frac": 1.0,
+                     "logp_abs_diff_max": 0.0, "kl_k3": 0.0, "is_ratio_min": 1.0, "is_ratio_max": 1.0,
+                     "reward_mean": 0.5 if step <= 3 else (0.9 if step > 37 else 0.7)})
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert recipe.reward_rise(rows) == pytest.approx((0.5, 0.9))
+    assert recipe.reward_rise(rows[:5]) is None
+    recipe.summary([("onpolicy", tmp_path / "metrics.jsonl")])
+    out = capsys.readouterr().out
+    assert "onpolicy: reward: first-3-steps mean 0.500 -> last-3-steps mean 0.900 (+0.400)" in out
+    assert "onpolicy: all tokens bitwise equal at 40 of 40 steps (worst step 100.0%)" in out
+    shown = [line.split("│")[2].strip() for line in out.splitlines() if line.startswith("│ onpolicy │")]
+    assert shown == ["1", "2", "3", "10", "20", "30", "38", "39", "40"] and "every 10th" in out  # long runs: sampled
+
+
+def test_tiny_model_is_rebuilt_when_its_warm_up_settings_change(recipe, tmp_path):
+    path = tmp_path / "tiny"
+    recipe.tiny_model(path, "qwen3", 0, 0)
+    weights = path / "model.safetensors"
+    first = weights.stat().st_mtime_ns
+    recipe.tiny_model(path, "qwen3", 0, 0)  # same settings: reused
+    assert weights.stat().st_mtime_ns == first
+    recipe.tiny_model(path, "qwen3", 2, 0, error_rate=0.75, max_operand=4)  # other settings: rebuilt
+    assert weights.stat().st_mtime_ns != first
+    assert json.loads((path / ".warm").read_text())["sft_warmup_steps"] == 2
+
+
 @pytest.mark.vllm
 def test_recipe_is_bitwise_every_step_and_the_control_is_not(tmp_path):
     env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
     env.pop("ONPOLICY_VLLM", None)
     cmd = ["accelerate", "launch", "--config_file", "recipes/accelerate/cpu.yaml", "recipes/grpo.py",
            "--config", "recipes/cpu_demo.yaml", "--max_steps", "3", "--sft_warmup_steps", "40",
+           "--warmup_steps", "0",  # the demo's lr warm-up would make the first update 0
            "--run_dir", str(tmp_path), "--report_to", "none"]
     r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
     assert r.returncode == 0, (r.stdout[-3000:], r.stderr[-5000:])
@@ -50,7 +132,8 @@ def test_recipe_two_ranks_with_vllm_tensor_parallel_2_is_bitwise(tmp_path):
     env.pop("ONPOLICY_VLLM", None)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "recipes/grpo.py",
            "--config", "recipes/cpu_demo.yaml", "--max_steps", "3", "--sft_warmup_steps", "40",
-           "--per_device_train_batch_size", "8", "--vllm_tensor_parallel_size", "2", "--control", "false",
+           "--per_device_train_batch_size", "8", "--warmup_steps", "0", "--vllm_tensor_parallel_size", "2",
+           "--control", "false",
            "--vllm_gpu_memory_utilization", "0.05", "--run_dir", str(tmp_path), "--report_to", "none"]
     r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
     assert r.returncode == 0, (r.stdout[-3000:], r.stderr[-5000:])
