@@ -70,7 +70,7 @@ import torch
 
 from ._cpu import ROW_TILE, chunked, next_pow2, round_up
 from ._dispatch import check_float, custom_op, use_triton
-from ._triton import HAS_TRITON, require_triton, tl, triton
+from ._triton import HAS_TRITON, num_sms, require_triton, tl, triton
 
 KV_TILE = 64  # key positions per online-softmax step: fixed, part of the bits.
 Q_TILE = 64  # query rows (positions x grouped heads) per GPU program: fixed.
@@ -257,7 +257,7 @@ if HAS_TRITON:
 
     @triton.jit(do_not_specialize=["num_seqs"])
     def _combine_kernel(o_ptr, cuq_ptr, sl_ptr, pm_ptr, pl_ptr, pacc_ptr, num_seqs, Hq, so_t, so_h, sp_s, sp_t,
-                        G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr,
+                        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr,
                         CAUSAL: tl.constexpr, SPLIT: tl.constexpr):
         # One program per query token (all its heads): fold the token's splits in order
         # with the same _fold as the single-pass kernel.
@@ -269,7 +269,6 @@ if HAS_TRITON:
             lo = tl.where(tl.load(cuq_ptr + mid) <= t, mid, lo)
             hi = tl.where(tl.load(cuq_ptr + mid) <= t, hi, mid)
         b = lo
-        q_start = tl.load(cuq_ptr + b)
         q_end = tl.load(cuq_ptr + b + 1)
         if t < q_end:  # tokens past the last sequence (padding) belong to none
             seq_len = tl.load(sl_ptr + b)
@@ -313,15 +312,6 @@ if HAS_TRITON:
         tl.store(vc_ptr + blk * scv_b + off * scv_s + h[:, None] * scv_h + d[None, :], v, mask=mask)
 
 
-_SM_COUNT: dict = {}
-
-
-def _sm_count(device) -> int:
-    if device not in _SM_COUNT:
-        _SM_COUNT[device] = torch.cuda.get_device_properties(device).multi_processor_count
-    return _SM_COUNT[device]
-
-
 def use_split(programs: int, n_split: int, row_elems: int, sms: int) -> bool:
     """The GPU's launch choice, from shapes only (never from lengths on the device, so a
     CUDA graph captured for a batch size fits every replay): split the KV when the one-pass
@@ -354,7 +344,7 @@ def _attention_triton(q, k_cache, v_cache, block_table, cu_q, seq_lens, scale, c
     # sequence's keys exit at once.
     n_split = -(-block_table.shape[1] * k_cache.shape[1] // KV_SPLIT)
     if split is None:
-        split = q.is_cuda and use_split(tiles * Hkv, n_split, T * Hq * D, _sm_count(q.device))
+        split = q.is_cuda and use_split(tiles * Hkv, n_split, T * Hq * D, num_sms(q.device))
     block_d = triton.next_power_of_2(D)
     if split:
         pm = torch.empty((n_split, T, Hq), dtype=torch.float32, device=q.device)
@@ -378,7 +368,7 @@ def _attention_triton(q, k_cache, v_cache, block_table, cu_q, seq_lens, scale, c
     if split:
         _combine_kernel[(T,)](
             out, cu_q, seq_lens, pm, pl, pacc, B, Hq, out.stride(0), out.stride(1), T * Hq, Hq,
-            G=G, HEAD_DIM=D, BLOCK_D=block_d, BLOCK_H=triton.next_power_of_2(Hq), CAUSAL=bool(causal),
+            HEAD_DIM=D, BLOCK_D=block_d, BLOCK_H=triton.next_power_of_2(Hq), CAUSAL=bool(causal),
             SPLIT=KV_SPLIT, num_warps=4,
         )
     return out

@@ -25,7 +25,7 @@ import torch
 
 from ._cpu import tiled_matmul
 from ._dispatch import check_float, check_same, custom_op, use_triton
-from ._triton import HAS_TRITON, require_triton, tl, triton
+from ._triton import HAS_TRITON, num_sms, require_triton, tl, triton
 
 # A tile configuration is (max M, BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)
 # or the same with a 7th field, the kernel variant: "ptr" (the default: pointer
@@ -116,11 +116,6 @@ def variant_of(tile: tuple) -> str:
 @functools.lru_cache(maxsize=None)
 def _is_hopper(index: int) -> bool:
     return torch.cuda.get_device_capability(index)[0] == 9
-
-
-@functools.lru_cache(maxsize=None)
-def _num_sms(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def tile_for(m: int, device: torch.device, n: Optional[int] = None, k: Optional[int] = None) -> tuple:
@@ -270,7 +265,7 @@ def linear_triton(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], t
         from triton.tools.tensor_descriptor import TensorDescriptor
 
         if variant == "persistent":
-            sms = _num_sms(x.device.index if x.device.index is not None else torch.cuda.current_device()) if x.is_cuda else 4
+            sms = num_sms(x.device) if x.is_cuda else 4
             programs = min(sms, num_tiles)
         else:
             programs = num_tiles
