@@ -218,11 +218,10 @@ async def run(url: str, model: str, schedule: list, *, concurrency: int, request
         wall = time.perf_counter() - t0
 
     out, probes = [], []
+    late = f"not finished within {run_timeout:.0f} s"
     for item, res in zip(schedule, results):
         if isinstance(item, Job):
-            late = f"not finished within {run_timeout:.0f} s"
             out.append(res if res is not None else Result(item, False, error=late))
         else:
-            probes.append(res if res is not None else
-                          ProbeResult(item.case, item.round, None, f"not finished within {run_timeout:.0f} s", False))
+            probes.append(res if res is not None else ProbeResult(item.case, item.round, None, late, False))
     return out, probes, wall
