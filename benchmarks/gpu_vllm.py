@@ -109,19 +109,28 @@ def accept(path: str):
               f"{list(alone.token_ids) == list(got.token_ids)}, identical logprobs {same_lp}", flush=True)
 
 
-def throughput(path: str, conf: str, loads: str = "1000x100"):
-    """One engine for `conf`; each load in `loads` ("NxT,NxT...": prompts x tokens) timed in turn."""
+def engine(path: str, conf: str, max_tokens: int):
+    """An in-process engine in configuration `conf` (default | batch_invariant | onpolicy)."""
     if conf == "batch_invariant":
         os.environ["VLLM_BATCH_INVARIANT"] = "1"
     elif conf == "onpolicy":
         import onpolicy.vllm_plugin as plugin
 
         plugin.enable()
-    from vllm import LLM, SamplingParams
+    elif conf != "default":
+        raise SystemExit(f"unknown configuration {conf!r}: default | batch_invariant | onpolicy")
+    from vllm import LLM
+
+    return LLM(model=path, dtype="bfloat16", max_model_len=max(1024, max_tokens + 64), seed=0,
+               gpu_memory_utilization=0.6)
+
+
+def throughput(path: str, conf: str, loads: str = "1000x100"):
+    """One engine for `conf`; each load in `loads` ("NxT,NxT...": prompts x tokens) timed in turn."""
+    from vllm import SamplingParams
 
     shapes = [tuple(int(x) for x in load.split("x")) for load in loads.split(",")]
-    llm = LLM(model=path, dtype="bfloat16", max_model_len=max(1024, max(t for _, t in shapes) + 64), seed=0,
-              gpu_memory_utilization=0.6)
+    llm = engine(path, conf, max(t for _, t in shapes))
     # Warm-up at each load's batch size (other prompts, 16 tokens): the Triton kernels compile
     # once per tile configuration and M specialization, on first use; vLLM's JIT monitor showed
     # onpolicy's linear kernels compiling inside a timed run warmed up with 32 prompts only.
@@ -141,16 +150,10 @@ def throughput(path: str, conf: str, loads: str = "1000x100"):
 def profile(path: str, conf: str, load: str = "256x128"):
     """Where the GPU time goes: torch.profiler over one load, top kernels by GPU time."""
     import torch
-
-    if conf == "onpolicy":
-        import onpolicy.vllm_plugin as plugin
-
-        plugin.enable()
-    from vllm import LLM, SamplingParams
+    from vllm import SamplingParams
 
     n_prompts, n_tokens = (int(x) for x in load.split("x"))
-    llm = LLM(model=path, dtype="bfloat16", max_model_len=max(1024, n_tokens + 64), seed=0,
-              gpu_memory_utilization=0.6)
+    llm = engine(path, conf, n_tokens)
     ps = prompts(n_prompts, 150000, seed=1)
     sp = SamplingParams(temperature=1.0, max_tokens=n_tokens, ignore_eos=True)
     llm.generate([{"prompt_token_ids": p} for p in ps[:32]], sp, use_tqdm=False)
