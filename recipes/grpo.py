@@ -106,11 +106,8 @@ def strict_reward(completions, answer, **_):
 
 def digits_reward(completions, **_):
     """Share of the completion's characters that are digits (for runs on untrained models)."""
-    out = []
-    for c in completions:
-        text = c if isinstance(c, str) else c[0]["content"]
-        out.append(sum(ch.isdigit() for ch in text) / max(1, len(text)))
-    return out
+    texts = [_text(c) for c in completions]
+    return [sum(ch.isdigit() for ch in t) / max(1, len(t)) for t in texts]
 
 
 REWARDS = {"correctness": correctness_reward, "strict": strict_reward, "digits": digits_reward}
