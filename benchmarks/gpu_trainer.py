@@ -1,12 +1,13 @@
 """Trainer side on the GPU at a Qwen3-1.7B-like shape (issue 4): bitwise properties + step time/memory.
 
-    python benchmarks/gpu_trainer.py [--layers 28] [--batch 8] [--seq 512]
+    python benchmarks/gpu_trainer.py [--layers 28] [--batch 8] [--seq 512] [--profile] [--skip-checks]
 
 Checks (torch.equal): one full-sequence forward == prefill + token-by-token
 decode with a KV cache; a sequence alone == in a padded batch == in a packed
 batch. Then times a training step (forward + backward of the token logprobs of
 a padded batch) of the patched vs the unpatched model (transformers' SDPA),
 side by side in one process, and prints the ratios of time and peak memory.
+--profile adds, for one step of each, the GPU kernels that take the most time.
 """
 from __future__ import annotations
 
@@ -102,19 +103,39 @@ def bench_step(model, ids, mask, patched, iters=5):
     return times[len(times) // 2], torch.cuda.max_memory_allocated() / 2**30
 
 
+def profile_step(model, ids, mask, patched, top=22):
+    from torch.profiler import ProfilerActivity, profile
+
+    for p in model.parameters():
+        p.grad = None
+    step_fn(model, ids, mask, patched)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+        step_fn(model, ids, mask, patched)
+        torch.cuda.synchronize()
+    ev = [e for e in prof.key_averages() if e.device_time_total > 0 and not e.key.startswith(("aten::", "onpolicy::"))]
+    total = sum(e.device_time_total for e in ev)
+    print(f"profile ({'onpolicy' if patched else 'unpatched'}): GPU kernel time {total / 1e3:.1f} ms")
+    for e in sorted(ev, key=lambda e: -e.device_time_total)[:top]:
+        print(f"  {e.device_time_total / 1e3:8.2f} ms {e.count:6d}x  {e.key[:110]}")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--layers", type=int, default=28)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=512)
+    ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--skip-checks", action="store_true")
     a = ap.parse_args()
     import onpolicy
 
     model = build(a.layers)
     print(f"model: Qwen3-1.7B shape, {a.layers} layers, {sum(p.numel() for p in model.parameters()) / 1e9:.2f}B params",
           flush=True)
-    for k, v in check_bitwise(model, a.seq).items():
-        print(f"bitwise: {k}: {v}", flush=True)
+    if not a.skip_checks:
+        for k, v in check_bitwise(model, a.seq).items():
+            print(f"bitwise: {k}: {v}", flush=True)
     g = torch.Generator(device="cuda").manual_seed(2)
     ids = torch.randint(10, 150000, (a.batch, a.seq), device="cuda", generator=g)
     mask = torch.ones_like(ids)
@@ -132,6 +153,11 @@ def main():
           f"{t_pat / min(t_ref, t_ref2):.3f}x |")
     print(f"| peak memory | {m_ref:.2f} GiB | {m_pat:.2f} GiB | {m_pat / m_ref:.3f}x |")
     print(f"device: {torch.cuda.get_device_name()}")
+    if a.profile:
+        profile_step(model, ids, mask, patched=False)
+        onpolicy.patch_model(model)
+        profile_step(model, ids, mask, patched=True)
+        onpolicy.unpatch_model(model)
 
 
 if __name__ == "__main__":

@@ -57,9 +57,11 @@ them); sampler and trainer must run on the same path.
 
 Not supported (a clear error names them): sliding window, logit soft-capping,
 ALiBi, attention sinks, dropout, quantized (fp8) caches. Backward (only
-`attention_contiguous`): recomputed with a standard attention (fast, not
-invariant: only the forward must be), torch SDPA on length-bucketed padded
-batches (`standard_attention`).
+`attention_contiguous`): a standard attention's gradient (fast, not invariant:
+only the forward must be). On CUDA in fp16/bf16, PyTorch's FlashAttention
+varlen kernels on the packed tensors (its forward for the log-sum-exp, then its
+backward); elsewhere torch SDPA on length-bucketed padded batches
+(`standard_attention`).
 """
 from __future__ import annotations
 
@@ -631,8 +633,29 @@ def _setup_contig(ctx, inputs, output):
     ctx.scale = scale
 
 
+def _flash_ok(q: torch.Tensor) -> bool:
+    """Whether PyTorch's FlashAttention (varlen, GQA) can take the backward."""
+    return (q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] <= 256
+            and q.shape[-1] % 8 == 0 and torch.cuda.get_device_capability(q.device)[0] >= 8
+            and hasattr(torch.ops.aten, "_flash_attention_backward"))
+
+
+def _flash_backward(q, k, v, cu, scale, g):
+    """d(q, k, v) by FlashAttention's varlen kernels on the packed tensors: its forward
+    (for the log-sum-exp its backward needs) then its backward. No padding, no copies."""
+    cu = cu.to(torch.int32)
+    max_len = int((cu[1:] - cu[:-1]).max())
+    out, lse, rng, unused, _ = torch.ops.aten._flash_attention_forward(
+        q, k, v, cu, cu, max_len, max_len, 0.0, True, False, scale=scale)
+    return torch.ops.aten._flash_attention_backward(
+        g.contiguous(), q, k, v, out, lse, cu, cu, max_len, max_len, 0.0, True, rng, unused, scale=scale)
+
+
 def _backward_contig(ctx, g):
     q, k, v, cu = ctx.saved_tensors
+    if _flash_ok(q) and q.shape[0]:
+        gq, gk, gv = _flash_backward(q, k, v, cu, ctx.scale, g.to(q.dtype))
+        return gq, gk, gv, None, None
     with torch.enable_grad():
         qd, kd, vd = (t.detach().requires_grad_(True) for t in (q, k, v))
         out = standard_attention(qd, kd, vd, cu, ctx.scale)

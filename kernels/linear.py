@@ -150,7 +150,10 @@ if HAS_TRITON:
         pid_n = (pid % group) // gsize
         return pid_m, pid_n
 
-    @triton.jit
+    # M and the persistent program count vary with the batch: not specialized, so one
+    # compiled kernel per tile configuration serves every M (no JIT compile when a
+    # new batch size first arrives, e.g. inside a timed rollout).
+    @triton.jit(do_not_specialize=["M"])
     def _linear_kernel(
         x_ptr, w_ptr, b_ptr, o_ptr, M, N, K,
         sxm, sxk, swn, swk, som, son,
@@ -185,7 +188,7 @@ if HAS_TRITON:
         tl.store(ob + rm[:, None] * som + rn[None, :] * son, acc.to(o_ptr.dtype.element_ty),
                  mask=mmask[:, None] & nmask[None, :])
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["M", "NUM_PROGRAMS"])
     def _linear_tma_kernel(
         x_desc, w_desc, o_desc, b_ptr, M, N, K,
         HAS_BIAS: tl.constexpr, OUT_BF16: tl.constexpr,
@@ -317,6 +320,33 @@ def _backward(ctx, grad):
 
 
 _linear_op.register_autograd(_backward, setup_context=_setup)
+
+
+def warm_up_rows(n: int, max_rows: int, device: torch.device) -> list[int]:
+    """Row counts that make `linear` run every tile configuration it can pick for an
+    [n, K] weight and 1..max_rows rows on `device`: the smallest M of each M bucket.
+    Empty off CUDA (nothing to compile)."""
+    if torch.device(device).type != "cuda" or max_rows < 1:
+        return []
+    rows, seen, m = [], set(), 1
+    while m <= max_rows:
+        tile = tile_for(m, device, n)
+        if tile not in seen:
+            seen.add(tile)
+            rows.append(m)
+        m = tile[0] + 1
+    return rows
+
+
+def warm_up(weight: torch.Tensor, bias: Optional[torch.Tensor], max_rows: int) -> int:
+    """Compile (by running once, on zeros) every kernel `linear(x, weight, bias)` can
+    launch for 1..max_rows rows of a contiguous x, so that none compiles later inside
+    a timed or CUDA-graph-captured run. Returns the number of calls made."""
+    rows = warm_up_rows(weight.shape[0], max_rows, weight.device)
+    with torch.no_grad():
+        for m in rows:
+            linear(weight.new_zeros(m, weight.shape[1]), weight, bias)
+    return len(rows)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:

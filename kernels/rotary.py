@@ -67,7 +67,7 @@ if HAS_TRITON:
     @triton.jit
     def _rotary_kernel(x_ptr, o_ptr, pos_ptr, cache_ptr, H, D, sxt, sxh, sot, soh, scache,
                        ROT_HALF: tl.constexpr, IS_NEOX: tl.constexpr, BLOCK_H: tl.constexpr,
-                       BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+                       BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, INVERSE: tl.constexpr):
         t = tl.program_id(0).to(tl.int64)
         pos = tl.load(pos_ptr + t).to(tl.int64)
         h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
@@ -75,6 +75,8 @@ if HAS_TRITON:
         rmask = r < ROT_HALF
         cos = tl.load(cache_ptr + pos * scache + r, mask=rmask, other=0.0)
         sin = tl.load(cache_ptr + pos * scache + ROT_HALF + r, mask=rmask, other=0.0)
+        if INVERSE:  # the backward: rotate by -angle
+            sin = -sin
         if IS_NEOX:
             i1 = r
             i2 = r + ROT_HALF
@@ -96,7 +98,7 @@ if HAS_TRITON:
         tl.store(ob + d[None, :], tl.load(xb + d[None, :], mask=pm, other=0.0), mask=pm)
 
 
-def _rotate_triton(positions, x, cache, is_neox):
+def _rotate_triton(positions, x, cache, is_neox, inverse=False):
     require_triton()
     if x.stride(-1) != 1:  # the kernel addresses a head's dims with stride 1
         x = x.contiguous()
@@ -109,7 +111,7 @@ def _rotate_triton(positions, x, cache, is_neox):
         _rotary_kernel[(T, triton.cdiv(H, BLOCK_H))](
             x, out, positions, cache, H, D, x.stride(0), x.stride(1), out.stride(0), out.stride(1), cache.stride(0),
             ROT_HALF=half, IS_NEOX=is_neox, BLOCK_H=BLOCK_H, BLOCK_R=triton.next_power_of_2(half),
-            BLOCK_D=max(16, triton.next_power_of_2(max(D - 2 * half, 1))), num_warps=4,
+            BLOCK_D=max(16, triton.next_power_of_2(max(D - 2 * half, 1))), INVERSE=inverse, num_warps=4,
         )
     return out
 
@@ -169,9 +171,10 @@ def _setup(ctx, inputs, output):
 
 def _backward(ctx, gq, gk):
     positions, cache = ctx.saved_tensors
-    # The rotation is orthogonal: its gradient is the inverse rotation (plain torch ops).
-    gq = _rotate_cpu(positions, gq, cache, ctx.is_neox, inverse=True)
-    gk = _rotate_cpu(positions, gk, cache, ctx.is_neox, inverse=True)
+    # The rotation is orthogonal: its gradient is the inverse rotation.
+    rotate = _rotate_triton if use_triton(gq) else _rotate_cpu
+    gq = rotate(positions, gq, cache, ctx.is_neox, inverse=True)
+    gk = rotate(positions, gk, cache, ctx.is_neox, inverse=True)
     return None, gq, gk, None, None
 
 

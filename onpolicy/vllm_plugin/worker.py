@@ -43,8 +43,49 @@ class OnpolicyWorkerMixin:
         # vLLM's warm-up samples its own requests with every sampling feature on
         # (0.26: SamplingParams.for_sampler_warmup(), logprobs with top-k/top-p/
         # min-p); the sampler must not refuse those.
+        warm_up_linears(self)
         with sampler_warmup(getattr(self, "model_runner", None)):
             return super().compile_or_warm_up_model(*args, **kwargs)  # type: ignore[misc]
+
+
+def warm_up_linears(worker) -> None:
+    """Compile every linear kernel the model can launch, before vLLM captures graphs or serves.
+
+    vLLM's own warm-up runs a few batch sizes; the linear kernel picks its tile
+    configuration per M bucket, so a bucket vLLM never ran (e.g. a prefill of
+    600 tokens) would compile on first use, seconds inside a live rollout. One
+    call per (weight shape, bucket) up to max_num_batched_tokens rows (the LM
+    head: max_num_seqs) compiles them all; Triton caches them on disk too.
+    """
+    import time
+
+    from onpolicy_kernels.linear import warm_up
+
+    from .linear import classes
+
+    runner = getattr(worker, "model_runner", None)
+    sched = getattr(getattr(worker, "vllm_config", None), "scheduler_config", None)
+    if runner is None or sched is None:
+        return
+    model = runner.get_model() if hasattr(runner, "get_model") else runner.model
+    lin = classes()
+    start, calls, seen = time.perf_counter(), 0, set()
+    for m in model.modules():
+        method = getattr(m, "quant_method", None)
+        head = isinstance(method, lin["OnpolicyHeadMethod"])
+        if not (head or isinstance(method, lin["OnpolicyLinearMethod"])):
+            continue
+        w = m.weight
+        b = None if head else getattr(m, "bias", None)
+        if not w.is_cuda:
+            return
+        key = (tuple(w.shape), w.dtype, b is not None, head)
+        if key in seen:
+            continue
+        seen.add(key)
+        calls += warm_up(w, b, sched.max_num_seqs if head else sched.max_num_batched_tokens)
+    logger.info("onpolicy: linear kernels warmed up (%d weight shapes, %d calls, %.1f s)", len(seen), calls,
+                time.perf_counter() - start)
 
 
 @contextlib.contextmanager

@@ -204,7 +204,7 @@ def test_reshape_and_cache_gpu():
 
 def test_gradients_vs_float64():
     Hq, Hkv, D = 16, 8, 128
-    lens = [100, 300, 37]
+    lens = [100, 0, 300, 37]  # an empty sequence too: the flash varlen backward must skip it
     cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32, device=DEV)
     T = sum(lens)
     g = gen(0)

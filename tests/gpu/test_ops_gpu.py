@@ -33,7 +33,7 @@ def _batches(probes, ms, g):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=IDS)
-@pytest.mark.parametrize("H", [2048, 4096, 1536])
+@pytest.mark.parametrize("H", [2048, 4096, 1536, 128, 100])  # 128/100: several rows per program (q/k norms)
 def test_rms_norm_and_fused_add(dtype, H):
     require_compiled_triton()
     g = torch.Generator(device="cuda").manual_seed(H)
@@ -52,6 +52,22 @@ def test_rms_norm_and_fused_add(dtype, H):
         assert torch.equal(rms_norm(xx, w, 1e-6)[pos], alone[:n])
         o, h = fused_add_rms_norm(xx, rr, w, 1e-6)
         assert torch.equal(o[pos], f_out[:n]) and torch.equal(h[pos], f_h[:n])
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=IDS)
+def test_rms_norm_per_head_views(dtype):
+    """Qwen3's q/k norms on per-head views [T, H, 128] of a fused QKV output, read in place:
+    a token's bits equal its contiguous copy's and do not depend on the number of tokens."""
+    require_compiled_triton()
+    g = torch.Generator(device="cuda").manual_seed(7)
+    w = (1 + 0.1 * torch.randn(128, device="cuda", generator=g)).to(dtype)
+    probes = torch.randn(P, 32 * 128, device="cuda", dtype=dtype, generator=g)
+    alone = torch.cat([rms_norm(probes[i : i + 1, : 16 * 128].view(1, 16, 128), w, 1e-6) for i in range(P)])
+    for x, pos, n in _batches(probes, MS, g):
+        view = x[:, : 16 * 128].view(x.shape[0], 16, 128)
+        out = rms_norm(view, w, 1e-6)
+        assert torch.equal(out, rms_norm(view.contiguous(), w, 1e-6))
+        assert torch.equal(out[pos], alone[:n])
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=IDS)

@@ -181,3 +181,24 @@ def test_fit_smem_keeps_tiles_and_shrinks_only_pipeline():
     bk, st = L._fit_smem(128, 256, 64, 3, 4)
     assert st * (128 + 256) * bk * 4 <= L.SMEM_BUDGET and bk >= 16 and st >= 2
     assert L._fit_smem(64, 64, 32, 3, 2) == (32, 3)  # fits already: unchanged
+
+
+@settings(max_examples=100, deadline=None)
+@given(n=st.integers(1, 300000), max_rows=st.integers(1, 20000))
+def test_warm_up_rows_reach_every_tile_the_batch_can_pick(n, max_rows):
+    """The engine's warm-up runs one M per tile configuration: exactly the set M in 1..max_rows picks."""
+    cuda = torch.device("cuda", 0)
+    with mock.patch.object(L, "_is_hopper", lambda index: True):
+        rows = L.warm_up_rows(n, max_rows, cuda)
+        warmed = [L.tile_for(m, cuda, n) for m in rows]
+        bounds = [0] + [t[0] for t in next(tiles for mn, tiles in L.HOPPER_TABLE if n <= mn)]
+        reachable = {L.tile_for(min(b + 1, max_rows), cuda, n) for b in bounds if b < max_rows}
+    assert all(1 <= m <= max_rows for m in rows)
+    assert len(warmed) == len(set(warmed)), "one call per configuration"
+    assert set(warmed) == reachable
+
+
+def test_warm_up_rows_off_hopper_and_off_cuda():
+    with mock.patch.object(L, "_is_hopper", lambda index: False):
+        assert L.warm_up_rows(4096, 8192, torch.device("cuda", 0)) == [1]
+    assert L.warm_up_rows(4096, 8192, torch.device("cpu")) == []

@@ -121,3 +121,31 @@ def test_zero_rows_and_eps():
     assert out.shape == h.shape == (0, 64)
     x = torch.randn(4, 64)
     assert not torch.equal(rms_norm(x, w, 1e-6), rms_norm(x, w, 10.0))  # eps is used
+
+
+
+def check_per_head_views(dtype, T=7, D=16, seed=11):
+    """q/k per-head views [T, H, D] of a fused QKV output (strided rows, as vLLM's Qwen3 hands
+    them over) are read in place: the same bits as contiguous copies, and gradients land in
+    the fused tensor's q columns only."""
+    g = gen(seed)
+    qkv = randn(T, (4 + 2 + 2) * D, dtype=dtype, g=g, scale=2)
+    w = _weight(D, dtype, g)
+    for lo, heads in ((0, 4), (4, 2)):
+        view = qkv[:, lo * D: (lo + heads) * D].view(T, heads, D)
+        out = rms_norm(view, w, EPS)
+        assert out.shape == view.shape and out.is_contiguous()
+        assert torch.equal(out, rms_norm(view.contiguous(), w, EPS))
+        assert torch.equal(out.view(-1, D), rms_norm(view.reshape(-1, D), w, EPS))
+        assert torch.equal(out[2:5], rms_norm(view[2:5], w, EPS))  # a few tokens alone: the same rows
+    x = qkv.detach().requires_grad_(True)
+    rms_norm(x[:, : 4 * D].view(T, 4, D), w, EPS).float().sum().backward()
+    ref = qkv.detach()[:, : 4 * D].reshape(-1, D).double().requires_grad_(True)
+    _ref(ref, w).sum().backward()
+    assert rel_err(x.grad[:, : 4 * D].reshape(-1, D), ref.grad) < 1e-2
+    assert torch.count_nonzero(x.grad[:, 4 * D:]) == 0
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_per_head_views_read_in_place(dtype):
+    check_per_head_views(dtype)

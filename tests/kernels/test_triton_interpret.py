@@ -159,6 +159,60 @@ def test_silu_and_mul_invariant_and_correct(dtype):
 
 
 @pytest.mark.parametrize("dtype", ALL_DTYPES, ids=["fp32", "fp16", "bf16"])
+def test_rms_norm_per_head_views_read_in_place(dtype):
+    from test_norm import check_per_head_views
+
+    check_per_head_views(dtype)
+
+
+def _grads(fn, *inputs, gy):
+    ts = [t.detach().clone().requires_grad_(True) for t in inputs]
+    outs = fn(*ts)
+    outs = outs if isinstance(outs, tuple) else (outs,)
+    sum((o.double() * w.double()).sum() for o, w in zip(outs, gy)).backward()
+    return [t.grad for t in ts]
+
+
+def test_backward_kernels_match_float64():
+    """The GPU backward kernels of silu_and_mul and the norms (Triton, not invariant) against float64 autograd."""
+    g = gen(9)
+    M, H = 37, 100  # more rows than the norm backward's programs cover in one pass under the interpreter
+    x = randn(M, 2 * H, g=g, scale=3)
+    gy = randn(M, H, g=g)
+    got, = _grads(silu_and_mul, x, gy=(gy,))
+    want, = _grads(lambda t: torch.nn.functional.silu(t[:, :H]) * t[:, H:], x.double(), gy=(gy,))
+    assert rel_err(got, want) < 1e-5
+
+    w = 1 + 0.2 * torch.randn(H, generator=g)
+    r = randn(M, H, g=g)
+    go, gh = randn(M, H, g=g), randn(M, H, g=g)
+
+    def ref_norm(t, wt):
+        return t * torch.rsqrt(t.pow(2).mean(-1, keepdim=True) + 1e-6) * wt
+
+    got = _grads(lambda t, wt: rms_norm(t, wt, 1e-6), x[:, :H], w, gy=(go,))
+    want = _grads(ref_norm, x[:, :H].double(), w.double(), gy=(go,))
+    assert all(rel_err(a, b) < 1e-5 for a, b in zip(got, want))
+    got = _grads(lambda t, res, wt: fused_add_rms_norm(t, res, wt, 1e-6), x[:, :H], r, w, gy=(go, gh))
+    want = _grads(lambda t, res, wt: (ref_norm(t + res, wt), t + res), x[:, :H].double(), r.double(), w.double(),
+                  gy=(go, gh))
+    assert all(rel_err(a, b) < 1e-5 for a, b in zip(got, want))
+
+    D, rot = 64, 48  # rotary backward (the inverse rotation), partial rotary
+    cache = build_cos_sin_cache(D, rot, 512, 1e4)
+    pos = torch.randint(0, 512, (9,), generator=g)
+    q, k = randn(9, 4, D, g=g), randn(9, 2, D, g=g)
+    gq, gk = randn(9, 4, D, g=g), randn(9, 2, D, g=g)
+    for neox in (True, False):
+        got = _grads(lambda a, b: rotary_embedding(pos, a, b, cache, is_neox=neox), q, k, gy=(gq, gk))
+        os.environ["ONPOLICY_KERNELS_BACKEND"] = "cpu"
+        want = _grads(lambda a, b: rotary_embedding(pos, a, b, cache, is_neox=neox), q, k, gy=(gq, gk))
+        os.environ["ONPOLICY_KERNELS_BACKEND"] = "triton"
+        assert all(rel_err(a, b) < 1e-6 for a, b in zip(got, want))
+        assert torch.equal(got[0][..., rot:], gq[..., rot:])
+
+
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=["fp32", "fp16", "bf16"])
 @pytest.mark.parametrize("is_neox", [True, False], ids=["neox", "gptj"])
 def test_rotary_invariant_and_correct(dtype, is_neox):
     g = gen(4)
