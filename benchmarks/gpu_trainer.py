@@ -6,7 +6,8 @@ Checks (torch.equal): one full-sequence forward == prefill + token-by-token
 decode with a KV cache; a sequence alone == in a padded batch == in a packed
 batch. Then times a training step (forward + backward of the token logprobs of
 a padded batch) of the patched vs the unpatched model (transformers' SDPA),
-side by side in one process, and prints the ratios of time and peak memory.
+interleaved step by step in one process (--rounds each), and prints the median
+times, the fastest/slowest step and peak memory, with their ratios.
 --profile adds, for one step of each, the GPU kernels that take the most time.
 """
 from __future__ import annotations
@@ -84,23 +85,42 @@ def step_fn(model, ids, mask, patched: bool):
     return loss
 
 
-def bench_step(model, ids, mask, patched, iters=5):
+def _timed_step(model, ids, mask, patched):
     for p in model.parameters():
         p.grad = None
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
     step_fn(model, ids, mask, patched)
     torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    times = []
-    for _ in range(iters):
-        for p in model.parameters():
-            p.grad = None
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        step_fn(model, ids, mask, patched)
-        torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    times.sort()
-    return times[len(times) // 2], torch.cuda.max_memory_allocated() / 2**30
+    return time.perf_counter() - t0
+
+
+def bench_steps(model, ids, mask, rounds=10):
+    """Unpatched and patched steps interleaved (A B A B ...), so that drift of the machine
+    (clocks, other load) hits both alike; returns per configuration (median s, all s, peak GiB)."""
+    import onpolicy
+
+    res = {}
+    for patched in (False, True):  # warm-up step each (compiles, allocator), then the peak-memory step
+        if patched:
+            onpolicy.patch_model(model)
+        _timed_step(model, ids, mask, patched)
+        torch.cuda.reset_peak_memory_stats()
+        _timed_step(model, ids, mask, patched)
+        res[patched] = ([], torch.cuda.max_memory_allocated() / 2**30)
+        if patched:
+            onpolicy.unpatch_model(model)
+    for _ in range(rounds):
+        for patched in (False, True):
+            if patched:
+                onpolicy.patch_model(model)
+            res[patched][0].append(_timed_step(model, ids, mask, patched))
+            if patched:
+                onpolicy.unpatch_model(model)
+    out = {}
+    for patched, (times, mem) in res.items():
+        out[patched] = (sorted(times)[len(times) // 2], times, mem)
+    return out
 
 
 def profile_step(model, ids, mask, patched, top=22):
@@ -125,6 +145,7 @@ def main():
     ap.add_argument("--layers", type=int, default=28)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=512)
+    ap.add_argument("--rounds", type=int, default=10)
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--skip-checks", action="store_true")
     a = ap.parse_args()
@@ -142,15 +163,14 @@ def main():
     for b in range(a.batch):  # ragged left padding like TRL batches
         mask[b, : (b * a.seq) // (4 * a.batch)] = 0
     model.train()
-    t_ref, m_ref = bench_step(model, ids, mask, patched=False)
-    onpolicy.patch_model(model)
-    t_pat, m_pat = bench_step(model, ids, mask, patched=True)
-    onpolicy.unpatch_model(model)
-    t_ref2, _ = bench_step(model, ids, mask, patched=False)
+    r = bench_steps(model, ids, mask, a.rounds)
+    (t_ref, ts_ref, m_ref), (t_pat, ts_pat, m_pat) = r[False], r[True]
     print(f"| training step (fwd+bwd), {a.batch}x{a.seq} tokens | unpatched (SDPA) | onpolicy | ratio |")
     print("|---|---|---|---|")
-    print(f"| time (median of 5) | {t_ref * 1e3:.1f} ms / {t_ref2 * 1e3:.1f} ms (run twice) | {t_pat * 1e3:.1f} ms | "
-          f"{t_pat / min(t_ref, t_ref2):.3f}x |")
+    print(f"| time, median of {a.rounds} interleaved steps | {t_ref * 1e3:.1f} ms | {t_pat * 1e3:.1f} ms | "
+          f"{t_pat / t_ref:.3f}x |")
+    print(f"| fastest / slowest step | {min(ts_ref) * 1e3:.1f} / {max(ts_ref) * 1e3:.1f} ms | "
+          f"{min(ts_pat) * 1e3:.1f} / {max(ts_pat) * 1e3:.1f} ms | {min(ts_pat) / min(ts_ref):.3f}x (fastest) |")
     print(f"| peak memory | {m_ref:.2f} GiB | {m_pat:.2f} GiB | {m_pat / m_ref:.3f}x |")
     print(f"device: {torch.cuda.get_device_name()}")
     if a.profile:

@@ -644,7 +644,11 @@ def _flash_backward(q, k, v, cu, scale, g):
     """d(q, k, v) by FlashAttention's varlen kernels on the packed tensors: its forward
     (for the log-sum-exp its backward needs) then its backward. No padding, no copies."""
     cu = cu.to(torch.int32)
-    max_len = int((cu[1:] - cu[:-1]).max())
+    # The longest sequence bounds FlashAttention's grid; T bounds it without a host sync
+    # (a sync per layer would stall the backward on the CPU). Blocks past a sequence's
+    # end exit at once. Many long sequences: size it exactly (syncs), as _as_pages does.
+    T = q.shape[0]
+    max_len = T if (cu.shape[0] - 1) * T <= MAX_TABLE else int((cu[1:] - cu[:-1]).max())
     out, lse, rng, unused, _ = torch.ops.aten._flash_attention_forward(
         q, k, v, cu, cu, max_len, max_len, 0.0, True, False, scale=scale)
     return torch.ops.aten._flash_attention_backward(

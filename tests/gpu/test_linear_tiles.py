@@ -5,8 +5,9 @@ a different tile per M bucket and N class only because tile shape, warps,
 stages and the load path (pointer, TMA, persistent) do not change the bits: each
 output is one fp32 accumulator over K in order, never split. This test is the
 proof, entry by entry: model shapes and odd ones (partial tiles in M, N and K;
-K*2 bytes not a multiple of 16 makes TMA fall back to pointer loads), M = 1
-(Triton specialises it), bf16, fp16 and fp32, with and without bias.
+K*2 bytes not a multiple of 16 makes TMA fall back to pointer loads), M = 1,
+bf16, fp16 and fp32, with and without bias. (M is not specialised by Triton:
+one compiled kernel per entry serves every M.)
 """
 import pytest
 import torch
