@@ -54,38 +54,44 @@ def warm_up_linears(worker) -> None:
     vLLM's own warm-up runs a few batch sizes; the linear kernel picks its tile
     configuration per M bucket, so a bucket vLLM never ran (e.g. a prefill of
     600 tokens) would compile on first use, seconds inside a live rollout. One
-    call per (weight shape, bucket) up to max_num_batched_tokens rows (the LM
-    head: max_num_seqs) compiles them all; Triton caches them on disk too.
+    call per (weight shape, bucket) compiles them all; Triton caches them on disk too.
     """
     import time
 
     from onpolicy_kernels.linear import warm_up
-
-    from .linear import classes
 
     runner = getattr(worker, "model_runner", None)
     sched = getattr(getattr(worker, "vllm_config", None), "scheduler_config", None)
     if runner is None or sched is None:
         return
     model = runner.get_model() if hasattr(runner, "get_model") else runner.model
+    plan = linear_warm_up_plan(model, sched.max_num_batched_tokens, sched.max_num_seqs)
+    if not plan or not plan[0][0].is_cuda:
+        return  # the CPU path compiles nothing
+    start = time.perf_counter()
+    calls = sum(warm_up(w, b, rows) for w, b, rows in plan)
+    logger.info("onpolicy: linear kernels warmed up (%d weight shapes, %d calls, %.1f s)", len(plan), calls,
+                time.perf_counter() - start)
+
+
+def linear_warm_up_plan(model, max_tokens: int, max_seqs: int) -> list:
+    """(weight, bias, max rows) per distinct onpolicy linear of `model`: the projections see up
+    to max_num_batched_tokens rows, the LM head one row per sequence (max_num_seqs)."""
+    from .linear import classes
+
     lin = classes()
-    start, calls, seen = time.perf_counter(), 0, set()
+    plan, seen = [], set()
     for m in model.modules():
         method = getattr(m, "quant_method", None)
         head = isinstance(method, lin["OnpolicyHeadMethod"])
         if not (head or isinstance(method, lin["OnpolicyLinearMethod"])):
             continue
-        w = m.weight
-        b = None if head else getattr(m, "bias", None)
-        if not w.is_cuda:
-            return
+        w, b = m.weight, None if head else getattr(m, "bias", None)
         key = (tuple(w.shape), w.dtype, b is not None, head)
-        if key in seen:
-            continue
-        seen.add(key)
-        calls += warm_up(w, b, sched.max_num_seqs if head else sched.max_num_batched_tokens)
-    logger.info("onpolicy: linear kernels warmed up (%d weight shapes, %d calls, %.1f s)", len(seen), calls,
-                time.perf_counter() - start)
+        if key not in seen:
+            seen.add(key)
+            plan.append((w, b, max_seqs if head else max_tokens))
+    return plan
 
 
 @contextlib.contextmanager

@@ -176,3 +176,25 @@ def test_process_check_catches_a_missing_linear_config():
     plugin.enable()
     with pytest.raises(plugin.OnpolicyVllmError, match="linear config is NoneType"):
         check_process(SimpleNamespace(quant_config=None))
+
+
+def test_linear_warm_up_plan_covers_every_projection_and_the_head(llm):
+    """The engine's start-up compile (worker.warm_up_linears) visits each distinct linear once:
+    the four Qwen3 projections up to max_num_batched_tokens rows, the LM head up to max_num_seqs."""
+    from onpolicy.vllm_plugin.worker import linear_warm_up_plan
+
+    def plan(model):
+        cfg = model.config
+        expect = {
+            (cfg.num_attention_heads * cfg.head_dim + 2 * cfg.num_key_value_heads * cfg.head_dim, cfg.hidden_size),
+            (cfg.hidden_size, cfg.num_attention_heads * cfg.head_dim),
+            (2 * cfg.intermediate_size, cfg.hidden_size),
+            (cfg.hidden_size, cfg.intermediate_size),
+        }
+        got = [(tuple(w.shape), b is not None, rows) for w, b, rows in linear_warm_up_plan(model, 1000, 7)]
+        return got, expect, cfg.vocab_size, cfg.hidden_size
+
+    ((got, expect, vocab, hidden),) = llm.apply_model(plan)
+    assert len(got) == 5, got
+    assert {s for s, _, rows in got if rows == 1000} == expect
+    assert [(s, rows) for s, _, rows in got if rows == 7] == [((vocab, hidden), 7)]
