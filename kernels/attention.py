@@ -640,15 +640,23 @@ def _flash_ok(q: torch.Tensor) -> bool:
             and hasattr(torch.ops.aten, "_flash_attention_backward"))
 
 
-def _flash_backward(q, k, v, cu, scale, g):
+FLASH_GRID_MAX = 1 << 20  # sequences x tokens up to which the flash backward's grid is sized by T
+
+
+def flash_max_len(cu: torch.Tensor, T: int) -> int:
+    """The max sequence length handed to FlashAttention's varlen kernels: T, an upper bound
+    needing no host sync (a sync per layer would stall the backward on the CPU; blocks past
+    a sequence's end exit at once), unless sequences x T is large, where the grid would be
+    mostly empty blocks: then the exact longest length (one sync)."""
+    if (cu.shape[0] - 1) * T <= FLASH_GRID_MAX:
+        return T
+    return int((cu[1:] - cu[:-1]).max())
+
+
+def _flash_backward(q, k, v, cu, scale, g, max_len):
     """d(q, k, v) by FlashAttention's varlen kernels on the packed tensors: its forward
     (for the log-sum-exp its backward needs) then its backward. No padding, no copies."""
     cu = cu.to(torch.int32)
-    # The longest sequence bounds FlashAttention's grid; T bounds it without a host sync
-    # (a sync per layer would stall the backward on the CPU). Blocks past a sequence's
-    # end exit at once. Many long sequences: size it exactly (syncs), as _as_pages does.
-    T = q.shape[0]
-    max_len = T if (cu.shape[0] - 1) * T <= MAX_TABLE else int((cu[1:] - cu[:-1]).max())
     out, lse, rng, unused, _ = torch.ops.aten._flash_attention_forward(
         q, k, v, cu, cu, max_len, max_len, 0.0, True, False, scale=scale)
     return torch.ops.aten._flash_attention_backward(
@@ -657,8 +665,11 @@ def _flash_backward(q, k, v, cu, scale, g):
 
 def _backward_contig(ctx, g):
     q, k, v, cu = ctx.saved_tensors
-    if _flash_ok(q) and q.shape[0]:
-        gq, gk, gv = _flash_backward(q, k, v, cu, ctx.scale, g.to(q.dtype))
+    # max_len 1 is left to SDPA: FlashAttention's one-query path regroups heads by the
+    # number of sequences and fails with GQA when some sequence is empty.
+    max_len = flash_max_len(cu, q.shape[0]) if _flash_ok(q) else 0
+    if max_len > 1:
+        gq, gk, gv = _flash_backward(q, k, v, cu, ctx.scale, g.to(q.dtype), max_len)
         return gq, gk, gv, None, None
     with torch.enable_grad():
         qd, kd, vd = (t.detach().requires_grad_(True) for t in (q, k, v))

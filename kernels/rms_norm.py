@@ -10,8 +10,9 @@ for the residual stream, so trainer and sampler can both use this op.
 
 Guarantee: a row's output bits depend only on that row (and w, eps): not on how
 many rows share the call, nor where the row sits; float32, float16, bfloat16.
-GPU: one Triton program per row, the whole row in one block, one fixed
-reduction tree. CPU: elementwise IEEE steps and a fixed pairwise tree
+GPU: one Triton program per row (rows of up to 128 elements: 16 rows per
+program, a launch shape fixed by the row width alone), the whole row in one
+block, one fixed reduction tree; per-head [T, H, D] views are read in place. CPU: elementwise IEEE steps and a fixed pairwise tree
 (kernels/_cpu.py). Backward: standard fp32 formulas (on the GPU one Triton
 kernel over rows, the weight's gradient summed from per-program partials; not
 invariant: it need not be).
@@ -107,6 +108,9 @@ def launch_shape(n: int) -> tuple[int, int, int]:
 def _triton(x, residual, weight, eps):
     """x [M, N], or [A, B, N] with any strides but a unit last one (read in place)."""
     require_triton()
+    if residual is not None and x.dim() != 2:  # the residual path addresses plain 2-D rows
+        out, h = _triton(x.reshape(-1, x.shape[-1]), residual.reshape(-1, x.shape[-1]), weight, eps)
+        return out.view(x.shape), h.view(x.shape)
     # The kernel addresses columns with stride 1: make the last dims contiguous.
     x, weight = _unit_stride(x), weight.contiguous()
     residual = _unit_stride(residual) if residual is not None else None
@@ -183,7 +187,8 @@ def _setup_norm(ctx, inputs, output):
 def _backward_norm(ctx, g):
     x, weight = ctx.saved_tensors
     shape = x.shape
-    x, g = x.reshape(-1, shape[-1]), g.reshape(-1, shape[-1])
+    rows = (shape[:-1].numel(), shape[-1])  # not reshape(-1, N): N may be 0
+    x, g = x.reshape(rows), g.reshape(rows)
     if use_triton(x):
         gh, gw = _backward_triton(x, weight, ctx.eps, g)
     else:

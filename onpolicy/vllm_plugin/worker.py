@@ -76,7 +76,9 @@ def warm_up_linears(worker) -> None:
 
 def linear_warm_up_plan(model, max_tokens: int, max_seqs: int) -> list:
     """(weight, bias, max rows) per distinct onpolicy linear of `model`: the projections see up
-    to max_num_batched_tokens rows, the LM head one row per sequence (max_num_seqs)."""
+    to max_num_batched_tokens rows, the LM head one row per sequence (max_num_seqs). Not
+    covered (they compile on first use): prompt logprobs (the head on more rows) and an
+    fp32 head_dtype."""
     from .linear import classes
 
     lin = classes()
@@ -87,10 +89,12 @@ def linear_warm_up_plan(model, max_tokens: int, max_seqs: int) -> list:
         if not (head or isinstance(method, lin["OnpolicyLinearMethod"])):
             continue
         w, b = m.weight, None if head else getattr(m, "bias", None)
-        key = (tuple(w.shape), w.dtype, b is not None, head)
-        if key not in seen:
-            seen.add(key)
-            plan.append((w, b, max_seqs if head else max_tokens))
+        # A layer with a bias also runs without it (skip_bias_add, row-parallel ranks > 0).
+        for bias in ((b, None) if b is not None else (None,)):
+            key = (tuple(w.shape), w.dtype, bias is not None, head)
+            if key not in seen:
+                seen.add(key)
+                plan.append((w, bias, max_seqs if head else max_tokens))
     return plan
 
 

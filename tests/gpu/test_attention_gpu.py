@@ -221,11 +221,34 @@ def test_gradients_vs_float64():
         return torch.cat([ref(q[s:e], k[s:e], v[s:e], e - s, 0.088) for s, e in zip(b[:-1], b[1:])])
 
     expect = grads(torch.float64, reference)
+    # bf16 takes PyTorch's FlashAttention varlen backward (fp32 the SDPA route)
+    assert A._flash_ok(base[0].to(torch.bfloat16)) and A.flash_max_len(cu, T) > 1
     for dtype, tol in ((torch.float32, 1e-3), (torch.bfloat16, 3e-2)):
         got = grads(dtype, lambda q, k, v: A.attention_contiguous(q, k, v, cu, 0.088))
         for name, a, b in zip("qkv", got, expect):
             err = float((a - b).norm() / b.norm())
             assert err < tol, (dtype, name, err)
+
+
+def test_gradients_single_token_and_empty_sequences():
+    """Max length 1 with an empty sequence and grouped K/V: left to SDPA (FlashAttention's
+    one-query path fails there); the gradients still match float64."""
+    Hq, Hkv, D = 16, 8, 128
+    cu = torch.tensor([0, 0, 1], dtype=torch.int32, device=DEV)
+    assert A.flash_max_len(cu, 1) == 1  # the SDPA route
+    g = gen(1)
+    base = [torch.randn(1, H, D, generator=g, device=DEV) for H in (Hq, Hkv, Hkv)]
+    w = torch.randn(1, Hq, D, generator=g, device=DEV)
+
+    def grads(fn, dtype):
+        ts = [t.to(dtype).requires_grad_(True) for t in base]
+        (fn(*ts).double() * w.double()).sum().backward()
+        return [t.grad.double() for t in ts]
+
+    expect = grads(lambda q, k, v: ref(q, k, v, 1, 0.088), torch.float64)
+    got = grads(lambda q, k, v: A.attention_contiguous(q, k, v, cu, 0.088), torch.bfloat16)
+    for a, b in zip(got, expect):  # one key: dq = dk = 0, dv = the group's summed weights
+        assert float((a - b).abs().max()) <= 3e-2 * max(1.0, float(b.abs().max()))
 
 
 def test_cuda_graph_capture_replays_the_same_bits():

@@ -63,11 +63,16 @@ def test_rms_norm_per_head_views(dtype):
     w = (1 + 0.1 * torch.randn(128, device="cuda", generator=g)).to(dtype)
     probes = torch.randn(P, 32 * 128, device="cuda", dtype=dtype, generator=g)
     alone = torch.cat([rms_norm(probes[i : i + 1, : 16 * 128].view(1, 16, 128), w, 1e-6) for i in range(P)])
+    # the k view: 8 heads, so a token's rows move within the 16-row programs as T changes
+    k_alone = torch.cat([rms_norm(probes[i : i + 1, 16 * 128 : 24 * 128].view(1, 8, 128), w, 1e-6)
+                         for i in range(P)])
     for x, pos, n in _batches(probes, MS, g):
         view = x[:, : 16 * 128].view(x.shape[0], 16, 128)
         out = rms_norm(view, w, 1e-6)
         assert torch.equal(out, rms_norm(view.contiguous(), w, 1e-6))
         assert torch.equal(out[pos], alone[:n])
+        k = rms_norm(x[:, 16 * 128 : 24 * 128].view(x.shape[0], 8, 128), w, 1e-6)
+        assert torch.equal(k[pos], k_alone[:n])
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=IDS)

@@ -476,3 +476,13 @@ def test_triton_path_under_interpreter_subprocess():
     r = subprocess.run([sys.executable, "-m", "pytest", __file__, "-q", "-x", "-k", "triton", "-p", "no:cacheprovider"],
                        env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
+
+
+def test_flash_backward_grid_bound():
+    """The flash backward's max length: T (no host sync) for moderate batches, the exact
+    longest sequence where T would make a mostly-empty grid."""
+    cu = torch.tensor([0, 5, 5, 12], dtype=torch.int32)
+    assert A.flash_max_len(cu, 12) == 12
+    big = A.FLASH_GRID_MAX  # 3 sequences x T > FLASH_GRID_MAX: exact
+    cu = torch.tensor([0, 7, big // 2, big], dtype=torch.int32)
+    assert A.flash_max_len(cu, big) == big // 2
