@@ -535,6 +535,14 @@ def _(q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens, scale, causal):
     return q.new_empty(q.shape)
 
 
+def longest_bound(cu: torch.Tensor, T: int, limit: int) -> int:
+    """A bound on the longest of the packed sequences `cu` (T tokens in all): T itself, which
+    needs no host sync, while sequences x T <= limit; above it the exact longest (one sync)."""
+    if (cu.shape[0] - 1) * T <= limit:
+        return T
+    return int((cu[1:] - cu[:-1]).max())
+
+
 def _as_pages(k, v, cu_seqlens):
     """View packed K/V [T, Hkv, D] as a paged cache of ONE-position blocks (no copy, no sync).
 
@@ -545,9 +553,7 @@ def _as_pages(k, v, cu_seqlens):
     """
     T = k.shape[0]
     cu = cu_seqlens.long()
-    width = max(1, T)
-    if (cu.shape[0] - 1) * width > MAX_TABLE:  # many long sequences: size the table by the widest (syncs)
-        width = max(1, int((cu[1:] - cu[:-1]).max()))
+    width = max(1, longest_bound(cu, T, MAX_TABLE))  # many long sequences: the widest (syncs)
     block_table = (cu[:-1, None] + torch.arange(width, device=k.device)[None, :]).to(torch.int32)
     return k.unsqueeze(1), v.unsqueeze(1), block_table, (cu[1:] - cu[:-1]).to(torch.int32)
 
@@ -644,13 +650,10 @@ FLASH_GRID_MAX = 1 << 20  # sequences x tokens up to which the flash backward's 
 
 
 def flash_max_len(cu: torch.Tensor, T: int) -> int:
-    """The max sequence length handed to FlashAttention's varlen kernels: T, an upper bound
-    needing no host sync (a sync per layer would stall the backward on the CPU; blocks past
-    a sequence's end exit at once), unless sequences x T is large, where the grid would be
-    mostly empty blocks: then the exact longest length (one sync)."""
-    if (cu.shape[0] - 1) * T <= FLASH_GRID_MAX:
-        return T
-    return int((cu[1:] - cu[:-1]).max())
+    """The max sequence length handed to FlashAttention's varlen kernels: T (blocks past a
+    sequence's end exit at once; no sync per layer to stall the backward on the CPU) up to
+    FLASH_GRID_MAX sequence-tokens, above it the exact longest length (mostly empty grid)."""
+    return longest_bound(cu, T, FLASH_GRID_MAX)
 
 
 def _flash_backward(q, k, v, cu, scale, g, max_len):

@@ -12,10 +12,10 @@ Guarantee: a row's output bits depend only on that row (and w, eps): not on how
 many rows share the call, nor where the row sits; float32, float16, bfloat16.
 GPU: one Triton program per row (rows of up to 128 elements: 16 rows per
 program, a launch shape fixed by the row width alone), the whole row in one
-block, one fixed reduction tree; per-head [T, H, D] views are read in place. CPU: elementwise IEEE steps and a fixed pairwise tree
-(kernels/_cpu.py). Backward: standard fp32 formulas (on the GPU one Triton
-kernel over rows, the weight's gradient summed from per-program partials; not
-invariant: it need not be).
+block, one fixed reduction tree; per-head [T, H, D] views are read in place.
+CPU: elementwise IEEE steps and a fixed pairwise tree (kernels/_cpu.py).
+Backward: standard fp32 formulas (on the GPU one Triton kernel over rows, the
+weight's gradient summed from per-program partials; not invariant: it need not be).
 """
 from __future__ import annotations
 
@@ -99,7 +99,7 @@ def _backward_triton(h, weight, eps, g, g_h=None):
 def launch_shape(n: int) -> tuple[int, int, int]:
     """(ROWS, BLOCK, num_warps) of the forward kernel for rows of n elements: a function
     of n alone (never of the number of rows), so a row's reduction tree is fixed."""
-    block = triton.next_power_of_2(n) if HAS_TRITON else 1 << (max(n, 1) - 1).bit_length()
+    block = triton.next_power_of_2(n)
     if block >= 1024:
         return 1, block, min(16, max(1, block // 256))
     return min(16, 2048 // block), block, 4
@@ -108,8 +108,9 @@ def launch_shape(n: int) -> tuple[int, int, int]:
 def _triton(x, residual, weight, eps):
     """x [M, N], or [A, B, N] with any strides but a unit last one (read in place)."""
     require_triton()
-    if residual is not None and x.dim() != 2:  # the residual path addresses plain 2-D rows
-        out, h = _triton(x.reshape(-1, x.shape[-1]), residual.reshape(-1, x.shape[-1]), weight, eps)
+    if x.dim() != 2 and (x.dim() != 3 or residual is not None):  # the kernel: 2-D rows, or 3-D without residual
+        rows = _rows(x.shape)
+        out, h = _triton(x.reshape(rows), residual.reshape(rows) if residual is not None else None, weight, eps)
         return out.view(x.shape), h.view(x.shape)
     # The kernel addresses columns with stride 1: make the last dims contiguous.
     x, weight = _unit_stride(x), weight.contiguous()
@@ -130,6 +131,11 @@ def _triton(x, residual, weight, eps):
             HAS_RES=residual is not None, ROWS=rows, BLOCK=block, num_warps=warps,
         )
     return out, h
+
+
+def _rows(shape: torch.Size) -> tuple[int, int]:
+    """[..., N] as (rows, N); not reshape(-1, N), which fails for N = 0."""
+    return shape[:-1].numel(), shape[-1]
 
 
 def _unit_stride(t):
@@ -187,8 +193,7 @@ def _setup_norm(ctx, inputs, output):
 def _backward_norm(ctx, g):
     x, weight = ctx.saved_tensors
     shape = x.shape
-    rows = (shape[:-1].numel(), shape[-1])  # not reshape(-1, N): N may be 0
-    x, g = x.reshape(rows), g.reshape(rows)
+    x, g = x.reshape(_rows(shape)), g.reshape(_rows(shape))
     if use_triton(x):
         gh, gw = _backward_triton(x, weight, ctx.eps, g)
     else:
@@ -207,13 +212,16 @@ def _setup_fused(ctx, inputs, output):
 
 def _backward_fused(ctx, g_out, g_h):
     h, weight = ctx.saved_tensors
+    shape = h.shape
+    h, g_out = h.reshape(_rows(shape)), g_out.reshape(_rows(shape))
+    g_h = g_h.reshape(_rows(shape)) if g_h is not None else None
     if use_triton(h):
         gh, gw = _backward_triton(h, weight, ctx.eps, g_out, g_h)
-        return gh, gh, gw, None
-    gh, gw = _norm_backward(h, weight, ctx.eps, g_out)
-    if g_h is not None:
-        gh = gh + g_h.float()
-    gh = gh.to(h.dtype)
+    else:
+        gh, gw = _norm_backward(h, weight, ctx.eps, g_out)
+        if g_h is not None:
+            gh = gh + g_h.float()
+    gh = gh.to(h.dtype).view(shape)
     return gh, gh, gw.to(weight.dtype), None
 
 

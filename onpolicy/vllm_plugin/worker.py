@@ -40,10 +40,10 @@ class OnpolicyWorkerMixin:
         return out
 
     def compile_or_warm_up_model(self, *args, **kwargs):
+        warm_up_linears(self)
         # vLLM's warm-up samples its own requests with every sampling feature on
         # (0.26: SamplingParams.for_sampler_warmup(), logprobs with top-k/top-p/
         # min-p); the sampler must not refuse those.
-        warm_up_linears(self)
         with sampler_warmup(getattr(self, "model_runner", None)):
             return super().compile_or_warm_up_model(*args, **kwargs)  # type: ignore[misc]
 
@@ -64,7 +64,7 @@ def warm_up_linears(worker) -> None:
     sched = getattr(getattr(worker, "vllm_config", None), "scheduler_config", None)
     if runner is None or sched is None:
         return
-    model = runner.get_model() if hasattr(runner, "get_model") else runner.model
+    model = _model_of(runner)
     plan = linear_warm_up_plan(model, sched.max_num_batched_tokens, sched.max_num_seqs)
     if not plan or not plan[0][0].is_cuda:
         return  # the CPU path compiles nothing
@@ -114,10 +114,14 @@ def sampler_warmup(model_runner):
         sampler._onpolicy_warmup = False
 
 
+def _model_of(runner):
+    return runner.get_model() if hasattr(runner, "get_model") else runner.model
+
+
 def _audit_worker(worker):
     """Check this worker's process and audit its model; returns (model runner, layer counts)."""
     runner = worker.model_runner
-    model = runner.get_model() if hasattr(runner, "get_model") else runner.model
+    model = _model_of(runner)
     vllm_config = getattr(worker, "vllm_config", None)
     check_process(vllm_config)
     hf_config = getattr(getattr(vllm_config, "model_config", None), "hf_config", None)

@@ -166,14 +166,9 @@ def test_rms_norm_per_head_views_read_in_place(dtype):
 
 
 def test_fused_norm_op_on_3d_input_equals_2d():
-    """The op itself (not only the wrapper, which flattens) on [A, B, N] with a residual."""
-    g = gen(12)
-    x, r = randn(3, 4, 100, g=g), randn(3, 4, 100, g=g)
-    w = 1 + 0.2 * torch.randn(100, generator=g)
-    o3, h3 = torch.ops.onpolicy.fused_add_rms_norm(x, r, w, 1e-6)
-    o2, h2 = fused_add_rms_norm(x.reshape(12, 100), r.reshape(12, 100), w, 1e-6)
-    assert o3.shape == h3.shape == (3, 4, 100)
-    assert torch.equal(o3.reshape(12, 100), o2) and torch.equal(h3.reshape(12, 100), h2)
+    from test_norm import check_fused_op_3d
+
+    check_fused_op_3d()
 
 
 def _grads(fn, *inputs, gy):
