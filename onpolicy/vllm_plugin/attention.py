@@ -90,6 +90,7 @@ class OnpolicyAttentionMetadata:
     seq_lens: torch.Tensor  # int32 [B]
     block_table: torch.Tensor  # int32 [B, max_blocks]
     slot_mapping: torch.Tensor  # int64 [T]
+    max_query_len: int = 0  # host int: sizes the FA3 route's grid only (0: the token count)
 
 
 class OnpolicyAttentionMetadataBuilder(AttentionMetadataBuilder[OnpolicyAttentionMetadata]):
@@ -121,6 +122,7 @@ class OnpolicyAttentionMetadataBuilder(AttentionMetadataBuilder[OnpolicyAttentio
             seq_lens=cm.seq_lens[:n],
             block_table=cm.block_table_tensor[:n],
             slot_mapping=cm.slot_mapping,
+            max_query_len=int(cm.max_query_len),
         )
 
     def use_cascade_attention(self, *args, **kwargs) -> bool:
@@ -171,7 +173,7 @@ class OnpolicyAttentionImpl(AttentionImpl):
         n = attn_metadata.num_actual_tokens
         k_cache, v_cache = compat.split_kv_cache(kv_cache, self.head_size)
         out = attention(query[:n], k_cache, v_cache, attn_metadata.block_table, attn_metadata.query_start_loc,
-                        attn_metadata.seq_lens, self.scale)
+                        attn_metadata.seq_lens, self.scale, max_seqlen_q=attn_metadata.max_query_len)
         output[:n].copy_(out.view(output[:n].shape))
         return output
 

@@ -1,9 +1,14 @@
-"""Batch-invariant paged attention on the GPU (Triton path), at real sizes.
+"""Batch-invariant paged attention on the GPU, at real sizes, on both routes.
 
 The four bitwise properties of issue 3 (torch.equal), plus accuracy against a
-float64 reference, the cache write, gradients and CUDA-graph capture. Shapes:
+float64 reference, the cache write, gradients and CUDA-graph capture. Every test
+runs twice: on the Triton kernel (ONPOLICY_ATTENTION=triton) and on Hopper's FA3
+route (ONPOLICY_ATTENTION=fa3, attention_fa3.py; skipped without vLLM's FA3 or
+for shapes FA3 does not take: fp32, head size 64). Shapes:
 Qwen3-1.7B-like heads (16 query / 8 KV heads of 128), a 4:1 group and a head
-of 64; sequences of 77 to 2000 tokens in shuffled blocks of 16/32/64.
+of 64; sequences of 77 to 2000 tokens in shuffled blocks of 16/32/64, K and V
+interleaved in one [blocks, block_size, heads, 2 x head] tensor as vLLM hands
+the plugin its cache.
 Run on the GPU machine: `pytest -m gpu tests/gpu/test_attention_gpu.py`.
 """
 from __future__ import annotations
@@ -23,10 +28,27 @@ pytestmark = [
 
 if torch.cuda.is_available():
     A = importlib.import_module("onpolicy_kernels.attention")
+    FA = importlib.import_module("onpolicy_kernels.attention_fa3")
 
 DEV = "cuda"
 SHAPES = [(16, 8, 128), (32, 8, 128), (8, 2, 64)]
 LENS = [77, 2000, 513, 1024, 160]
+
+
+@pytest.fixture(params=["triton", "fa3"], autouse=True)
+def route(request, monkeypatch):
+    monkeypatch.setenv("ONPOLICY_ATTENTION", request.param)
+    if request.param == "fa3":
+        why = FA.unsupported(torch.empty(1, 1, 128, dtype=torch.bfloat16, device=DEV))
+        if why:
+            pytest.skip(why)
+    return request.param
+
+
+def need(route, shape, dtype):
+    """Skip the FA3 route where FA3 does not take the call (the Triton route covers it)."""
+    if route == "fa3" and (dtype == torch.float32 or shape[2] not in FA.HEAD_SIZES):
+        pytest.skip(f"FA3 route: {dtype}, head size {shape[2]} run on Triton")
 
 
 def gen(seed):
@@ -44,10 +66,13 @@ def paged(kvs, q_lens, qs, bs, seed, extra=5):
     dtype = kvs[0][0].dtype
     need = [math.ceil(k.shape[0] / bs) for k, _ in kvs]
     nb = sum(need) + extra
-    kc = torch.full((nb, bs, Hkv, D), float("nan"), dtype=dtype, device=DEV)
-    vc = kc.clone()
+    kv = torch.full((nb, bs, Hkv, 2 * D), float("nan"), dtype=dtype, device=DEV)
+    kc, vc = kv[..., :D], kv[..., D:]
     perm = torch.randperm(nb, generator=torch.Generator().manual_seed(seed)).tolist()
-    bt = torch.full((len(kvs), max(need) + 3), 10**6, dtype=torch.int32)
+    # Unused table entries: out of range for our kernel (it must never read them); an
+    # unused all-NaN block for FA3 (it may fetch a page id past a sequence's end, never its rows).
+    pad = 10**6 if FA.mode() == "triton" else perm[-1]
+    bt = torch.full((len(kvs), max(need) + 3), pad, dtype=torch.int32)
     i = 0
     for b, ((k, v), n) in enumerate(zip(kvs, need)):
         blocks = perm[i:i + n]
@@ -76,7 +101,8 @@ def ref(q, k, v, q_len, scale):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("shape", SHAPES)
-def test_accuracy_vs_float64(shape, dtype):
+def test_accuracy_vs_float64(shape, dtype, route):
+    need(route, shape, dtype)
     Hq, Hkv, D = shape
     tol = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.5e-2}[dtype]
     seqs = [seq(L, Hq, Hkv, D, dtype, L) for L in LENS]
@@ -93,7 +119,8 @@ def test_accuracy_vs_float64(shape, dtype):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("shape", SHAPES)
-def test_prefill_equals_decode(shape, dtype):
+def test_prefill_equals_decode(shape, dtype, route):
+    need(route, shape, dtype)
     """Property 1: every position of a 2000-token prefill == its decode step (batched, and alone)."""
     Hq, Hkv, D = shape
     L = 2000
@@ -109,7 +136,9 @@ def test_prefill_equals_decode(shape, dtype):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("shape", SHAPES)
-def test_split_kv_launch_equals_one_pass(shape, dtype):
+def test_split_kv_launch_equals_one_pass(shape, dtype, route):
+    if route == "fa3":
+        pytest.skip("the Triton kernel's own launch choice")
     """The split-KV launch (small decode batches) == the one-pass launch, bitwise: decode rows at
     and around split edges and a 2000-token prefill, either launch forced."""
     Hq, Hkv, D = shape
@@ -127,7 +156,8 @@ def test_split_kv_launch_equals_one_pass(shape, dtype):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("shape", SHAPES[:2])
-def test_chunked_prefill_equals_whole(shape, dtype):
+def test_chunked_prefill_equals_whole(shape, dtype, route):
+    need(route, shape, dtype)
     """Property 2: splits of a 2000-token prompt (vLLM's chunking and random ones)."""
     Hq, Hkv, D = shape
     L = 2000
@@ -144,7 +174,8 @@ def test_chunked_prefill_equals_whole(shape, dtype):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("shape", SHAPES)
-def test_alone_equals_batched(shape, dtype):
+def test_alone_equals_batched(shape, dtype, route):
+    need(route, shape, dtype)
     """Property 3: one sequence alone == in batches of 1..64 others, any position, any paging."""
     Hq, Hkv, D = shape
     rng = torch.Generator().manual_seed(sum(shape))
@@ -168,7 +199,8 @@ def test_alone_equals_batched(shape, dtype):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("shape", SHAPES)
-def test_trainer_contiguous_equals_paged(shape, dtype):
+def test_trainer_contiguous_equals_paged(shape, dtype, route):
+    need(route, shape, dtype)
     """Property 4: the trainer's packed layout == the sampler's paged prefill and decodes."""
     Hq, Hkv, D = shape
     seqs = [seq(L, Hq, Hkv, D, dtype, 7 + L) for L in LENS]
@@ -183,7 +215,25 @@ def test_trainer_contiguous_equals_paged(shape, dtype):
     assert torch.equal(dec, trainer[c:c + 2000])
 
 
-def test_reshape_and_cache_gpu():
+@pytest.mark.parametrize("bs", [16, 32, 64, 128, 256])
+def test_block_size_does_not_change_bits(bs, route):
+    """The sampler's block size (vLLM's --block-size) never changes a row: a 2000-token prefill
+    and a decode batch in blocks of `bs` == the trainer's packed call. On FA3, blocks of 128
+    and 256 let its prefill load pages by TMA while decodes gather them: same bits needed."""
+    Hq, Hkv, D = 16, 8, 128
+    dtype = torch.bfloat16
+    L = 2000
+    q, k, v = seq(L, Hq, Hkv, D, dtype, 11)
+    trainer = A.attention_contiguous(q, k, v, torch.tensor([0, L], dtype=torch.int32, device=DEV), 0.088)
+    assert torch.equal(run(paged([(k, v)], [L], [q], bs, bs)), trainer)
+    pos = [0, 15, 16, 127, 128, 129, 255, 256, 1000, 1999]
+    dec = run(paged([(k[:i + 1], v[:i + 1]) for i in pos], [1] * len(pos), [q[i:i + 1] for i in pos], bs, bs + 1))
+    assert torch.equal(dec, trainer[pos])
+
+
+def test_reshape_and_cache_gpu(route):
+    if route == "fa3":
+        pytest.skip("one cache write for both routes")
     for dtype in (torch.bfloat16, torch.float32):
         nb, bs, H, D, T = 64, 16, 8, 128, 300
         kc = torch.randn(nb, bs, H, D, device=DEV).to(dtype)
@@ -202,7 +252,7 @@ def test_reshape_and_cache_gpu():
         assert torch.equal(vf[untouched], v0.view(-1, H, D)[untouched])
 
 
-def test_gradients_vs_float64():
+def test_gradients_vs_float64(route):
     Hq, Hkv, D = 16, 8, 128
     lens = [100, 0, 300, 37]  # an empty sequence too: the flash varlen backward must skip it
     cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32, device=DEV)
@@ -223,7 +273,8 @@ def test_gradients_vs_float64():
     expect = grads(torch.float64, reference)
     # bf16 takes PyTorch's FlashAttention varlen backward (fp32 the SDPA route)
     assert A._flash_ok(base[0].to(torch.bfloat16)) and A.flash_max_len(cu, T) > 1
-    for dtype, tol in ((torch.float32, 1e-3), (torch.bfloat16, 3e-2)):
+    cases = ((torch.float32, 1e-3), (torch.bfloat16, 3e-2)) if route == "triton" else ((torch.bfloat16, 3e-2),)
+    for dtype, tol in cases:
         got = grads(dtype, lambda q, k, v: A.attention_contiguous(q, k, v, cu, 0.088))
         for name, a, b in zip("qkv", got, expect):
             err = float((a - b).norm() / b.norm())

@@ -23,7 +23,7 @@ from onpolicy.vllm_plugin.errors import OnpolicyVllmError  # noqa: E402
 def common(num_reqs=3, padded=8, causal=True):
     """vLLM's persistent buffers, sliced to the padded batch as its model runner does."""
     qsl = torch.arange(padded + 1, dtype=torch.int32)
-    return SimpleNamespace(num_reqs=num_reqs, num_actual_tokens=padded, causal=causal,
+    return SimpleNamespace(num_reqs=num_reqs, num_actual_tokens=padded, causal=causal, max_query_len=1,
                            query_start_loc=qsl, seq_lens=torch.full((padded,), 5, dtype=torch.int32),
                            block_table_tensor=torch.zeros(padded, 4, dtype=torch.int32),
                            slot_mapping=torch.arange(padded, dtype=torch.int64))
@@ -45,6 +45,7 @@ def test_per_step_tensors_are_views_of_the_persistent_buffers():
                      (md.block_table, cm.block_table_tensor), (md.slot_mapping, cm.slot_mapping)):
         assert got.data_ptr() == buf.data_ptr() and got.untyped_storage().data_ptr() == buf.untyped_storage().data_ptr()
     assert (md.num_reqs, md.num_actual_tokens) == (3, 8)
+    assert md.max_query_len == 1  # a host int: sizes the FA3 route's grid, fixed in a captured graph
     assert md.query_start_loc.shape[0] == 4 and md.seq_lens.shape[0] == 3 and md.block_table.shape[0] == 3
 
 

