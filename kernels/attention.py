@@ -591,17 +591,16 @@ def _copy_to_pages(k, v, cu_seqlens, bsz=16):
 
 @custom_op("onpolicy::attention_contiguous", mutates_args=())
 def _attention_contiguous_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
-                             scale: float) -> torch.Tensor:
+                             scale: float, max_seqlen: int = 0) -> torch.Tensor:
     if use_triton(q) and fa3.use_fa3(q):  # FA3 reads pages of 16 (attention_fa3.py)
         kc, vc, bt, seq_lens = _copy_to_pages(k, v, cu_seqlens, fa3.PAGE)
-        max_len = longest_bound(cu_seqlens.long(), q.shape[0], FLASH_GRID_MAX)
-        return fa3.paged(q, kc, vc, bt, cu_seqlens, seq_lens, scale, max_len)
+        return fa3.paged(q, kc, vc, bt, cu_seqlens, seq_lens, scale, max_seqlen or flash_max_len(cu_seqlens, q.shape[0]))
     kc, vc, bt, seq_lens = _as_pages(k, v, cu_seqlens)
     return _attention_impl(q, kc, vc, bt, cu_seqlens, seq_lens, scale, True)
 
 
 @_attention_contiguous_op.register_fake
-def _(q, k, v, cu_seqlens, scale):
+def _(q, k, v, cu_seqlens, scale, max_seqlen=0):
     return q.new_empty(q.shape)
 
 
@@ -649,9 +648,10 @@ def standard_attention(q, k, v, cu_seqlens, scale, dtype: Optional[torch.dtype] 
 
 
 def _setup_contig(ctx, inputs, output):
-    q, k, v, cu, scale = inputs
+    q, k, v, cu, scale, max_seqlen = inputs
     ctx.save_for_backward(q, k, v, cu)
     ctx.scale = scale
+    ctx.max_seqlen = max_seqlen
 
 
 def _flash_ok(q: torch.Tensor) -> bool:
@@ -685,15 +685,15 @@ def _backward_contig(ctx, g):
     q, k, v, cu = ctx.saved_tensors
     # max_len 1 is left to SDPA: FlashAttention's one-query path regroups heads by the
     # number of sequences and fails with GQA when some sequence is empty.
-    max_len = flash_max_len(cu, q.shape[0]) if _flash_ok(q) else 0
+    max_len = (ctx.max_seqlen or flash_max_len(cu, q.shape[0])) if _flash_ok(q) else 0
     if max_len > 1:
         gq, gk, gv = _flash_backward(q, k, v, cu, ctx.scale, g.to(q.dtype), max_len)
-        return gq, gk, gv, None, None
+        return gq, gk, gv, None, None, None
     with torch.enable_grad():
         qd, kd, vd = (t.detach().requires_grad_(True) for t in (q, k, v))
         out = standard_attention(qd, kd, vd, cu, ctx.scale)
         gq, gk, gv = torch.autograd.grad(out, (qd, kd, vd), g.to(out.dtype))
-    return gq.to(q.dtype), gk.to(k.dtype), gv.to(v.dtype), None, None
+    return gq.to(q.dtype), gk.to(k.dtype), gv.to(v.dtype), None, None, None
 
 
 _attention_contiguous_op.register_autograd(_backward_contig, setup_context=_setup_contig)
@@ -830,13 +830,16 @@ def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, blo
 
 
 def attention_contiguous(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
-                         scale: float, **unsupported) -> torch.Tensor:
+                         scale: float, max_seqlen: int = 0, **unsupported) -> torch.Tensor:
     """The trainer's layout: q [T, Hq, D], k/v [T, Hkv, D] of packed sequences, causal in each.
 
     Runs the paged kernel itself, viewing K/V as a cache of one-position blocks
     (no copy), so the result is bitwise `attention(...)` on the same sequences
-    however the sampler paged them. Differentiable: the
-    backward recomputes a standard attention (torch SDPA) and backprops it.
+    however the sampler paged them (on the FA3 route: copied into pages of 16).
+    Differentiable: the backward is a standard attention's (FlashAttention varlen
+    on CUDA, else SDPA). `max_seqlen`: an upper bound on the longest sequence, known
+    to the caller without a sync (the trainer's padded width); it sizes the FA3
+    route's and the backward's grids. 0: a bound from the shapes.
     """
     _reject_unsupported(unsupported)
     _check_common(q, k, v, ("k", "v"), scale)
@@ -845,7 +848,13 @@ def attention_contiguous(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_s
                          f"got {tuple(k.shape)}")
     _check_int("cu_seqlens", cu_seqlens, 1, q.device)
     _check_cu("cu_seqlens", cu_seqlens, q.shape[0])
-    return _attention_contiguous_op(q, k, v, cu_seqlens, float(scale))
+    if max_seqlen < 0:
+        raise ValueError(f"max_seqlen must be >= 0 (0: a bound from the shapes), got {max_seqlen}")
+    if _check_values(cu_seqlens) and max_seqlen and cu_seqlens.shape[0] > 1:
+        longest = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+        if longest > max_seqlen:
+            raise ValueError(f"max_seqlen={max_seqlen} is below the longest sequence ({longest} tokens)")
+    return _attention_contiguous_op(q, k, v, cu_seqlens, float(scale), int(max_seqlen))
 
 
 def reshape_and_cache(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,

@@ -36,6 +36,7 @@ import torch
 MODES = ("auto", "triton", "fa3")
 HEAD_SIZES = (128,)  # sizes whose one-query (decode) calls keep FA3's causal KV tiling
 PAGE = 16  # positions per block when the trainer's packed K/V is paged for FA3
+MAX_PAGE = 64  # larger blocks are handed to FA3 as sub-blocks of this size (see small_pages)
 
 
 def mode() -> str:
@@ -101,7 +102,31 @@ def paged(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_t
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     if q.shape[0] == 0 or seq_lens.shape[0] == 0:
         return out
+    k_cache, v_cache, block_table = small_pages(k_cache, v_cache, block_table)
     fn(q, k_cache, v_cache, max_seqlen_q=max(1, int(max_seqlen_q)), cu_seqlens_q=cu_seqlens_q,
        max_seqlen_k=block_table.shape[1] * k_cache.shape[1], seqused_k=seq_lens, softmax_scale=scale,
        causal=True, block_table=block_table, out=out, num_splits=1, fa_version=3)
     return out
+
+
+def small_pages(k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor):
+    """Blocks of more than MAX_PAGE positions (vLLM's --block-size 128, 256...) as sub-blocks
+    of MAX_PAGE: views of the same memory and a block table with one entry per sub-block.
+
+    Why: FA3 loads pages whose size is a multiple of its 128-key tile by TMA in a prefill and
+    gathers them in a decode; measured on an H200, a 2000-token prefill in blocks of 128 then
+    gave other bits than its decodes and the trainer (and NaN from rows past the sequence's
+    end, which the gather path zero-fills). Pages of 16-64 gave the same bits everywhere."""
+    bs = k_cache.shape[1]
+    if bs <= MAX_PAGE:
+        return k_cache, v_cache, block_table
+    if bs % MAX_PAGE:
+        raise ValueError(f"KV block size {bs} is not a multiple of {MAX_PAGE}; use one that is (vLLM's "
+                         "default 16 is), or set ONPOLICY_ATTENTION=triton on the sampler and the trainer")
+    split = bs // MAX_PAGE
+    nb, _, H, D = k_cache.shape
+    k_cache = k_cache.view(nb * split, MAX_PAGE, H, D)  # a view: raises rather than copy the cache
+    v_cache = v_cache.view(nb * split, MAX_PAGE, H, D)
+    sub = torch.arange(split, dtype=block_table.dtype, device=block_table.device)
+    block_table = (block_table[:, :, None] * split + sub).flatten(1)
+    return k_cache, v_cache, block_table

@@ -90,6 +90,7 @@ class TokenPlan:
     cu_seqlens: torch.Tensor  # int32 [S+1] packed sequence boundaries
     past_len: int = 0
     cache: object = None
+    max_len: int = 0  # a bound on the longest sequence (host int, no sync): sizes attention grids
     tap: Optional[Callable[[str, torch.Tensor], None]] = None  # `onpolicy check` records activations here
     tp: int = 1  # vLLM tensor-parallel size the forward mirrors (row_parallel_linear)
 
@@ -130,7 +131,7 @@ def plan_tokens(B: int, L: int, attention_mask, position_ids, past_len: int, dev
         nz = counts[counts > 0].to(torch.int32)
         cu = torch.zeros(nz.numel() + 1, dtype=torch.int32, device=device)
         cu[1:] = nz.cumsum(0)
-        return TokenPlan(B, L, idx, pos.reshape(-1)[idx], cu)
+        return TokenPlan(B, L, idx, pos.reshape(-1)[idx], cu, max_len=L)
     idx = torch.arange(B * L, device=device)
     if position_ids is not None:
         pos = position_ids.expand(B, L).reshape(-1)
@@ -141,11 +142,12 @@ def plan_tokens(B: int, L: int, attention_mask, position_ids, past_len: int, dev
             bounds = starts + [L]
             if any(not torch.equal(pos[a:b], torch.arange(b - a, device=device)) for a, b in zip(bounds, bounds[1:])):
                 raise ValueError("packed position_ids must count 0, 1, 2, ... within each sequence")
-            return TokenPlan(B, L, idx, pos, torch.tensor(bounds, dtype=torch.int32, device=device))
+            return TokenPlan(B, L, idx, pos, torch.tensor(bounds, dtype=torch.int32, device=device),
+                             max_len=max(b - a for a, b in zip(bounds, bounds[1:])))
     else:
         pos = (ar + past_len).repeat(B)
     cu = torch.arange(B + 1, dtype=torch.int32, device=device) * L
-    return TokenPlan(B, L, idx, pos, cu, past_len)
+    return TokenPlan(B, L, idx, pos, cu, past_len, max_len=L)
 
 
 def _paged_view(kv: torch.Tensor):
@@ -179,7 +181,7 @@ def attention_forward(self, x: torch.Tensor, plan: TokenPlan) -> torch.Tensor:
     from onpolicy_kernels.attention import attention, attention_contiguous  # noqa: PLC0415
 
     if plan.cache is None:
-        o = attention_contiguous(q, k, v, plan.cu_seqlens, self.scaling)
+        o = attention_contiguous(q, k, v, plan.cu_seqlens, self.scaling, max_seqlen=plan.max_len)
     else:
         B, L = plan.B, plan.L
         kf, vf = plan.cache.update(k.view(B, L, -1, hd).transpose(1, 2), v.view(B, L, -1, hd).transpose(1, 2),

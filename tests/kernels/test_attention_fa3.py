@@ -106,3 +106,31 @@ def test_non_causal_calls_stay_off_fa3(fake_fa3):
     pk, pv, table, seq_lens = A._copy_to_pages(k, v, torch.tensor([0, 20], dtype=torch.int32), 16)
     A.attention(q, pk, pv, table, torch.tensor([0, 20], dtype=torch.int32), seq_lens, 0.125, causal=False)
     assert fake_fa3 == []
+
+
+def test_large_blocks_reach_fa3_as_sub_blocks():
+    """vLLM blocks of 128/256 positions go to FA3 as views of 64-position sub-blocks (see
+    small_pages): every position maps to the same memory, and nothing is copied."""
+    nb, bs, H, D = 5, 256, 2, 8
+    kv = torch.randn(nb, bs, H, 2 * D)
+    k, v = kv[..., :D], kv[..., D:]  # vLLM's interleaved K/V layout
+    table = torch.tensor([[3, 0, 4], [1, 2, 2]], dtype=torch.int32)
+    k2, v2, t2 = FA.small_pages(k, v, table)
+    assert k2.shape[1] == FA.MAX_PAGE and k2.data_ptr() == k.data_ptr() and v2.data_ptr() == v.data_ptr()
+    pos = torch.arange(3 * bs)
+    for b in range(2):
+        sub = t2[b, pos // FA.MAX_PAGE].long()
+        assert torch.equal(k2[sub, pos % FA.MAX_PAGE], k[table[b, pos // bs].long(), pos % bs])
+        assert torch.equal(v2[sub, pos % FA.MAX_PAGE], v[table[b, pos // bs].long(), pos % bs])
+    assert FA.small_pages(k[:, :64], v[:, :64], table)[2] is table  # small blocks pass through
+    with pytest.raises(ValueError, match="block size 96 is not a multiple of 64"):
+        FA.small_pages(k[:, :96], v[:, :96], table)
+
+
+def test_trainer_bound_on_sequence_length(monkeypatch):
+    lens = [5, 9]
+    q, k, v = _seqs(lens, 2, 2, 64, 3)
+    cu = torch.tensor([0, 5, 14], dtype=torch.int32)
+    with pytest.raises(ValueError, match="max_seqlen=8 is below the longest sequence"):
+        A.attention_contiguous(q, k, v, cu, 0.125, max_seqlen=8)
+    assert torch.equal(A.attention_contiguous(q, k, v, cu, 0.125, max_seqlen=9), A.attention_contiguous(q, k, v, cu, 0.125))

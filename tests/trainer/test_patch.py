@@ -169,3 +169,15 @@ def test_bad_masks_are_rejected(model_bf16):
     holes = torch.tensor([[1, 1, 0, 1, 1, 1, 1, 1, 1, 1]])
     with pytest.raises(ValueError, match="contiguous"):
         onpolicy.token_logprobs(model_bf16, ids, holes)
+
+
+def test_token_plan_bounds_the_longest_sequence_without_a_sync():
+    """plan.max_len (a host int that sizes the attention grids) bounds every sequence."""
+    from onpolicy.trainer.forward import plan_tokens
+
+    mask = torch.tensor([[0, 0, 1, 1], [1, 1, 1, 1], [0, 0, 0, 1]])
+    plan = plan_tokens(3, 4, mask, None, 0, "cpu")
+    assert plan.max_len == 4 >= int((plan.cu_seqlens[1:] - plan.cu_seqlens[:-1]).max())
+    packed = plan_tokens(1, 7, None, torch.tensor([[0, 1, 2, 0, 1, 0, 1]]), 0, "cpu")
+    assert packed.cu_seqlens.tolist() == [0, 3, 5, 7] and packed.max_len == 3
+    assert plan_tokens(2, 5, None, None, 0, "cpu").max_len == 5
