@@ -3,6 +3,7 @@
 #   PARTS="check recipe determinism" bash benchmarks/gpu_session3.sh        # one GPU
 #   PARTS="tp2check tp2recipe" bash benchmarks/gpu_session3.sh              # two GPUs
 #   PARTS=throughput LOADS="256x512,8x2500" CONFS="default batch_invariant onpolicy default" bash benchmarks/gpu_session3.sh
+#   PARTS=trainer ROUTES=triton,fa3 ROUNDS=15 bash benchmarks/gpu_session3.sh      # issue 12's trainer step
 set -u
 source benchmarks/gpu_env.sh
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -32,6 +33,9 @@ for part in ${PARTS-check recipe}; do
         grep -aE "THROUGHPUT|Error|cudagraph_mode|CUDAGraphMode|Capturing CUDA graphs" "$OUT/tp_$c.log" | grep -v Warning | tail -5
         mv "$OUT/tp_$c.log" "$OUT/tp_${c}_$(date +%H%M%S).log"
       done ;;
+    trainer)  # the training step, unpatched and each attention route interleaved (issue 12)
+      timeout 400 python3 benchmarks/gpu_trainer.py --rounds ${ROUNDS:-15} --routes ${ROUTES:-triton,fa3} \
+        > "$OUT/trainer.log" 2>&1; echo "exit $?"; grep -E "^\||bitwise|device" "$OUT/trainer.log" ;;
     determinism)
       c=${CONFIGS:-onpolicy,default,batch_invariant}; f="$OUT/determinism_${c//,/_}"
       timeout 560 python3 -m onpolicy.cli bench determinism --model $M --n ${N:-1000} --max-tokens 200 \

@@ -1,13 +1,16 @@
 """Trainer side on the GPU at a Qwen3-1.7B-like shape (issue 4): bitwise properties + step time/memory.
 
     python benchmarks/gpu_trainer.py [--layers 28] [--batch 8] [--seq 512] [--profile] [--skip-checks]
+                                     [--routes triton,fa3]
 
 Checks (torch.equal): one full-sequence forward == prefill + token-by-token
 decode with a KV cache; a sequence alone == in a padded batch == in a packed
 batch. Then times a training step (forward + backward of the token logprobs of
 a padded batch) of the patched vs the unpatched model (transformers' SDPA),
 interleaved step by step in one process (--rounds each), and prints the median
-times, the fastest/slowest step and peak memory, with their ratios.
+times, the fastest/slowest step and peak memory, with their ratios. --routes
+times the patched model once per attention route (ONPOLICY_ATTENTION), all
+interleaved in the same rounds.
 --profile adds, for one step of each, the GPU kernels that take the most time.
 """
 from __future__ import annotations
@@ -95,32 +98,50 @@ def _timed_step(model, ids, mask, patched):
     return time.perf_counter() - t0
 
 
-def bench_steps(model, ids, mask, rounds=10):
-    """Unpatched and patched steps interleaved (A B A B ...), so that drift of the machine
-    (clocks, other load) hits both alike; returns per configuration (median s, all s, peak GiB)."""
+def _set_route(route):
+    import os
+
+    if route is None:
+        os.environ.pop("ONPOLICY_ATTENTION", None)
+    else:
+        os.environ["ONPOLICY_ATTENTION"] = route
+
+
+def bench_steps(model, ids, mask, rounds=10, routes=(None,)):
+    """Unpatched and patched steps interleaved (A B A B ..., or A B C ... with several attention
+    routes), so that drift of the machine (clocks, other load) hits all alike; returns per
+    configuration (median s, all s, peak GiB). Configurations: "unpatched", then one per route
+    (None: ONPOLICY_ATTENTION as set, else "triton" / "fa3"; restored afterwards)."""
+    import os
+
     import onpolicy
 
+    before = os.environ.get("ONPOLICY_ATTENTION")
+    configs = [("unpatched", False, before)] + [(r or "onpolicy", True, r or before) for r in routes]
     res = {}
-    for patched in (False, True):  # warm-up step each (compiles, allocator), then the peak-memory step
+
+    def timed(name, patched, route):
+        _set_route(route)
         if patched:
             onpolicy.patch_model(model)
-        _timed_step(model, ids, mask, patched)
-        torch.cuda.reset_peak_memory_stats()
-        _timed_step(model, ids, mask, patched)
-        res[patched] = ([], torch.cuda.max_memory_allocated() / 2**30)
-        if patched:
-            onpolicy.unpatch_model(model)
-    for _ in range(rounds):
-        for patched in (False, True):
-            if patched:
-                onpolicy.patch_model(model)
-            res[patched][0].append(_timed_step(model, ids, mask, patched))
+        try:
+            return _timed_step(model, ids, mask, patched)
+        finally:
             if patched:
                 onpolicy.unpatch_model(model)
-    out = {}
-    for patched, (times, mem) in res.items():
-        out[patched] = (sorted(times)[len(times) // 2], times, mem)
-    return out
+
+    try:
+        for name, patched, route in configs:  # warm-up step each (compiles, allocator), then the peak-memory step
+            timed(name, patched, route)
+            torch.cuda.reset_peak_memory_stats()
+            timed(name, patched, route)
+            res[name] = ([], torch.cuda.max_memory_allocated() / 2**30)
+        for _ in range(rounds):
+            for name, patched, route in configs:
+                res[name][0].append(timed(name, patched, route))
+    finally:
+        _set_route(before)
+    return {name: (sorted(times)[len(times) // 2], times, mem) for name, (times, mem) in res.items()}
 
 
 def profile_step(model, ids, mask, patched, top=22):
@@ -148,6 +169,8 @@ def main():
     ap.add_argument("--rounds", type=int, default=10)
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--skip-checks", action="store_true")
+    ap.add_argument("--routes", default="", help="attention routes to time side by side, e.g. triton,fa3 "
+                    "(default: one onpolicy column with ONPOLICY_ATTENTION as set)")
     a = ap.parse_args()
     import onpolicy
 
@@ -163,15 +186,20 @@ def main():
     for b in range(a.batch):  # ragged left padding like TRL batches
         mask[b, : (b * a.seq) // (4 * a.batch)] = 0
     model.train()
-    r = bench_steps(model, ids, mask, a.rounds)
-    (t_ref, ts_ref, m_ref), (t_pat, ts_pat, m_pat) = r[False], r[True]
-    print(f"| training step (fwd+bwd), {a.batch}x{a.seq} tokens | unpatched (SDPA) | onpolicy | ratio |")
-    print("|---|---|---|---|")
-    print(f"| time, median of {a.rounds} interleaved steps | {t_ref * 1e3:.1f} ms | {t_pat * 1e3:.1f} ms | "
-          f"{t_pat / t_ref:.3f}x |")
+    routes = tuple(a.routes.split(",")) if a.routes else (None,)
+    r = bench_steps(model, ids, mask, a.rounds, routes)
+    t_ref, ts_ref, m_ref = r.pop("unpatched")
+    names = list(r)
+    print(f"| training step (fwd+bwd), {a.batch}x{a.seq} tokens | unpatched (SDPA) | "
+          + " | ".join(f"{n} | ratio" for n in names) + " |")
+    print("|---|---|" + "---|---|" * len(names))
+    print(f"| time, median of {a.rounds} interleaved steps | {t_ref * 1e3:.1f} ms | "
+          + " | ".join(f"{r[n][0] * 1e3:.1f} ms | {r[n][0] / t_ref:.3f}x" for n in names) + " |")
     print(f"| fastest / slowest step | {min(ts_ref) * 1e3:.1f} / {max(ts_ref) * 1e3:.1f} ms | "
-          f"{min(ts_pat) * 1e3:.1f} / {max(ts_pat) * 1e3:.1f} ms | {min(ts_pat) / min(ts_ref):.3f}x (fastest) |")
-    print(f"| peak memory | {m_ref:.2f} GiB | {m_pat:.2f} GiB | {m_pat / m_ref:.3f}x |")
+          + " | ".join(f"{min(r[n][1]) * 1e3:.1f} / {max(r[n][1]) * 1e3:.1f} ms | "
+                       f"{min(r[n][1]) / min(ts_ref):.3f}x (fastest)" for n in names) + " |")
+    print(f"| peak memory | {m_ref:.2f} GiB | "
+          + " | ".join(f"{r[n][2]:.2f} GiB | {r[n][2] / m_ref:.3f}x" for n in names) + " |")
     print(f"device: {torch.cuda.get_device_name()}")
     if a.profile:
         profile_step(model, ids, mask, patched=False)
