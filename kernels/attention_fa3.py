@@ -22,7 +22,10 @@ changes its KV tiling and so a decode's bits. Everything else (the CPU, other
 GPUs, fp32) runs the Triton / CPU kernels of `attention.py`.
 
 `ONPOLICY_ATTENTION` = auto (default: as above) | triton (never FA3) | fa3 (FA3
-or a clear error). Sampler and trainer must see the same value. FA3 has no
+or a clear error). Sampler and trainer must see the same value and, on the FA3
+route, import the same vLLM build (its FA3 kernels are part of the bits); where
+the trainer cannot import vLLM's FA3, `fa3` makes that an error instead of a
+silent switch to Triton. FA3 has no
 backward here; the trainer's backward is unchanged (attention.py).
 """
 from __future__ import annotations
