@@ -567,9 +567,10 @@ def _as_pages(k, v, cu_seqlens):
     return k.unsqueeze(1), v.unsqueeze(1), block_table, (cu[1:] - cu[:-1]).to(torch.int32)
 
 
-def _copy_to_pages(k, v, cu_seqlens, bsz=16):
-    """The other way to run packed K/V through the paged kernel: copy it into blocks of
-    16 (one pass over K/V, no sync). Same bits as `_as_pages`; kept for the benchmark."""
+def _copy_to_pages(k, v, cu_seqlens, bsz=16, max_len=0):
+    """Packed K/V copied into blocks of `bsz` (one pass over K/V, no sync): the FA3 route's
+    layout for the trainer, and for our kernel the same bits as `_as_pages`. `max_len` (a
+    bound on the longest sequence; 0: the token count) sets the block table's width."""
     T, Hkv, D = k.shape
     B = cu_seqlens.shape[0] - 1
     cu = cu_seqlens.long()
@@ -577,7 +578,7 @@ def _copy_to_pages(k, v, cu_seqlens, bsz=16):
     npages = (lens + bsz - 1) // bsz
     first = torch.cumsum(npages, 0) - npages
     total = T // bsz + B + 1  # >= sum(npages)
-    max_blocks = max(1, (T + bsz - 1) // bsz)
+    max_blocks = max(1, ((max_len or T) + bsz - 1) // bsz)
     # Entries past a sequence's blocks are never used; clamped so that every id is a block.
     block_table = (first[:, None] + torch.arange(max_blocks, device=k.device)[None, :]).clamp_(max=total - 1)
     block_table = block_table.to(torch.int32)
@@ -593,8 +594,9 @@ def _copy_to_pages(k, v, cu_seqlens, bsz=16):
 def _attention_contiguous_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
                              scale: float, max_seqlen: int = 0) -> torch.Tensor:
     if use_triton(q) and fa3.use_fa3(q):  # FA3 reads pages of 16 (attention_fa3.py)
-        kc, vc, bt, seq_lens = _copy_to_pages(k, v, cu_seqlens, fa3.PAGE)
-        return fa3.paged(q, kc, vc, bt, cu_seqlens, seq_lens, scale, max_seqlen or flash_max_len(cu_seqlens, q.shape[0]))
+        max_len = max_seqlen or flash_max_len(cu_seqlens, q.shape[0])
+        kc, vc, bt, seq_lens = _copy_to_pages(k, v, cu_seqlens, fa3.PAGE, max_len)
+        return fa3.paged(q, kc, vc, bt, cu_seqlens, seq_lens, scale, max_len)
     kc, vc, bt, seq_lens = _as_pages(k, v, cu_seqlens)
     return _attention_impl(q, kc, vc, bt, cu_seqlens, seq_lens, scale, True)
 
@@ -809,8 +811,13 @@ def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, blo
         raise ValueError(f"for B = {B} sequences (seq_lens), cu_seqlens_q needs B + 1 entries "
                          f"(got {cu_seqlens_q.shape[0]}) and block_table >= B rows (got {block_table.shape[0]})")
     _check_cu("cu_seqlens_q", cu_seqlens_q, q.shape[0])
+    if max_seqlen_q < 0:
+        raise ValueError(f"max_seqlen_q must be >= 0 (0: the token count), got {max_seqlen_q}")
     if _check_values(q) and B:
         q_lens = cu_seqlens_q[1:] - cu_seqlens_q[:-1]
+        if max_seqlen_q and int(q_lens.max()) > max_seqlen_q:
+            raise ValueError(f"max_seqlen_q={max_seqlen_q} is below the longest query count ({int(q_lens.max())}); "
+                             "pass an upper bound (vLLM's max_query_len) or 0")
         if bool((q_lens > seq_lens).any()):
             raise ValueError("every sequence needs q_len <= seq_len (queries are the last q_len positions); "
                              f"got q_lens {q_lens.tolist()} and seq_lens {seq_lens.tolist()}")
@@ -823,8 +830,6 @@ def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, blo
         ids = block_table[:B][used]
         if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= k_cache.shape[0]):
             raise ValueError(f"block_table holds block ids outside [0, {k_cache.shape[0]}) for used blocks")
-    if max_seqlen_q < 0:
-        raise ValueError(f"max_seqlen_q must be >= 0 (0: the token count), got {max_seqlen_q}")
     return _attention_op(q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens, float(scale), bool(causal),
                          int(max_seqlen_q))
 

@@ -23,9 +23,10 @@ GPUs, fp32) runs the Triton / CPU kernels of `attention.py`.
 
 `ONPOLICY_ATTENTION` = auto (default: as above) | triton (never FA3) | fa3 (FA3
 or a clear error). Sampler and trainer must see the same value and, on the FA3
-route, import the same vLLM build (its FA3 kernels are part of the bits); where
-the trainer cannot import vLLM's FA3, `fa3` makes that an error instead of a
-silent switch to Triton. FA3 has no
+route, import the same vLLM build (its FA3 kernels are part of the bits). A call
+that belongs on the FA3 route in a process that cannot import vLLM's FA3 (a
+trainer without vLLM on a Hopper GPU) raises, naming both fixes, rather than
+switching to Triton silently. FA3 has no
 backward here; the trainer's backward is unchanged (attention.py).
 """
 from __future__ import annotations
@@ -66,8 +67,8 @@ def _capability(index: int) -> tuple[int, int]:
     return torch.cuda.get_device_capability(index)
 
 
-def unsupported(q: torch.Tensor) -> str:
-    """Why FA3 cannot take this call ("" if it can): shapes, dtype and machine only."""
+def _call_reason(q: torch.Tensor) -> str:
+    """Why this call is not one for FA3 ("" if it is): device, dtype and head size only."""
     if not q.is_cuda:
         return "q is not on a CUDA device"
     index = q.device.index if q.device.index is not None else torch.cuda.current_device()
@@ -78,18 +79,34 @@ def unsupported(q: torch.Tensor) -> str:
         return f"FA3 runs fp16/bf16, q is {q.dtype}"
     if q.shape[-1] not in HEAD_SIZES:
         return f"head size {q.shape[-1]} is not one of {HEAD_SIZES} (FA3's decode tiling differs there)"
-    return _fa3()[1]
+    return ""
+
+
+def unsupported(q: torch.Tensor) -> str:
+    """Why FA3 cannot take this call ("" if it can)."""
+    return _call_reason(q) or _fa3()[1]
 
 
 def use_fa3(q: torch.Tensor) -> bool:
+    """Whether this call runs on FA3. A call that belongs on the FA3 route (Hopper, fp16/bf16,
+    head size 128) in a process that cannot import vLLM's FA3 is an error, not a silent
+    switch to Triton: the vLLM sampler would run FA3 there and the bits would differ."""
     m = mode()
     if m == "triton":
         return False
-    why = unsupported(q)
-    if why and m == "fa3":
-        raise RuntimeError(f"ONPOLICY_ATTENTION=fa3 but {why}; unset ONPOLICY_ATTENTION (auto) or set it to "
-                           "triton, on the sampler and the trainer alike")
-    return not why
+    why = _call_reason(q)
+    if why:
+        if m == "fa3":
+            raise RuntimeError(f"ONPOLICY_ATTENTION=fa3 but {why}; unset ONPOLICY_ATTENTION (auto) or set it to "
+                               "triton, on the sampler and the trainer alike")
+        return False
+    missing = _fa3()[1]
+    if missing:
+        raise RuntimeError(
+            f"this attention call belongs on onpolicy's FA3 route (Hopper, {q.dtype}, head size {q.shape[-1]}), "
+            f"where the vLLM sampler runs FlashAttention-3, but {missing}. Install the sampler's vLLM (the same "
+            "build) in this process, or set ONPOLICY_ATTENTION=triton for the sampler and the trainer alike")
+    return True
 
 
 def paged(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,
@@ -105,7 +122,8 @@ def paged(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_t
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     if q.shape[0] == 0 or seq_lens.shape[0] == 0:
         return out
-    k_cache, v_cache, block_table = small_pages(k_cache, v_cache, block_table)
+    # FA3 wants exactly one table row per sequence (our kernel accepts more).
+    k_cache, v_cache, block_table = small_pages(k_cache, v_cache, block_table[: seq_lens.shape[0]])
     fn(q, k_cache, v_cache, max_seqlen_q=max(1, int(max_seqlen_q)), cu_seqlens_q=cu_seqlens_q,
        max_seqlen_k=block_table.shape[1] * k_cache.shape[1], seqused_k=seq_lens, softmax_scale=scale,
        causal=True, block_table=block_table, out=out, num_splits=1, fa_version=3)
@@ -128,6 +146,11 @@ def small_pages(k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch
                          "default 16 is), or set ONPOLICY_ATTENTION=triton on the sampler and the trainer")
     split = bs // MAX_PAGE
     nb, _, H, D = k_cache.shape
+    for name, c in (("k_cache", k_cache), ("v_cache", v_cache)):
+        if c.stride(0) != bs * c.stride(1):
+            raise ValueError(f"{name} strides {tuple(c.stride())}: its blocks of {bs} positions are not laid out "
+                             f"position after position, so they cannot be viewed as sub-blocks of {MAX_PAGE}; "
+                             "use blocks of 64 or fewer positions, or ONPOLICY_ATTENTION=triton on both sides")
     k_cache = k_cache.view(nb * split, MAX_PAGE, H, D)  # a view: raises rather than copy the cache
     v_cache = v_cache.view(nb * split, MAX_PAGE, H, D)
     sub = torch.arange(split, dtype=block_table.dtype, device=block_table.device)

@@ -87,7 +87,10 @@ def paged(kvs, q_lens, qs, bs, seed, extra=5):
 
 
 def run(args, scale=0.088, causal=True):
-    return A.attention(*args, scale, causal)
+    """The paged call as vLLM's backend makes it: with the longest query count as the bound
+    (FA3 keys its decode special case on max_seqlen_q == 1)."""
+    cu = args[4]
+    return A.attention(*args, scale, causal, max_seqlen_q=int((cu[1:] - cu[:-1]).max()) if cu.numel() > 1 else 0)
 
 
 def ref(q, k, v, q_len, scale):
@@ -206,7 +209,8 @@ def test_trainer_contiguous_equals_paged(shape, dtype, route):
     seqs = [seq(L, Hq, Hkv, D, dtype, 7 + L) for L in LENS]
     cu = torch.tensor([0] + torch.tensor(LENS).cumsum(0).tolist(), dtype=torch.int32, device=DEV)
     qc, kc, vc = (torch.cat([s[i] for s in seqs]) for i in range(3))
-    trainer = A.attention_contiguous(qc, kc, vc, cu, 0.088)
+    trainer = A.attention_contiguous(qc, kc, vc, cu, 0.088, max_seqlen=max(LENS))  # the trainer's bound
+    assert torch.equal(A.attention_contiguous(qc, kc, vc, cu, 0.088), trainer)  # and the shapes' bound
     sampler = run(paged([(s[1], s[2]) for s in seqs], LENS, [s[0] for s in seqs], 16, 9))
     assert torch.equal(trainer, sampler)
     q, k, v = seqs[1]
@@ -224,7 +228,7 @@ def test_block_size_does_not_change_bits(bs, route):
     dtype = torch.bfloat16
     L = 2000
     q, k, v = seq(L, Hq, Hkv, D, dtype, 11)
-    trainer = A.attention_contiguous(q, k, v, torch.tensor([0, L], dtype=torch.int32, device=DEV), 0.088)
+    trainer = A.attention_contiguous(q, k, v, torch.tensor([0, L], dtype=torch.int32, device=DEV), 0.088, max_seqlen=L)
     assert torch.equal(run(paged([(k, v)], [L], [q], bs, bs)), trainer)
     pos = [0, 15, 16, 127, 128, 129, 255, 256, 1000, 1999]
     dec = run(paged([(k[:i + 1], v[:i + 1]) for i in pos], [1] * len(pos), [q[i:i + 1] for i in pos], bs, bs + 1))

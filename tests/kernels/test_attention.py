@@ -467,6 +467,11 @@ def test_ops_are_opaque_to_torch_compile():
                           test_utils=("test_schema", "test_faketensor"))
     torch.library.opcheck(torch.ops.onpolicy.attention_contiguous.default, (q, k, v, cu, sc),
                           test_utils=("test_schema", "test_faketensor"))
+    # The host-int bounds (they size the FA3 route's grid): non-default values through the schema.
+    torch.library.opcheck(torch.ops.onpolicy.attention.default, (q, kc, vc, bt, cu, sl, sc, True, q.shape[0]),
+                          test_utils=("test_schema", "test_faketensor"))
+    torch.library.opcheck(torch.ops.onpolicy.attention_contiguous.default, (q, k, v, cu, sc, q.shape[0]),
+                          test_utils=("test_schema", "test_faketensor"))
 
 
 @pytest.mark.skipif(INTERPRETING or not HAS_TRITON, reason="the Triton tests already run in this process")

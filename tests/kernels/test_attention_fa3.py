@@ -134,3 +134,57 @@ def test_trainer_bound_on_sequence_length(monkeypatch):
     with pytest.raises(ValueError, match="max_seqlen=8 is below the longest sequence"):
         A.attention_contiguous(q, k, v, cu, 0.125, max_seqlen=8)
     assert torch.equal(A.attention_contiguous(q, k, v, cu, 0.125, max_seqlen=9), A.attention_contiguous(q, k, v, cu, 0.125))
+
+
+def test_a_fa3_call_without_vllms_fa3_is_an_error(monkeypatch):
+    """auto: a call that belongs on the FA3 route (the sampler runs FA3 there) in a process
+    without vLLM's FA3 raises, naming both fixes, instead of silently running Triton."""
+    q = torch.zeros(3, 4, 128, dtype=torch.bfloat16)
+    monkeypatch.setattr(FA, "_call_reason", lambda q: "")  # as if on a Hopper GPU
+    monkeypatch.setattr(FA, "_fa3", lambda: (None, "vllm.vllm_flash_attn cannot be imported (ImportError)"))
+    monkeypatch.delenv("ONPOLICY_ATTENTION", raising=False)
+    with pytest.raises(RuntimeError, match="Install the sampler's vLLM .* or set ONPOLICY_ATTENTION=triton"):
+        FA.use_fa3(q)
+    monkeypatch.setenv("ONPOLICY_ATTENTION", "triton")
+    assert not FA.use_fa3(q)
+
+
+def test_query_bound_below_the_longest_query_is_an_error():
+    lens, q_lens = [40, 7], [40, 1]
+    q, k, v = _seqs(lens, 4, 2, 64, 4)
+    cu_k = [0, 40, 47]
+    pk, pv, table, seq_lens = A._copy_to_pages(k, v, torch.tensor(cu_k, dtype=torch.int32), 16)
+    rows = torch.cat([torch.arange(e - n, e) for e, n in zip(cu_k[1:], q_lens)])
+    cu_q = torch.tensor([0, 40, 41], dtype=torch.int32)
+    with pytest.raises(ValueError, match="max_seqlen_q=39 is below the longest query count"):
+        A.attention(q[rows], pk, pv, table, cu_q, seq_lens, 0.125, max_seqlen_q=39)
+
+
+def test_fa3_gets_one_table_row_per_sequence_and_a_narrow_table(fake_fa3):
+    lens = [20, 5]
+    q, k, v = _seqs(lens, 2, 2, 64, 5)
+    cu = torch.tensor([0, 20, 25], dtype=torch.int32)
+    A.attention_contiguous(q, k, v, cu, 0.125, max_seqlen=20)
+    assert fake_fa3[0]["table"].shape == (2, 2)  # ceil(20 / 16) columns, not ceil(25 / 16) + ...
+
+
+def test_unviewable_large_blocks_name_the_fix():
+    k = torch.randn(4, 2, 128, 8).transpose(1, 2)  # [blocks, 128, heads, D] with heads outermost
+    with pytest.raises(ValueError, match="cannot be viewed as sub-blocks of 64.*ONPOLICY_ATTENTION=triton"):
+        FA.small_pages(k, k, torch.zeros(1, 1, dtype=torch.int32))
+
+
+def test_paged_hands_fa3_one_row_per_sequence(monkeypatch):
+    seen = {}
+
+    def fake(q, k, v, **kw):
+        seen.update(kw)
+
+    monkeypatch.setattr(FA, "_fa3", lambda: (fake, ""))
+    q = torch.zeros(2, 2, 128)
+    kc = torch.zeros(6, 16, 1, 128)
+    table = torch.arange(12, dtype=torch.int32).view(4, 3) % 6  # 4 rows for 2 sequences
+    FA.paged(q, kc, kc, table, torch.tensor([0, 1, 2], dtype=torch.int32), torch.tensor([5, 9], dtype=torch.int32),
+             0.1, 1)
+    assert seen["block_table"].shape == (2, 3) and seen["num_splits"] == 1 and seen["max_seqlen_q"] == 1
+    assert seen["max_seqlen_k"] == 48 and seen["causal"] is True
