@@ -253,7 +253,7 @@ def fa3_table(bench, heads, prefill, decode, dtype, dev):
         times = {}
         for route in ("triton", "fa3"):
             os.environ["ONPOLICY_ATTENTION"] = route
-            times[route] = bench(lambda: A.attention_contiguous(q, k, v, cu, D ** -0.5).backward(g))
+            times[route] = bench(lambda: A.attention_contiguous(q, k, v, cu, D ** -0.5, max_seqlen=L).backward(g))
         os.environ["ONPOLICY_ATTENTION"] = "triton"
         print(f"| trainer fwd+bwd | {Hq}/{Hkv}/{D} | {B} x {L} | {times['triton']:.3f} | {times['fa3']:.3f} | "
               f"{times['triton'] / times['fa3']:.2f} |")
