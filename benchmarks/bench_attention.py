@@ -46,6 +46,14 @@ def paged_cache(B, L, Hkv, D, dtype, device, bs=16, seed=0):
     return kc, vc, bt
 
 
+def trainer_batch(B, L, Hq, Hkv, D, dtype, device):
+    """(q, k, v, grad, cu_seqlens) of B packed sequences of L tokens, q/k/v requiring grad."""
+    T = B * L
+    q, k, v = (torch.randn(T, H, D, device=device).to(dtype).requires_grad_(True) for H in (Hq, Hkv, Hkv))
+    g = torch.randn(T, Hq, D, device=device).to(dtype)
+    return q, k, v, g, torch.arange(0, T + 1, L, dtype=torch.int32, device=device)
+
+
 def contiguous_kv(kc, vc, bt, L):
     """[B, Hkv, L, D] K and V of each sequence, gathered from the pages."""
     B = bt.shape[0]
@@ -169,12 +177,7 @@ def gpu(quick: bool, dry: bool = False):
     print("|---|---|---|---|---|")
     for Hq, Hkv, D in heads[:1]:
         for B, L in prefill:
-            T = B * L
-            q = torch.randn(T, Hq, D, device=dev).to(dtype).requires_grad_(True)
-            k = torch.randn(T, Hkv, D, device=dev).to(dtype).requires_grad_(True)
-            v = torch.randn(T, Hkv, D, device=dev).to(dtype).requires_grad_(True)
-            g = torch.randn(T, Hq, D, device=dev).to(dtype)
-            cu = torch.arange(0, T + 1, L, dtype=torch.int32, device=dev)
+            q, k, v, g, cu = trainer_batch(B, L, Hq, Hkv, D, dtype, dev)
 
             def ours_step():
                 A.attention_contiguous(q, k, v, cu, D ** -0.5).backward(g)
@@ -244,12 +247,7 @@ def fa3_table(bench, heads, prefill, decode, dtype, dev):
                 del kc, vc
     Hq, Hkv, D = heads[0]
     for B, L in prefill:
-        T = B * L
-        q = torch.randn(T, Hq, D, device=dev).to(dtype).requires_grad_(True)
-        k = torch.randn(T, Hkv, D, device=dev).to(dtype).requires_grad_(True)
-        v = torch.randn(T, Hkv, D, device=dev).to(dtype).requires_grad_(True)
-        g = torch.randn(T, Hq, D, device=dev).to(dtype)
-        cu = torch.arange(0, T + 1, L, dtype=torch.int32, device=dev)
+        q, k, v, g, cu = trainer_batch(B, L, Hq, Hkv, D, dtype, dev)
         times = {}
         for route in ("triton", "fa3"):
             os.environ["ONPOLICY_ATTENTION"] = route

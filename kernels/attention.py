@@ -524,10 +524,15 @@ def _attention_cpu(q, k_cache, v_cache, block_table, cu_q, seq_lens, scale, caus
 # ----------------------------------------------------------------------------- ops
 
 
+def _on_fa3(q, causal=True) -> bool:
+    """The route rule, one place for the sampler's paged and the trainer's packed calls."""
+    return use_triton(q) and causal and fa3.use_fa3(q)
+
+
 def _attention_impl(q, k_cache, v_cache, block_table, cu_q, seq_lens, scale, causal, max_seqlen_q=0):
+    if _on_fa3(q, causal):
+        return fa3.paged(q, k_cache, v_cache, block_table, cu_q, seq_lens, scale, max_seqlen_q or q.shape[0])
     if use_triton(q):
-        if causal and fa3.use_fa3(q):
-            return fa3.paged(q, k_cache, v_cache, block_table, cu_q, seq_lens, scale, max_seqlen_q or q.shape[0])
         return _attention_triton(q, k_cache, v_cache, block_table, cu_q, seq_lens, scale, causal)
     return _attention_cpu(q, k_cache, v_cache, block_table, cu_q, seq_lens, scale, causal)
 
@@ -593,7 +598,7 @@ def _copy_to_pages(k, v, cu_seqlens, bsz=16, max_len=0):
 @custom_op("onpolicy::attention_contiguous", mutates_args=())
 def _attention_contiguous_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
                              scale: float, max_seqlen: int = 0) -> torch.Tensor:
-    if use_triton(q) and fa3.use_fa3(q):  # FA3 reads pages of 16 (attention_fa3.py)
+    if _on_fa3(q):  # FA3 reads pages of 16 (attention_fa3.py)
         max_len = max_seqlen or flash_max_len(cu_seqlens, q.shape[0])
         kc, vc, bt, seq_lens = _copy_to_pages(k, v, cu_seqlens, fa3.PAGE, max_len)
         return fa3.paged(q, kc, vc, bt, cu_seqlens, seq_lens, scale, max_len)
