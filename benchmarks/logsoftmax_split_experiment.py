@@ -34,28 +34,20 @@ import triton.language as tl
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from onpolicy_kernels.logprobs import _lane_stats  # noqa: E402
+
 BLOCK = 4096
 STEPS = 4  # BLOCK steps per chunk: CHUNK = 16384 -> 10 chunks at V = 151936
 
 
 @triton.jit
 def _chunk_stats(x_ptr, t_ptr, pm_ptr, ps_ptr, V, sx, C, BLOCK: tl.constexpr, STEPS: tl.constexpr):
+    # The shipped kernels' per-lane pass (kernels/logprobs.py: _lane_stats) over one chunk.
     row = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1)
     t = tl.load(t_ptr + row)
-    cols = tl.arange(0, BLOCK)
-    mvec = tl.full((BLOCK,), float("-inf"), tl.float32)
-    svec = tl.zeros((BLOCK,), tl.float32)
-    for i in range(STEPS):
-        v0 = (c * STEPS + i) * BLOCK
-        x = tl.load(x_ptr + row * sx + v0 + cols, mask=v0 + cols < V, other=float("-inf")).to(tl.float32) / t
-        m_new = tl.maximum(mvec, x)
-        live = m_new > float("-inf")
-        scale = tl.where(live, tl.exp(mvec - m_new), 0.0)
-        svec = svec * scale + tl.where(live, tl.exp(x - m_new), 0.0)
-        mvec = m_new
-    m = tl.max(mvec, axis=0)
-    s = tl.sum(tl.where(mvec > float("-inf"), svec * tl.exp(mvec - m), 0.0), axis=0)
+    start = c * STEPS * BLOCK
+    m, s = _lane_stats(x_ptr, row, sx, t, start, tl.minimum(start + STEPS * BLOCK, V), BLOCK)
     tl.store(pm_ptr + row * C + c, m)
     tl.store(ps_ptr + row * C + c, s)
 

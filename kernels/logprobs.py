@@ -34,16 +34,17 @@ VOCAB_BLOCK = 4096  # GPU: vocab chunk of one program step.
 if HAS_TRITON:
 
     @triton.jit
-    def _row_stats(x_ptr, row, V, sx, t, BLOCK: tl.constexpr):
-        # One pass over the row: each lane keeps a running max and a sum of
-        # exp(x - max) rescaled whenever its max grows (online softmax); the
-        # lanes are combined at the end by one fixed reduction tree. The order
-        # depends only on V and BLOCK, never on the other rows.
+    def _lane_stats(x_ptr, row, sx, t, v_start, v_stop, BLOCK: tl.constexpr):
+        # One pass over columns [v_start, v_stop) of the row: each lane keeps a running
+        # max and a sum of exp(x - max) rescaled whenever its max grows (online softmax);
+        # the lanes are combined at the end by one fixed reduction tree. The order
+        # depends only on the range and BLOCK, never on the other rows. -> (max, sum)
         cols = tl.arange(0, BLOCK)
         mvec = tl.full((BLOCK,), float("-inf"), tl.float32)
         svec = tl.zeros((BLOCK,), tl.float32)
-        for v0 in range(0, V, BLOCK):
-            x = tl.load(x_ptr + row * sx + v0 + cols, mask=v0 + cols < V, other=float("-inf")).to(tl.float32) / t
+        for v0 in range(v_start, v_stop, BLOCK):
+            x = tl.load(x_ptr + row * sx + v0 + cols, mask=v0 + cols < v_stop,
+                        other=float("-inf")).to(tl.float32) / t
             m_new = tl.maximum(mvec, x)
             live = m_new > float("-inf")
             scale = tl.where(live, tl.exp(mvec - m_new), 0.0)
@@ -51,6 +52,11 @@ if HAS_TRITON:
             mvec = m_new
         m = tl.max(mvec, axis=0)
         s = tl.sum(tl.where(mvec > float("-inf"), svec * tl.exp(mvec - m), 0.0), axis=0)
+        return m, s
+
+    @triton.jit
+    def _row_stats(x_ptr, row, V, sx, t, BLOCK: tl.constexpr):
+        m, s = _lane_stats(x_ptr, row, sx, t, 0, V, BLOCK)
         return m, tl.log(s)
 
     @triton.jit
