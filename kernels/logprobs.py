@@ -13,10 +13,24 @@ and token_logprobs gives exactly the bits of log_softmax(...)[token]. Both the
 vLLM adapter and the trainer call these ops, so their logprobs are equal.
 
 Guarantee: a row's output bits depend only on that row (and its temperature),
-never on how many rows share the call or where the row sits. GPU: one Triton
-program per row, one pass over fixed-size vocab chunks for the statistics
-(online max/sum per lane, lanes combined in a fixed tree). CPU: fixed
+never on how many rows share the call or where the row sits. CPU: fixed
 pairwise trees and chunked exp/log (kernels/_cpu.py). Backward: standard.
+
+GPU: the vocabulary is cut into chunks of CHUNK_STEPS x BLOCK columns, a size
+set by V alone. Per chunk c, one pass gives (m_c, s_c): an online max/sum per
+lane, lanes combined in a fixed tree. Then m = max_c m_c and
+s = sum over c, in chunk order, of s_c * exp(m_c - m) (`_row_lse`). Two
+launches compute exactly those operations, so they give the same bits:
+
+  * "rows" (many rows): one program per row walks its chunks, then writes the
+    row (log_softmax) or reads its token (token_logprobs) -- the row is still
+    in L2 for the second read;
+  * "split" (few rows, `split_launch`): one program per (row, chunk) for the
+    statistics, then one per (row, chunk) for the writes, so a handful of rows
+    still spreads over the whole GPU (decode: 8 rows of 151936).
+
+Which launch runs depends on the number of rows, but the bits do not
+(tests/gpu/test_ops_gpu.py and the interpreter tests run both).
 """
 from __future__ import annotations
 
@@ -29,7 +43,9 @@ from ._dispatch import check_float, custom_op, use_triton
 from ._triton import HAS_TRITON, require_triton, tl, triton
 
 ROWS_PER_CALL = 64  # CPU: bound the fp32 temporaries; rows are independent anyway.
-VOCAB_BLOCK = 4096  # GPU: vocab chunk of one program step.
+VOCAB_BLOCK = 4096  # GPU: columns of one program step.
+CHUNK_STEPS = 4  # GPU: steps per vocab chunk (16384 columns: 10 chunks at V = 151936).
+SPLIT_MAX_ROWS = 128  # GPU: up to this many rows, the split launch (H200: 1.8-5x faster at 1-64 rows).
 
 if HAS_TRITON:
 
@@ -55,29 +71,101 @@ if HAS_TRITON:
         return m, s
 
     @triton.jit
-    def _row_stats(x_ptr, row, V, sx, t, BLOCK: tl.constexpr):
-        m, s = _lane_stats(x_ptr, row, sx, t, 0, V, BLOCK)
+    def _chunk_stats(x_ptr, row, sx, t, c, V, BLOCK: tl.constexpr, STEPS: tl.constexpr):
+        start = c * (STEPS * BLOCK)
+        return _lane_stats(x_ptr, row, sx, t, start, tl.minimum(start + STEPS * BLOCK, V), BLOCK)
+
+    @triton.jit
+    def _row_lse(pm_ptr, ps_ptr, row, C, BLOCK_C: tl.constexpr):
+        # (m, log s) of a row from its chunks' (m_c, s_c): the one combine both launches use.
+        cs = tl.arange(0, BLOCK_C)
+        m = tl.max(tl.load(pm_ptr + row * C + cs, mask=cs < C, other=float("-inf")), axis=0)
+        s = 0.0
+        for c in range(C):  # in chunk order: one fixed sequence of fp32 additions
+            mc = tl.load(pm_ptr + row * C + c)
+            sc = tl.load(ps_ptr + row * C + c)
+            s += tl.where(mc > float("-inf"), sc * tl.exp(mc - m), 0.0)
         return m, tl.log(s)
 
     @triton.jit
-    def _log_softmax_kernel(x_ptr, t_ptr, o_ptr, V, sx, so, BLOCK: tl.constexpr):
+    def _row_stats(x_ptr, row, V, sx, t, pm_ptr, ps_ptr, C,
+                   BLOCK: tl.constexpr, STEPS: tl.constexpr, BLOCK_C: tl.constexpr):
+        # "rows" launch: this program computes every chunk of its row, then combines them
+        # through the same partials buffer as the split launch.
+        for c in range(C):
+            m_c, s_c = _chunk_stats(x_ptr, row, sx, t, c, V, BLOCK, STEPS)
+            tl.store(pm_ptr + row * C + c, m_c)
+            tl.store(ps_ptr + row * C + c, s_c)
+        tl.debug_barrier()  # the partials, stored by some threads, are read back by all
+        return _row_lse(pm_ptr, ps_ptr, row, C, BLOCK_C)
+
+    @triton.jit
+    def _stats_kernel(x_ptr, t_ptr, pm_ptr, ps_ptr, V, sx, C, BLOCK: tl.constexpr, STEPS: tl.constexpr):
+        # "split" launch, pass 1: program (row, chunk).
         row = tl.program_id(0).to(tl.int64)
-        t = tl.load(t_ptr + row)
-        m, lse = _row_stats(x_ptr, row, V, sx, t, BLOCK)
+        c = tl.program_id(1)
+        m_c, s_c = _chunk_stats(x_ptr, row, sx, tl.load(t_ptr + row), c, V, BLOCK, STEPS)
+        tl.store(pm_ptr + row * C + c, m_c)
+        tl.store(ps_ptr + row * C + c, s_c)
+
+    @triton.jit
+    def _write_cols(x_ptr, o_ptr, row, sx, so, t, m, lse, v_start, v_stop, BLOCK: tl.constexpr):
         cols = tl.arange(0, BLOCK)
-        for v0 in range(0, V, BLOCK):
-            mask = v0 + cols < V
+        for v0 in range(v_start, v_stop, BLOCK):
+            mask = v0 + cols < v_stop
             x = tl.load(x_ptr + row * sx + v0 + cols, mask=mask, other=0.0).to(tl.float32) / t
             tl.store(o_ptr + row * so + v0 + cols, (x - m) - lse, mask=mask)
 
     @triton.jit
-    def _token_logprobs_kernel(x_ptr, t_ptr, id_ptr, o_ptr, V, sx, BLOCK: tl.constexpr):
-        row = tl.program_id(0).to(tl.int64)
-        t = tl.load(t_ptr + row)
-        m, lse = _row_stats(x_ptr, row, V, sx, t, BLOCK)
+    def _token_value(x_ptr, id_ptr, o_ptr, row, sx, t, m, lse):
         tok = tl.load(id_ptr + row).to(tl.int64)
         x = tl.load(x_ptr + row * sx + tok).to(tl.float32) / t
         tl.store(o_ptr + row, (x - m) - lse)
+
+    @triton.jit
+    def _log_softmax_kernel(x_ptr, t_ptr, pm_ptr, ps_ptr, o_ptr, V, sx, so, C,
+                            SPLIT: tl.constexpr, BLOCK: tl.constexpr, STEPS: tl.constexpr, BLOCK_C: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        t = tl.load(t_ptr + row)
+        if SPLIT:  # pass 2 of the split launch: program (row, chunk) writes its chunk
+            m, lse = _row_lse(pm_ptr, ps_ptr, row, C, BLOCK_C)
+            start = tl.program_id(1) * (STEPS * BLOCK)
+            _write_cols(x_ptr, o_ptr, row, sx, so, t, m, lse, start, tl.minimum(start + STEPS * BLOCK, V), BLOCK)
+        else:
+            m, lse = _row_stats(x_ptr, row, V, sx, t, pm_ptr, ps_ptr, C, BLOCK, STEPS, BLOCK_C)
+            _write_cols(x_ptr, o_ptr, row, sx, so, t, m, lse, 0, V, BLOCK)
+
+    @triton.jit
+    def _token_logprobs_kernel(x_ptr, t_ptr, id_ptr, pm_ptr, ps_ptr, o_ptr, V, sx, C,
+                               SPLIT: tl.constexpr, BLOCK: tl.constexpr, STEPS: tl.constexpr,
+                               BLOCK_C: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        t = tl.load(t_ptr + row)
+        if SPLIT:  # pass 2 of the split launch: the statistics are in the partials already
+            m, lse = _row_lse(pm_ptr, ps_ptr, row, C, BLOCK_C)
+        else:
+            m, lse = _row_stats(x_ptr, row, V, sx, t, pm_ptr, ps_ptr, C, BLOCK, STEPS, BLOCK_C)
+        _token_value(x_ptr, id_ptr, o_ptr, row, sx, t, m, lse)
+
+
+def split_launch(rows: int) -> bool:
+    """Whether the GPU kernels use the split launch for this many rows (the bits are the same)."""
+    return rows <= SPLIT_MAX_ROWS
+
+
+def _gpu_setup(logits, temperature, split):
+    """(block, chunks, partials m, partials s, split) for the GPU kernels; runs the split
+    launch's statistics pass."""
+    M, V = logits.shape
+    block = min(VOCAB_BLOCK, triton.next_power_of_2(V))
+    C = triton.cdiv(V, block * CHUNK_STEPS)
+    pm = torch.empty(M, C, dtype=torch.float32, device=logits.device)
+    ps = torch.empty_like(pm)
+    split = split_launch(M) if split is None else split
+    if split:
+        _stats_kernel[(M, C)](logits, temperature, pm, ps, V, logits.stride(0), C,
+                              BLOCK=block, STEPS=CHUNK_STEPS, num_warps=8)
+    return block, C, pm, ps, split
 
 
 def _cpu_rows(logits, temperature):
@@ -93,7 +181,7 @@ def _unit_stride(t):
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def _log_softmax_impl(logits, temperature):
+def _log_softmax_impl(logits, temperature, split=None):
     M, V = logits.shape
     out = torch.empty(M, V, dtype=torch.float32, device=logits.device)
     if M == 0:
@@ -101,8 +189,10 @@ def _log_softmax_impl(logits, temperature):
     if use_triton(logits):
         require_triton()
         logits = _unit_stride(logits)
-        _log_softmax_kernel[(M,)](logits, temperature, out, V, logits.stride(0), out.stride(0),
-                                  BLOCK=min(VOCAB_BLOCK, triton.next_power_of_2(V)), num_warps=8)
+        block, C, pm, ps, split = _gpu_setup(logits, temperature, split)
+        _log_softmax_kernel[(M, C) if split else (M,)](
+            logits, temperature, pm, ps, out, V, logits.stride(0), out.stride(0), C, SPLIT=split,
+            BLOCK=block, STEPS=CHUNK_STEPS, BLOCK_C=triton.next_power_of_2(C), num_warps=8)
         return out
     for r in range(0, M, ROWS_PER_CALL):
         x, m, ls = _cpu_rows(logits[r : r + ROWS_PER_CALL], temperature[r : r + ROWS_PER_CALL])
@@ -110,7 +200,7 @@ def _log_softmax_impl(logits, temperature):
     return out
 
 
-def _token_logprobs_impl(logits, token_ids, temperature):
+def _token_logprobs_impl(logits, token_ids, temperature, split=None):
     M, V = logits.shape
     out = torch.empty(M, dtype=torch.float32, device=logits.device)
     if M == 0:
@@ -118,8 +208,10 @@ def _token_logprobs_impl(logits, token_ids, temperature):
     if use_triton(logits):
         require_triton()
         logits = _unit_stride(logits)
-        _token_logprobs_kernel[(M,)](logits, temperature, token_ids, out, V, logits.stride(0),
-                                     BLOCK=min(VOCAB_BLOCK, triton.next_power_of_2(V)), num_warps=8)
+        block, C, pm, ps, split = _gpu_setup(logits, temperature, split)
+        _token_logprobs_kernel[(M,)](
+            logits, temperature, token_ids, pm, ps, out, V, logits.stride(0), C, SPLIT=split,
+            BLOCK=block, STEPS=CHUNK_STEPS, BLOCK_C=triton.next_power_of_2(C), num_warps=1 if split else 8)
         return out
     for r in range(0, M, ROWS_PER_CALL):
         x, m, ls = _cpu_rows(logits[r : r + ROWS_PER_CALL], temperature[r : r + ROWS_PER_CALL])

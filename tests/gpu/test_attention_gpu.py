@@ -86,11 +86,17 @@ def paged(kvs, q_lens, qs, bs, seed, extra=5):
     return torch.cat(qs), kc, vc, bt.to(DEV), cu, sl
 
 
-def run(args, scale=0.088, causal=True):
-    """The paged call as vLLM's backend makes it: with the longest query count as the bound
-    (FA3 keys its decode special case on max_seqlen_q == 1)."""
+def longest_query(args) -> int:
     cu = args[4]
-    return A.attention(*args, scale, causal, max_seqlen_q=int((cu[1:] - cu[:-1]).max()) if cu.numel() > 1 else 0)
+    return int((cu[1:] - cu[:-1]).max()) if cu.numel() > 1 else 0
+
+
+def run(args, scale=0.088, causal=True, max_seqlen_q=None):
+    """The paged call as vLLM's backend makes it: with the longest query count as the bound
+    (FA3 keys its decode special case on max_seqlen_q == 1). Inside a CUDA-graph capture pass
+    the bound (a host int, as vLLM's metadata carries it): reading it off the device would sync."""
+    bound = longest_query(args) if max_seqlen_q is None else max_seqlen_q
+    return A.attention(*args, scale, causal, max_seqlen_q=bound)
 
 
 def ref(q, k, v, q_len, scale):
@@ -312,6 +318,7 @@ def test_cuda_graph_capture_replays_the_same_bits():
     seqs = [seq(L, Hq, Hkv, D, torch.bfloat16, L) for L in (300, 1000, 50)]
     args = paged([(s[1], s[2]) for s in seqs], [1, 1, 1], [s[0][-1:] for s in seqs], 16, 0)
     eager = run(args)
+    bound = longest_query(args)  # 1: decode rows
     newk = torch.randn(3, Hkv, D, device=DEV).to(torch.bfloat16)
     slot = torch.full((3,), -1, dtype=torch.int64, device=DEV)
     s = torch.cuda.Stream()
@@ -323,7 +330,7 @@ def test_cuda_graph_capture_replays_the_same_bits():
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         A.reshape_and_cache(newk, newk, args[1], args[2], slot)
-        out = run(args)
+        out = run(args, max_seqlen_q=bound)
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(out, eager)

@@ -153,6 +153,28 @@ def test_log_softmax_and_token_logprobs(dtype, V):
         del full, x
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_log_softmax_split_and_rows_launches_give_the_same_bits(dtype):
+    """Few rows take the split launch (program per row and vocab chunk), many rows the rows
+    launch (program per row); both compute the same operations, so the same bits."""
+    require_compiled_triton()
+    import sys
+
+    LP = sys.modules["onpolicy_kernels.logprobs"]
+    g = torch.Generator(device="cuda").manual_seed(11)
+    V = 151936
+    x = (torch.randn(200, V, device="cuda", generator=g) * 4).to(dtype)
+    x[3, : V // 2] = float("-inf")  # whole chunks masked out
+    t = torch.rand(200, device="cuda", generator=g) + 0.3
+    ids = torch.randint(0, V, (200,), device="cuda", generator=g)
+    a, b = LP._log_softmax_impl(x, t, split=True), LP._log_softmax_impl(x, t, split=False)
+    assert torch.equal(a, b)
+    ta, tb = LP._token_logprobs_impl(x, ids, t, split=True), LP._token_logprobs_impl(x, ids, t, split=False)
+    assert torch.equal(ta, tb) and torch.equal(ta, a.gather(1, ids[:, None])[:, 0])
+    assert LP.split_launch(8) and not LP.split_launch(200)
+    assert torch.equal(log_softmax(x[5:13], t[5:13]), log_softmax(x, t)[5:13])  # 8 rows (split) in 200 (rows)
+
+
 def test_scalar_temperature_equals_per_row_tensor():
     require_compiled_triton()
     g = torch.Generator(device="cuda").manual_seed(5)

@@ -271,6 +271,30 @@ def test_logprobs_invariant_correct_and_token_equals_indexed(dtype):
     assert torch.equal(log_softmax(lt, 0.9), log_softmax(lt.contiguous(), 0.9))
 
 
+@pytest.mark.parametrize("V", [5000, 40000])  # one vocab chunk; three (16384 columns each, the last partial)
+def test_logprobs_split_and_rows_launches_give_the_same_bits(V):
+    """The GPU kernels pick the split launch for few rows and the rows launch for many; both
+    must compute the same operations: equal bits for the same rows, whichever launch, batch
+    size or position, and token_logprobs == log_softmax indexed across launches."""
+    LP = sys.modules["onpolicy_kernels.logprobs"]
+    g = gen(V)
+    x = randn(5, V, dtype=torch.bfloat16, g=g, scale=5)
+    x[1, : V // 2] = float("-inf")  # whole chunks masked out (m_c = -inf, s_c = 0)
+    t = torch.tensor([0.5, 1.0, 1.3, 0.8, 2.0])
+    ids = torch.randint(V // 2, V, (5,), generator=g)
+    full = {s: LP._log_softmax_impl(x, t, split=s) for s in (True, False)}
+    tok = {s: LP._token_logprobs_impl(x, ids, t, split=s) for s in (True, False)}
+    assert torch.equal(full[True], full[False]) and torch.equal(tok[True], tok[False])
+    assert torch.equal(tok[True], full[False].gather(1, ids[:, None])[:, 0])
+    assert torch.isneginf(full[True][1, : V // 2]).all()
+    ref = torch.log_softmax(x.double() / t.double()[:, None], -1)
+    assert (full[True].double() - ref)[torch.isfinite(ref)].abs().max() < 2e-5
+    for s in (True, False):  # a row alone, with either launch, == the batch's row
+        assert torch.equal(LP._log_softmax_impl(x[3:4], t[3:4], split=s), full[True][3:4])
+        assert torch.equal(LP._token_logprobs_impl(x[3:4], ids[3:4], t[3:4], split=s), tok[False][3:4])
+    assert LP.split_launch(1) and LP.split_launch(LP.SPLIT_MAX_ROWS) and not LP.split_launch(LP.SPLIT_MAX_ROWS + 1)
+
+
 def test_masked_vocab_under_triton():
     x = torch.randn(3, 300)
     x[:, 200:] = float("-inf")
