@@ -51,10 +51,32 @@ def vllm_c_ops():
         return None
 
 
+def launches() -> None:
+    """log_softmax / token_logprobs: the split and the rows launch side by side (same bits), the
+    numbers behind kernels/logprobs.py's SPLIT_MAX_ROWS."""
+    LP = sys.modules["onpolicy_kernels.logprobs"]
+    V = 151936
+    print(device_line(), f"| V = {V} | us per call (CUDA-graph replays)")
+    print("| logits | M | log_softmax split | log_softmax rows | token_logprobs split | token_logprobs rows |")
+    print("|---|---|---|---|---|---|")
+    for dt in (torch.float32, torch.bfloat16):
+        for M in (8, 64, 128, 256, 512, 1024, 2048, 4096):
+            x = (torch.randn(M, V, device="cuda") * 4).to(dt)
+            t = torch.full((M,), 0.8, device="cuda")
+            ids = torch.randint(0, V, (M,), device="cuda")
+            r = [time_calls([lambda s=s: LP._log_softmax_impl(x, t, split=s)]) for s in (True, False)]
+            r += [time_calls([lambda s=s: LP._token_logprobs_impl(x, ids, t, split=s)]) for s in (True, False)]
+            print(f"| {str(dt).split('.')[-1]} | {M} | " + " | ".join(f"{v:.1f}" for v in r) + " |", flush=True)
+            del x
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--tokens", type=int, default=32768)
+    ap.add_argument("--launches", action="store_true", help="only the log-softmax launch comparison")
     args = ap.parse_args()
+    if args.launches:
+        return launches()
     T = args.tokens
     dt = torch.bfloat16
     dev = "cuda"

@@ -5,6 +5,7 @@
     python benchmarks/gpu_vllm.py throughput MODEL_DIR CONF [NxT,...]  # CONF: default | batch_invariant | onpolicy;
                                                                   # NxT: prompts x tokens, default 1000x100
     python benchmarks/gpu_vllm.py profile MODEL_DIR CONF [NxT]    # top GPU kernels under torch.profiler
+    python benchmarks/gpu_vllm.py hostprofile MODEL_DIR CONF [NxT] # host (Python) time by function, cProfile
 
 `accept` samples 64 prompts x 32 tokens at T=1.0 and T=0.7 with the onpolicy
 plugin (CUDA graphs and torch.compile as vLLM defaults them), recomputes every
@@ -61,6 +62,14 @@ def prompts(n: int, vocab: int, seed: int = 0):
 
     rng = random.Random(seed)
     return [[3] + [rng.randrange(100, vocab) for _ in range(rng.randint(8, 48))] for _ in range(n)]
+
+
+def vocab_of(path: str) -> int:
+    """Prompt token ids stay below the model's vocabulary (150000 for the Qwen3 shape)."""
+    import json
+
+    with open(os.path.join(path, "config.json")) as f:
+        return min(150000, json.load(f)["vocab_size"])
 
 
 def accept(path: str):
@@ -122,7 +131,7 @@ def engine(path: str, conf: str, max_tokens: int):
     from vllm import LLM
 
     return LLM(model=path, dtype="bfloat16", max_model_len=max(1024, max_tokens + 64), seed=0,
-               gpu_memory_utilization=0.6)
+               gpu_memory_utilization=float(os.environ.get("BENCH_MEMORY_UTILIZATION", "0.6")))  # CPU: 0.3
 
 
 def throughput(path: str, conf: str, loads: str = "1000x100"):
@@ -136,9 +145,9 @@ def throughput(path: str, conf: str, loads: str = "1000x100"):
     # onpolicy's linear kernels compiling inside a timed run warmed up with 32 prompts only.
     warm = SamplingParams(temperature=1.0, max_tokens=16, ignore_eos=True)
     for n_prompts, _ in shapes:
-        llm.generate([{"prompt_token_ids": p} for p in prompts(n_prompts, 150000, seed=2)], warm, use_tqdm=False)
+        llm.generate([{"prompt_token_ids": p} for p in prompts(n_prompts, vocab_of(path), seed=2)], warm, use_tqdm=False)
     for n_prompts, n_tokens in shapes:
-        ps = prompts(n_prompts, 150000, seed=1)
+        ps = prompts(n_prompts, vocab_of(path), seed=1)
         sp = SamplingParams(temperature=1.0, max_tokens=n_tokens, ignore_eos=True)
         t0 = time.perf_counter()
         outs = llm.generate([{"prompt_token_ids": p} for p in ps], sp, use_tqdm=False)
@@ -154,7 +163,7 @@ def profile(path: str, conf: str, load: str = "256x128"):
 
     n_prompts, n_tokens = (int(x) for x in load.split("x"))
     llm = engine(path, conf, n_tokens)
-    ps = prompts(n_prompts, 150000, seed=1)
+    ps = prompts(n_prompts, vocab_of(path), seed=1)
     sp = SamplingParams(temperature=1.0, max_tokens=n_tokens, ignore_eos=True)
     llm.generate([{"prompt_token_ids": p} for p in ps[:32]], sp, use_tqdm=False)
     acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
@@ -167,6 +176,33 @@ def profile(path: str, conf: str, load: str = "256x128"):
           flush=True)
 
 
+def hostprofile(path: str, conf: str, load: str = "256x128", top: int = 35):
+    """Where the host's time goes: the engine runs in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0),
+    so when the GPU waits on Python, the functions with the most own time say why. cProfile adds
+    its own overhead, so compare configurations with each other, not with `throughput`."""
+    import cProfile
+    import pstats
+
+    from vllm import SamplingParams
+
+    n_prompts, n_tokens = (int(x) for x in load.split("x"))
+    llm = engine(path, conf, n_tokens)
+    ps = prompts(n_prompts, vocab_of(path), seed=1)
+    sp = SamplingParams(temperature=1.0, max_tokens=n_tokens, ignore_eos=True)
+    llm.generate([{"prompt_token_ids": p} for p in prompts(n_prompts, vocab_of(path), seed=2)],
+                 SamplingParams(temperature=1.0, max_tokens=16, ignore_eos=True), use_tqdm=False)
+    prof = cProfile.Profile()
+    t0 = time.perf_counter()
+    prof.enable()
+    llm.generate([{"prompt_token_ids": p} for p in ps], sp, use_tqdm=False)
+    prof.disable()
+    dt = time.perf_counter() - t0
+    print(f"HOSTPROFILE {conf} {load}: {n_prompts * n_tokens / dt:.0f} tok/s under cProfile, {dt:.2f} s", flush=True)
+    stats = pstats.Stats(prof).strip_dirs()
+    stats.sort_stats("tottime").print_stats(top)
+    stats.sort_stats("cumulative").print_stats(top)
+
+
 if __name__ == "__main__":
     cmd = sys.argv[1]
     if cmd == "make":
@@ -176,6 +212,8 @@ if __name__ == "__main__":
         make(args[0], fam, layers)
     elif cmd == "accept":
         accept(sys.argv[2])
+    elif cmd == "hostprofile":
+        hostprofile(*sys.argv[2:5])
     elif cmd == "throughput":
         throughput(*sys.argv[2:5])
     elif cmd == "profile":
