@@ -6,6 +6,7 @@
                                                                   # NxT: prompts x tokens, default 1000x100
     python benchmarks/gpu_vllm.py profile MODEL_DIR CONF [NxT]    # top GPU kernels under torch.profiler
     python benchmarks/gpu_vllm.py hostprofile MODEL_DIR CONF [NxT] # host (Python) time by function, cProfile
+    python benchmarks/gpu_vllm.py steptimes MODEL_DIR CONF [NxT]   # host time per step in the runner's calls
 
 `accept` samples 64 prompts x 32 tokens at T=1.0 and T=0.7 with the onpolicy
 plugin (CUDA graphs and torch.compile as vLLM defaults them), recomputes every
@@ -203,6 +204,55 @@ def hostprofile(path: str, conf: str, load: str = "256x128", top: int = 35):
     stats.sort_stats("cumulative").print_stats(top)
 
 
+def steptimes(path: str, conf: str, load: str = "256x128"):
+    """Host wall time per engine step spent inside the model runner's `execute_model` and
+    `sample_tokens` (V2; `execute_model` alone on V1), against the step's total. If the runner's
+    calls take about the whole step, the host (or a sync inside them) sets the pace; if they are
+    short and the step is long, the time goes elsewhere (scheduler, output processing, waiting
+    for the GPU in the async output copy). Compare configurations on one machine."""
+    from collections import defaultdict
+
+    from vllm import SamplingParams
+
+    from onpolicy.vllm_plugin import compat
+
+    n_prompts, n_tokens = (int(x) for x in load.split("x"))
+    llm = engine(path, conf, n_tokens)
+    runner = compat.engine_runner(llm)
+    if runner is None:
+        raise SystemExit("steptimes needs the in-process engine (VLLM_ENABLE_V1_MULTIPROCESSING=0)")
+    totals, counts = defaultdict(float), defaultdict(int)
+
+    def timed(name, fn):
+        def wrapper(*args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                totals[name] += time.perf_counter() - t0
+                counts[name] += 1
+        return wrapper
+
+    for name in ("execute_model", "sample_tokens"):
+        if hasattr(runner, name):
+            setattr(runner, name, timed(name, getattr(runner, name)))
+    step = llm.llm_engine.step
+    llm.llm_engine.step = timed("engine step", step)
+    ps = prompts(n_prompts, vocab_of(path), seed=1)
+    sp = SamplingParams(temperature=1.0, max_tokens=n_tokens, ignore_eos=True)
+    llm.generate([{"prompt_token_ids": p} for p in prompts(n_prompts, vocab_of(path), seed=2)],
+                 SamplingParams(temperature=1.0, max_tokens=16, ignore_eos=True), use_tqdm=False)
+    totals.clear()
+    counts.clear()
+    t0 = time.perf_counter()
+    llm.generate([{"prompt_token_ids": p} for p in ps], sp, use_tqdm=False)
+    dt = time.perf_counter() - t0
+    print(f"STEPTIMES {conf} {load}: {n_prompts * n_tokens / dt:.0f} tok/s, {dt:.2f} s", flush=True)
+    for name in totals:
+        print(f"  {name:14s} {counts[name]:6d} calls  {totals[name] * 1e3 / max(counts[name], 1):8.3f} ms per call  "
+              f"{totals[name]:7.2f} s in all", flush=True)
+
+
 if __name__ == "__main__":
     cmd = sys.argv[1]
     if cmd == "make":
@@ -214,6 +264,8 @@ if __name__ == "__main__":
         accept(sys.argv[2])
     elif cmd == "hostprofile":
         hostprofile(*sys.argv[2:5])
+    elif cmd == "steptimes":
+        steptimes(*sys.argv[2:5])
     elif cmd == "throughput":
         throughput(*sys.argv[2:5])
     elif cmd == "profile":
