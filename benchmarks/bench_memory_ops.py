@@ -153,19 +153,13 @@ def main() -> None:
             lambda: F.silu(x[:, :D]) * x[:, D:], C and (lambda: C.silu_and_mul(o, x)))
         del x
     V = 151936
-    LP = sys.modules["onpolicy_kernels.logprobs"]
-    for M in (8, 64, 128, 256, 2048):  # split launch up to LP.SPLIT_MAX_ROWS rows, then the rows launch
+    for M in (8, 64, 128, 256, 2048):  # the launch each M takes (--launches times both)
         logits = torch.randn(M, V, device=dev, dtype=dt) * 4
         ids = torch.randint(0, V, (M,), device=dev)
         add(f"log_softmax M={M} V={V} (fp32 out)", M * V * (2 + 4), lambda: log_softmax(logits, 0.8),
             lambda: torch.log_softmax(logits.float() / 0.8, -1))
         add(f"token_logprobs M={M} V={V}", M * V * 2 + M * 12, lambda: token_logprobs(logits, ids, 0.8),
             lambda: torch.log_softmax(logits.float() / 0.8, -1).gather(1, ids[:, None]))
-        if M in (64, 128, 256):  # the launch not chosen at this M, for the threshold (same bits)
-            other = not LP.split_launch(M)
-            t = torch.full((M,), 0.8, device=dev)
-            add(f"log_softmax M={M} V={V}, {'split' if other else 'rows'} launch", M * V * (2 + 4),
-                lambda: LP._log_softmax_impl(logits, t, split=other), None)
         del logits
     print(f"\nsummary ({device_line()}; copy ceiling {copy:.0f} GB/s = best of "
           + ", ".join(f"{k} {v:.0f}" for k, v in copies.items()) + ")")

@@ -145,10 +145,11 @@ def throughput(path: str, conf: str, loads: str = "1000x100"):
     # once per tile configuration and M specialization, on first use; vLLM's JIT monitor showed
     # onpolicy's linear kernels compiling inside a timed run warmed up with 32 prompts only.
     warm = SamplingParams(temperature=1.0, max_tokens=16, ignore_eos=True)
+    vocab = vocab_of(path)
     for n_prompts, _ in shapes:
-        llm.generate([{"prompt_token_ids": p} for p in prompts(n_prompts, vocab_of(path), seed=2)], warm, use_tqdm=False)
+        llm.generate([{"prompt_token_ids": p} for p in prompts(n_prompts, vocab, seed=2)], warm, use_tqdm=False)
     for n_prompts, n_tokens in shapes:
-        ps = prompts(n_prompts, vocab_of(path), seed=1)
+        ps = prompts(n_prompts, vocab, seed=1)
         sp = SamplingParams(temperature=1.0, max_tokens=n_tokens, ignore_eos=True)
         t0 = time.perf_counter()
         outs = llm.generate([{"prompt_token_ids": p} for p in ps], sp, use_tqdm=False)
@@ -177,6 +178,21 @@ def profile(path: str, conf: str, load: str = "256x128"):
           flush=True)
 
 
+def warm_engine(path: str, conf: str, load: str):
+    """(engine, run): an engine for `conf`, warmed up on other prompts of the load's batch size
+    (16 tokens each), and `run()` generating the load itself (prompts x tokens, "NxT")."""
+    from vllm import SamplingParams
+
+    n_prompts, n_tokens = (int(x) for x in load.split("x"))
+    llm = engine(path, conf, n_tokens)
+    vocab = vocab_of(path)
+    llm.generate([{"prompt_token_ids": p} for p in prompts(n_prompts, vocab, seed=2)],
+                 SamplingParams(temperature=1.0, max_tokens=16, ignore_eos=True), use_tqdm=False)
+    inputs = [{"prompt_token_ids": p} for p in prompts(n_prompts, vocab, seed=1)]
+    sp = SamplingParams(temperature=1.0, max_tokens=n_tokens, ignore_eos=True)
+    return llm, lambda: llm.generate(inputs, sp, use_tqdm=False)
+
+
 def hostprofile(path: str, conf: str, load: str = "256x128", top: int = 35):
     """Where the host's time goes: the engine runs in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0),
     so when the GPU waits on Python, the functions with the most own time say why. cProfile adds
@@ -184,18 +200,12 @@ def hostprofile(path: str, conf: str, load: str = "256x128", top: int = 35):
     import cProfile
     import pstats
 
-    from vllm import SamplingParams
-
     n_prompts, n_tokens = (int(x) for x in load.split("x"))
-    llm = engine(path, conf, n_tokens)
-    ps = prompts(n_prompts, vocab_of(path), seed=1)
-    sp = SamplingParams(temperature=1.0, max_tokens=n_tokens, ignore_eos=True)
-    llm.generate([{"prompt_token_ids": p} for p in prompts(n_prompts, vocab_of(path), seed=2)],
-                 SamplingParams(temperature=1.0, max_tokens=16, ignore_eos=True), use_tqdm=False)
+    llm, run = warm_engine(path, conf, load)
     prof = cProfile.Profile()
     t0 = time.perf_counter()
     prof.enable()
-    llm.generate([{"prompt_token_ids": p} for p in ps], sp, use_tqdm=False)
+    run()
     prof.disable()
     dt = time.perf_counter() - t0
     print(f"HOSTPROFILE {conf} {load}: {n_prompts * n_tokens / dt:.0f} tok/s under cProfile, {dt:.2f} s", flush=True)
@@ -212,12 +222,10 @@ def steptimes(path: str, conf: str, load: str = "256x128"):
     for the GPU in the async output copy). Compare configurations on one machine."""
     from collections import defaultdict
 
-    from vllm import SamplingParams
-
     from onpolicy.vllm_plugin import compat
 
     n_prompts, n_tokens = (int(x) for x in load.split("x"))
-    llm = engine(path, conf, n_tokens)
+    llm, run = warm_engine(path, conf, load)
     runner = compat.engine_runner(llm)
     if runner is None:
         raise SystemExit("steptimes needs the in-process engine (VLLM_ENABLE_V1_MULTIPROCESSING=0)")
@@ -236,16 +244,9 @@ def steptimes(path: str, conf: str, load: str = "256x128"):
     for name in ("execute_model", "sample_tokens"):
         if hasattr(runner, name):
             setattr(runner, name, timed(name, getattr(runner, name)))
-    step = llm.llm_engine.step
-    llm.llm_engine.step = timed("engine step", step)
-    ps = prompts(n_prompts, vocab_of(path), seed=1)
-    sp = SamplingParams(temperature=1.0, max_tokens=n_tokens, ignore_eos=True)
-    llm.generate([{"prompt_token_ids": p} for p in prompts(n_prompts, vocab_of(path), seed=2)],
-                 SamplingParams(temperature=1.0, max_tokens=16, ignore_eos=True), use_tqdm=False)
-    totals.clear()
-    counts.clear()
+    llm.llm_engine.step = timed("engine step", llm.llm_engine.step)
     t0 = time.perf_counter()
-    llm.generate([{"prompt_token_ids": p} for p in ps], sp, use_tqdm=False)
+    run()
     dt = time.perf_counter() - t0
     print(f"STEPTIMES {conf} {load}: {n_prompts * n_tokens / dt:.0f} tok/s, {dt:.2f} s", flush=True)
     for name in totals:
