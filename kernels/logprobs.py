@@ -156,19 +156,18 @@ def split_launch(rows: int) -> bool:
     return rows <= SPLIT_MAX_ROWS
 
 
-def _gpu_setup(logits, temperature, split):
-    """(block, chunks, partials m, partials s, split) for the GPU kernels; runs the split
+def _gpu_setup(logits, temperature, split: bool):
+    """(block, chunks, partials m, partials s) for the GPU kernels; with `split`, runs the split
     launch's statistics pass."""
     M, V = logits.shape
     block = min(VOCAB_BLOCK, triton.next_power_of_2(V))
     C = triton.cdiv(V, block * CHUNK_STEPS)
     pm = torch.empty(M, C, dtype=torch.float32, device=logits.device)
     ps = torch.empty_like(pm)
-    split = split_launch(M) if split is None else split
     if split:
         _stats_kernel[(M, C)](logits, temperature, pm, ps, V, logits.stride(0), C,
                               BLOCK=block, STEPS=CHUNK_STEPS, num_warps=8)
-    return block, C, pm, ps, split
+    return block, C, pm, ps
 
 
 def _cpu_rows(logits, temperature):
@@ -192,7 +191,8 @@ def _log_softmax_impl(logits, temperature, split=None):
     if use_triton(logits):
         require_triton()
         logits = _unit_stride(logits)
-        block, C, pm, ps, split = _gpu_setup(logits, temperature, split)
+        split = split_launch(M) if split is None else split
+        block, C, pm, ps = _gpu_setup(logits, temperature, split)
         _log_softmax_kernel[(M, C) if split else (M,)](
             logits, temperature, pm, ps, out, V, logits.stride(0), out.stride(0), C, SPLIT=split,
             BLOCK=block, STEPS=CHUNK_STEPS, BLOCK_C=triton.next_power_of_2(C), num_warps=8)
@@ -211,7 +211,8 @@ def _token_logprobs_impl(logits, token_ids, temperature, split=None):
     if use_triton(logits):
         require_triton()
         logits = _unit_stride(logits)
-        block, C, pm, ps, split = _gpu_setup(logits, temperature, True if split is None else split)
+        split = True if split is None else split  # always, unless a test asks for the rows launch
+        block, C, pm, ps = _gpu_setup(logits, temperature, split)
         _token_logprobs_kernel[(M,)](
             logits, temperature, token_ids, pm, ps, out, V, logits.stride(0), C, SPLIT=split,
             BLOCK=block, STEPS=CHUNK_STEPS, BLOCK_C=triton.next_power_of_2(C), num_warps=1 if split else 8)
