@@ -7,6 +7,7 @@
     python benchmarks/gpu_vllm.py profile MODEL_DIR CONF [NxT]    # top GPU kernels under torch.profiler
     python benchmarks/gpu_vllm.py hostprofile MODEL_DIR CONF [NxT] # host (Python) time by function, cProfile
     python benchmarks/gpu_vllm.py steptimes MODEL_DIR CONF [NxT]   # host time per step in the runner's calls
+    python benchmarks/gpu_vllm.py timeline MODEL_DIR CONF [NxT]    # GPU idle gaps, blocking calls, host ops in gaps
 
 `accept` samples 64 prompts x 32 tokens at T=1.0 and T=0.7 with the onpolicy
 plugin (CUDA graphs and torch.compile as vLLM defaults them), recomputes every
@@ -254,6 +255,88 @@ def steptimes(path: str, conf: str, load: str = "256x128"):
               f"{totals[name]:7.2f} s in all", flush=True)
 
 
+def timeline(path: str, conf: str, load: str = "256x128", top: int = 15):
+    """Is the GPU waiting on the host? torch.profiler over one load, then from its trace: the
+    GPU's busy time (union of kernels and copies) against the wall time, its idle gaps by size,
+    the CUDA runtime calls that block the host (synchronize, blocking copies) by total time, and
+    the host ops running while the GPU sat idle for over 200 us (weighted by the overlap)."""
+    import json
+    import tempfile
+
+    import torch
+
+    n_prompts, n_tokens = (int(x) for x in load.split("x"))
+    llm, run = warm_engine(path, conf, load)
+    acts = [torch.profiler.ProfilerActivity.CPU]
+    if torch.cuda.is_available():
+        acts.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=acts) as prof:
+        t0 = time.perf_counter()
+        run()
+        dt = time.perf_counter() - t0
+    trace = os.path.join(tempfile.mkdtemp(), "trace.json")
+    prof.export_chrome_trace(trace)
+    with open(trace) as f:
+        events = [e for e in json.load(f)["traceEvents"] if e.get("ph") == "X" and "dur" in e]
+    print(f"TIMELINE {conf} {load}: {n_prompts * n_tokens / dt:.0f} tok/s under the profiler, {dt:.2f} s", flush=True)
+    print_timeline(events, top)
+
+
+def print_timeline(events: list, top: int = 15) -> None:
+    """`timeline`'s analysis of chrome-trace "X" events (ts, dur in us)."""
+    import bisect
+    from collections import defaultdict
+
+    gpu = sorted((float(e["ts"]), float(e["ts"]) + float(e["dur"])) for e in events
+                 if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset"))
+    print(f"  {len(gpu)} GPU events")
+    merged = []
+    for a, b in gpu:
+        if merged and a <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], b)
+        else:
+            merged.append([a, b])
+    if merged:
+        span = merged[-1][1] - merged[0][0]
+        busy = sum(b - a for a, b in merged)
+        gaps = [(merged[i][1], merged[i + 1][0]) for i in range(len(merged) - 1)]
+        print(f"  GPU busy {busy / 1e3:.1f} ms of a {span / 1e3:.1f} ms span ({100 * busy / span:.0f}%)")
+        edges = (0, 20, 100, 1000, 10000, float("inf"))
+        for lo, hi in zip(edges, edges[1:]):
+            sel = [b - a for a, b in gaps if lo <= b - a < hi]
+            print(f"  idle gaps {lo:>6}-{hi:<6} us: {len(sel):7d}, {sum(sel) / 1e3:9.1f} ms")
+        big = [(a, b) for a, b in gaps if b - a > 200]
+    else:
+        big = []
+    blocking = defaultdict(lambda: [0, 0.0])
+    for e in events:
+        name = e.get("name", "")
+        if e.get("cat") in ("cuda_runtime", "cuda_driver") and (
+                "Synchronize" in name or name in ("cudaMemcpy", "cuMemcpyDtoH_v2", "cudaMemcpy2D")):
+            blocking[name][0] += 1
+            blocking[name][1] += float(e["dur"])
+    print("  blocking CUDA calls (name, count, total ms):")
+    for name, (n, d) in sorted(blocking.items(), key=lambda kv: -kv[1][1])[:top]:
+        print(f"    {name:40s} {n:7d} {d / 1e3:9.1f}")
+    during = defaultdict(float)
+    if big:
+        starts = [a for a, _ in big]
+        for e in events:
+            if e.get("cat") not in ("cpu_op", "user_annotation", "python_function", "cuda_runtime"):
+                continue
+            a, b = float(e["ts"]), float(e["ts"]) + float(e["dur"])
+            i = max(bisect.bisect_right(starts, a) - 1, 0)
+            while i < len(big) and big[i][0] < b:
+                lap = min(b, big[i][1]) - max(a, big[i][0])
+                if lap > 0:
+                    during[f"{e.get('cat')}: {e.get('name', '')[:70]}"] += lap
+                i += 1
+        print(f"  host ops during the {len(big)} GPU idle gaps over 200 us ({sum(b - a for a, b in big) / 1e3:.1f} ms;"
+              " nested ops each count):")
+        for name, d in sorted(during.items(), key=lambda kv: -kv[1])[:top * 2]:
+            print(f"    {d / 1e3:9.1f} ms  {name}")
+
+
 if __name__ == "__main__":
     cmd = sys.argv[1]
     if cmd == "make":
@@ -265,6 +348,8 @@ if __name__ == "__main__":
         accept(sys.argv[2])
     elif cmd == "hostprofile":
         hostprofile(*sys.argv[2:5])
+    elif cmd == "timeline":
+        timeline(*sys.argv[2:5])
     elif cmd == "steptimes":
         steptimes(*sys.argv[2:5])
     elif cmd == "throughput":
