@@ -3,7 +3,8 @@
 #   PARTS="check recipe determinism" bash benchmarks/gpu_session3.sh        # one GPU
 #   PARTS="tp2check tp2recipe" bash benchmarks/gpu_session3.sh              # two GPUs
 #   PARTS=throughput LOADS="256x512,8x2500" CONFS="default batch_invariant onpolicy default" bash benchmarks/gpu_session3.sh
-#     (MP=1: the engine core in its own process, vLLM's default, instead of in-process)
+#     (MP=1: the engine core in its own process, vLLM's default, instead of in-process; ROUNDS=N: the
+#     CONFS sequence N times over, interleaved)
 #   PARTS=trainer ROUTES=triton,fa3 ROUNDS=15 bash benchmarks/gpu_session3.sh      # issue 12's trainer step
 #   PARTS=experiments bash benchmarks/gpu_session3.sh     # issue 12: the k-chunk linear experiment
 set -u
@@ -28,13 +29,18 @@ for part in ${PARTS-check recipe}; do
           --control false >> "$OUT/$part.log" 2>&1; echo "control exit $?"
       fi
       grep -E "│|step time|Error|error:" "$OUT/$part.log" | grep -v Warning | tail -30 ;;
-    throughput)  # one process per configuration, timing each load in turn (LOADS, CONFS)
+    throughput)  # one process per configuration, timing each load in turn (LOADS, CONFS), ROUNDS times
       l=${LOADS:-256x512,8x2500}
-      for c in ${CONFS:-default batch_invariant onpolicy default}; do  # MP=1: engine core in a child process
-        VLLM_ENABLE_V1_MULTIPROCESSING=${MP:-0} timeout 400 python3 benchmarks/gpu_vllm.py throughput $M $c $l \
-          > "$OUT/tp_$c.log" 2>&1
-        grep -aE "THROUGHPUT|Error|cudagraph_mode|CUDAGraphMode|Capturing CUDA graphs" "$OUT/tp_$c.log" | grep -v Warning | tail -5
-        mv "$OUT/tp_$c.log" "$OUT/tp_${c}_$(date +%H%M%S).log"
+      # The host: these loads keep the GPU busy only 40-60% of the time (gpu_vllm.py timeline), so the
+      # CPU model and its load bear on every number.
+      echo "host: $(nproc) CPUs, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2), load $(cut -d' ' -f1-3 /proc/loadavg)"
+      for r in $(seq ${ROUNDS:-1}); do
+        for c in ${CONFS:-default batch_invariant onpolicy default}; do  # MP=1: engine core in a child process
+          VLLM_ENABLE_V1_MULTIPROCESSING=${MP:-0} timeout 400 python3 benchmarks/gpu_vllm.py throughput $M $c $l \
+            > "$OUT/tp_$c.log" 2>&1
+          grep -aE "THROUGHPUT|Error|cudagraph_mode|CUDAGraphMode|Capturing CUDA graphs" "$OUT/tp_$c.log" | grep -v Warning | tail -5
+          mv "$OUT/tp_$c.log" "$OUT/tp_${c}_$(date +%H%M%S).log"
+        done
       done ;;
     trainer)  # the training step, unpatched and each attention route interleaved (issue 12)
       timeout 400 python3 benchmarks/gpu_trainer.py --rounds ${ROUNDS:-15} --routes ${ROUTES:-triton,fa3} \

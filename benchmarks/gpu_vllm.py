@@ -287,54 +287,75 @@ def print_timeline(events: list, top: int = 15) -> None:
     import bisect
     from collections import defaultdict
 
-    gpu = sorted((float(e["ts"]), float(e["ts"]) + float(e["dur"])) for e in events
-                 if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset"))
-    print(f"  {len(gpu)} GPU events")
-    merged = []
-    for a, b in gpu:
+    def span(e):
+        return float(e["ts"]), float(e["ts"]) + float(e["dur"])
+
+    def short(name, n=48):
+        return name if len(name) <= n else name[: n - 3] + "..."
+
+    kernels = sorted((span(e) + (e.get("name", ""),) for e in events
+                      if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")), key=lambda k: k[0])
+    host = sorted((span(e) + (e.get("cat", ""), e.get("name", "")) for e in events
+                   if e.get("cat") in ("cpu_op", "cuda_runtime", "cuda_driver", "user_annotation")),
+                  key=lambda h: h[0])
+    print(f"  {len(kernels)} GPU events")
+    merged = []  # [start, end, first kernel, last kernel to end]
+    for a, b, name in kernels:
         if merged and a <= merged[-1][1]:
-            merged[-1][1] = max(merged[-1][1], b)
+            if b >= merged[-1][1]:
+                merged[-1][1], merged[-1][3] = b, name
         else:
-            merged.append([a, b])
+            merged.append([a, b, name, name])
+    gaps = [(merged[i][1], merged[i + 1][0], merged[i][3], merged[i + 1][2]) for i in range(len(merged) - 1)]
     if merged:
-        span = merged[-1][1] - merged[0][0]
-        busy = sum(b - a for a, b in merged)
-        gaps = [(merged[i][1], merged[i + 1][0]) for i in range(len(merged) - 1)]
-        print(f"  GPU busy {busy / 1e3:.1f} ms of a {span / 1e3:.1f} ms span ({100 * busy / span:.0f}%)")
+        total = merged[-1][1] - merged[0][0]
+        busy = sum(m[1] - m[0] for m in merged)
+        print(f"  GPU busy {busy / 1e3:.1f} ms of a {total / 1e3:.1f} ms span ({100 * busy / total:.0f}%)")
         edges = (0, 20, 100, 1000, 10000, float("inf"))
         for lo, hi in zip(edges, edges[1:]):
-            sel = [b - a for a, b in gaps if lo <= b - a < hi]
+            sel = [g[1] - g[0] for g in gaps if lo <= g[1] - g[0] < hi]
             print(f"  idle gaps {lo:>6}-{hi:<6} us: {len(sel):7d}, {sum(sel) / 1e3:9.1f} ms")
-        big = [(a, b) for a, b in gaps if b - a > 200]
-    else:
-        big = []
-    blocking = defaultdict(lambda: [0, 0.0])
-    for e in events:
-        name = e.get("name", "")
-        if e.get("cat") in ("cuda_runtime", "cuda_driver") and (
-                "Synchronize" in name or name in ("cudaMemcpy", "cuMemcpyDtoH_v2", "cudaMemcpy2D")):
-            blocking[name][0] += 1
-            blocking[name][1] += float(e["dur"])
-    print("  blocking CUDA calls (name, count, total ms):")
-    for name, (n, d) in sorted(blocking.items(), key=lambda kv: -kv[1][1])[:top]:
-        print(f"    {name:40s} {n:7d} {d / 1e3:9.1f}")
-    during = defaultdict(float)
+    pairs = defaultdict(lambda: [0, 0.0])
+    for a, b, before, after in gaps:
+        if b - a > 200:
+            pairs[(short(before), short(after))][0] += 1
+            pairs[(short(before), short(after))][1] += b - a
+    print("  idle gaps over 200 us by the kernels around them (count, total ms, last before -> first after):")
+    for (before, after), (n, d) in sorted(pairs.items(), key=lambda kv: -kv[1][1])[:top]:
+        print(f"    {n:6d} {d / 1e3:8.1f}  {before} -> {after}")
+    ops = defaultdict(lambda: [0, 0.0])
+    for a, b, cat, name in host:
+        if cat != "user_annotation":
+            ops[short(name, 60)][0] += 1
+            ops[short(name, 60)][1] += b - a
+    print("  host ops over the whole run by total time (count, total ms):")
+    for name, (n, d) in sorted(ops.items(), key=lambda kv: -kv[1][1])[:top * 2]:
+        print(f"    {name:60s} {n:7d} {d / 1e3:9.1f}")
+    big = [g for g in gaps if g[1] - g[0] > 200]
     if big:
-        starts = [a for a, _ in big]
-        for e in events:
-            if e.get("cat") not in ("cpu_op", "user_annotation", "python_function", "cuda_runtime"):
-                continue
-            a, b = float(e["ts"]), float(e["ts"]) + float(e["dur"])
+        during = defaultdict(float)
+        starts = [g[0] for g in big]
+        for a, b, cat, name in host:
             i = max(bisect.bisect_right(starts, a) - 1, 0)
             while i < len(big) and big[i][0] < b:
                 lap = min(b, big[i][1]) - max(a, big[i][0])
                 if lap > 0:
-                    during[f"{e.get('cat')}: {e.get('name', '')[:70]}"] += lap
+                    during[f"{cat}: {short(name, 60)}"] += lap
                 i += 1
-        print(f"  host ops during the {len(big)} GPU idle gaps over 200 us ({sum(b - a for a, b in big) / 1e3:.1f} ms;"
-              " nested ops each count):")
+        print(f"  host ops during the {len(big)} GPU idle gaps over 200 us ({sum(g[1] - g[0] for g in big) / 1e3:.1f} "
+              "ms; nested ops each count):")
         for name, d in sorted(during.items(), key=lambda kv: -kv[1])[:top * 2]:
             print(f"    {d / 1e3:9.1f} ms  {name}")
+    launches = [h for h in host if h[3] == "cudaGraphLaunch"]
+    if len(launches) >= 3:  # one step in the middle: graph launch to graph launch
+        lo, hi = launches[len(launches) // 2][0], launches[len(launches) // 2 + 1][0]
+        print(f"  one step, {(hi - lo) / 1e3:.2f} ms from a graph launch to the next (us from its start):")
+        rows = [(g[0], f"GPU idle {g[1] - g[0]:7.0f} us  {short(g[2], 40)} -> {short(g[3], 40)}")
+                for g in gaps if lo <= g[0] < hi and g[1] - g[0] > 30]
+        rows += [(a, f"host {b - a:7.0f} us  {cat}: {short(name, 60)}") for a, b, cat, name in host
+                 if lo <= a < hi and b - a > 30]
+        for t, text in sorted(rows)[:60]:
+            print(f"    {t - lo:8.0f}  {text}")
 
 
 if __name__ == "__main__":
