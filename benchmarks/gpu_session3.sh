@@ -6,7 +6,7 @@
 #     (MP=1: the engine core in its own process, vLLM's default, instead of in-process; ROUNDS=N: the
 #     CONFS sequence N times over, interleaved)
 #   PARTS=trainer ROUTES=triton,fa3 ROUNDS=15 bash benchmarks/gpu_session3.sh      # issue 12's trainer step
-#   PARTS=experiments bash benchmarks/gpu_session3.sh     # issue 12: the k-chunk linear experiment
+#   PARTS=experiments bash benchmarks/gpu_session3.sh     # issue 12: warp-specialized linear (EXPERIMENTS="ws kchunk")
 set -u
 source benchmarks/gpu_env.sh
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -45,9 +45,11 @@ for part in ${PARTS-check recipe}; do
     trainer)  # the training step, unpatched and each attention route interleaved (issue 12)
       timeout 400 python3 benchmarks/gpu_trainer.py --rounds ${ROUNDS:-15} --routes ${ROUTES:-triton,fa3} \
         > "$OUT/trainer.log" 2>&1; echo "exit $?"; grep -E "^\||bitwise|device" "$OUT/trainer.log" ;;
-    experiments)  # issue 12's measured-but-not-shipped idea: bits first, then times vs shipped
-      timeout 330 python3 benchmarks/linear_kchunk_experiment.py > "$OUT/kchunk.txt" 2>&1; echo "kchunk exit $?"
-      grep -E "ALL EQUAL|MISMATCH|^\|" "$OUT/kchunk.txt" | tail -40 ;;
+    experiments)  # issue 12's not-shipped ideas: bits first, then times vs shipped (EXPERIMENTS="ws kchunk")
+      for e in ${EXPERIMENTS:-ws}; do
+        timeout 400 python3 benchmarks/linear_${e}_experiment.py > "$OUT/$e.txt" 2>&1; echo "$e exit $?"
+        grep -E "ALL EQUAL|MISMATCH|Error|^\|" "$OUT/$e.txt" | tail -45
+      done ;;
     determinism)
       c=${CONFIGS:-onpolicy,default,batch_invariant}; f="$OUT/determinism_${c//,/_}"
       timeout 560 python3 -m onpolicy.cli bench determinism --model $M --n ${N:-1000} --max-tokens 200 \
