@@ -76,6 +76,23 @@ def v2_masking_with_logprobs(states, token_ids_state, idx_mapping_np) -> tuple[b
     return True, bool(np.any(masks & wants))
 
 
+def v2_row_temperatures(states, expanded_idx_mapping, idx_mapping_np):
+    """V2 runner (0.26): the temperature each logits row is divided by -- its request's, with
+    greedy rows (temperature 0) at 1.0 as vLLM samples them.
+
+    When every request of the step is at 0 or 1 (read off the host array, as vLLM's own
+    `apply_temperature` does before skipping its kernel), the float 1.0: the op then divides
+    by the same ones the per-row tensor would hold (same bits) without the gather, compare
+    and select launches a decode step would otherwise pay on the host."""
+    import numpy as np
+
+    temp_np = states.temperature.np[idx_mapping_np]
+    if np.all((temp_np == 0.0) | (temp_np == 1.0)):
+        return 1.0
+    t = states.temperature.gpu[expanded_idx_mapping].to(torch.float32)
+    return torch.where(t == 0.0, torch.ones_like(t), t)
+
+
 def _log_softmax(logits: torch.Tensor, temperature) -> torch.Tensor:
     return compat.kernels().log_softmax(logits, temperature)
 
@@ -148,9 +165,7 @@ class V2SamplerMixin026(OnpolicySamplerMixin):
         self.bad_words_state.apply_bad_words(logits, expanded_idx_mapping, idx_mapping_np, input_ids,
                                              expanded_local_pos)
         temp_all = self.sampling_states.temperature.gpu
-        t = temp_all[expanded_idx_mapping].to(torch.float32)
-        t = torch.where(t == 0.0, torch.ones_like(t), t)
-        lp = _log_softmax(logits, t)
+        lp = _log_softmax(logits, v2_row_temperatures(self.sampling_states, expanded_idx_mapping, idx_mapping_np))
         masked = lp
         any_mask, mask_with_logprobs = v2_masking_with_logprobs(
             self.sampling_states, getattr(self, "logprob_token_ids_state", None), idx_mapping_np)

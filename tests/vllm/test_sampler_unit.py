@@ -178,3 +178,35 @@ def test_warmup_requests_are_not_refused():
 
     with pytest.raises(OnpolicyVllmError, match="top-k / top-p / min-p"):
         s(_logits(2).clone(), md)
+
+
+# --- the V2 sampler's temperatures: a host decision, the same bits either way -----------------------------------------
+
+def _v2_temperature_states(temps):
+    import numpy as np
+
+    t = np.asarray(temps, dtype=np.float32)
+    return SimpleNamespace(temperature=SimpleNamespace(np=t, gpu=torch.from_numpy(t.copy())))
+
+
+@pytest.mark.parametrize("temps, rows, unit", [
+    ([1.0, 0.0, 1.0], [0, 1, 2], True),  # sampled at 1 and greedy: no per-row tensor needed
+    ([1.0, 0.7, 1.0], [0, 2], True),  # the 0.7 request is not in this step
+    ([1.0, 0.7, 0.0], [0, 1, 2], False),
+    ([1.3], [0], False),
+])
+def test_v2_row_temperatures_skip_the_tensor_only_for_unit_batches_and_keep_the_bits(temps, rows, unit):
+    import numpy as np
+
+    import onpolicy_kernels as K
+    from onpolicy.vllm_plugin.sampler import v2_row_temperatures
+
+    states = _v2_temperature_states(temps)
+    idx = np.asarray(rows)
+    expanded = torch.as_tensor(rows)
+    t = v2_row_temperatures(states, expanded, idx)
+    assert (isinstance(t, float) and t == 1.0) if unit else isinstance(t, torch.Tensor)
+    # what the rows are divided by: the request's temperature, greedy (0) rows at 1.0
+    per_row = torch.tensor([temps[r] if temps[r] != 0.0 else 1.0 for r in rows], dtype=torch.float32)
+    logits = _logits(len(rows), seed=11)
+    assert torch.equal(K.log_softmax(logits, t), K.log_softmax(logits, per_row))
