@@ -1,0 +1,91 @@
+"""Host time per call of the ops a vLLM decode step runs eagerly, outside its CUDA graph (issue 12).
+
+    python3 benchmarks/bench_host_overhead.py [--rows 8,256] [--calls 200]
+
+vLLM replays a decode step's model as one CUDA graph, then runs the LM head and the
+sampler eagerly: their cost on the host (Python, dispatch, kernel launch) is paid at
+every step, and the engine is host-bound at the loads issue 12 measures (gpu_vllm.py
+timeline). This prints, per op, the median host time of one call -- from the call to
+its return, the GPU idle before it (a synchronize) so that no queue wait is counted --
+for onpolicy's op, its parts (the registered custom op, the implementation called
+directly) and the PyTorch op the default engine runs in its place. Runs on the CPU too
+(there the "host time" includes the computation).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import importlib  # noqa: E402
+
+import onpolicy_kernels as K  # noqa: E402
+
+# the modules (the package's `linear` / `log_softmax` attributes are the functions)
+L = importlib.import_module("onpolicy_kernels.linear")
+P = importlib.import_module("onpolicy_kernels.logprobs")
+
+HIDDEN, VOCAB = 2048, 151936  # Qwen3-1.7B
+
+
+def host_us(fn, calls: int, sync) -> float:
+    """Median microseconds from calling `fn` to its return, the device idle before each call."""
+    for _ in range(5):
+        fn()
+    times = []
+    for _ in range(calls):
+        sync()
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    sync()
+    return statistics.median(times) * 1e6
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rows", default="8,256", help="decode batch sizes (rows of the LM head and sampler)")
+    ap.add_argument("--calls", type=int, default=200)
+    ap.add_argument("--vocab", type=int, default=VOCAB, help="smaller on a CPU")
+    a = ap.parse_args()
+    cuda = torch.cuda.is_available()
+    dev = "cuda" if cuda else "cpu"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    dt = torch.bfloat16
+    w = torch.randn(a.vocab, HIDDEN, device=dev, dtype=dt) / HIDDEN**0.5
+    print(f"{torch.cuda.get_device_name() if cuda else 'CPU'} | torch {torch.__version__} | host us per call, "
+          f"median of {a.calls} | LM head {a.vocab}x{HIDDEN} bf16, logits fp32", flush=True)
+    print("| rows | op | host us |")
+    print("|---|---|---|")
+    impl = L.linear_triton if cuda else L.linear_cpu
+    with torch.inference_mode():
+        for m in (int(r) for r in a.rows.split(",")):
+            x = torch.randn(m, HIDDEN, device=dev, dtype=dt)
+            logits = torch.randn(m, a.vocab, device=dev, dtype=torch.float32) * 4
+            t = torch.ones(m, device=dev)
+            rows = [
+                ("LM head: onpolicy_kernels.linear", lambda: K.linear(x, w)),
+                ("LM head: the custom op (torch.ops.onpolicy.linear)", lambda: torch.ops.onpolicy.linear(x, w, None)),
+                ("LM head: the implementation, called directly", lambda: impl(x, w, None)),
+                ("LM head: F.linear (the default engine)", lambda: F.linear(x, w)),
+                ("log_softmax(logits, t): onpolicy_kernels, per-row t", lambda: K.log_softmax(logits, t)),
+                ("log_softmax(logits, 1.0): onpolicy_kernels, float t", lambda: K.log_softmax(logits, 1.0)),
+                ("log_softmax: the custom op", lambda: torch.ops.onpolicy.log_softmax(logits, t)),
+                ("log_softmax: the implementation, called directly", lambda: P._log_softmax_impl(logits, t)),
+                ("torch.log_softmax (fp32)", lambda: torch.log_softmax(logits, dim=-1)),
+                ("per-row temperature: gather, compare, select (onpolicy's V2 sampler before the fast path)",
+                 lambda: torch.where(t[torch.arange(m, device=dev)] == 0.0, torch.ones_like(t), t)),
+            ]
+            for name, fn in rows:
+                print(f"| {m} | {name} | {host_us(fn, a.calls, sync):.1f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
