@@ -6,6 +6,7 @@
 #     (MP=1: the engine core in its own process, vLLM's default, instead of in-process; ROUNDS=N: the
 #     CONFS sequence N times over, interleaved)
 #   PARTS=trainer ROUTES=triton,fa3 ROUNDS=15 bash benchmarks/gpu_session3.sh      # issue 12's trainer step
+#   PARTS="hostcost timeline" LOAD=8x512 CONFS="onpolicy default" bash benchmarks/gpu_session3.sh  # issue 12: host vs GPU
 #   PARTS=experiments bash benchmarks/gpu_session3.sh     # issue 12: warp-specialized linear (EXPERIMENTS="ws kchunk")
 set -u
 source benchmarks/gpu_env.sh
@@ -42,6 +43,14 @@ for part in ${PARTS-check recipe}; do
           mv "$OUT/tp_$c.log" "$OUT/tp_${c}_$(date +%H%M%S).log"
         done
       done ;;
+    timeline)  # where a decode step's time goes, per configuration (CONFS, LOAD; issue 12)
+      for c in ${CONFS:-onpolicy default}; do
+        timeout 300 python3 benchmarks/gpu_vllm.py timeline $M $c ${LOAD:-256x128} > "$OUT/timeline_${c}_${LOAD:-256x128}.log" 2>&1
+        echo "$c exit $?"; sed -n '/^TIMELINE/,/^  host ops over/p' "$OUT/timeline_${c}_${LOAD:-256x128}.log" | head -20
+      done ;;
+    hostcost)  # host time per call of the eager per-step ops, onpolicy's vs the default engine's
+      timeout 200 python3 benchmarks/bench_host_overhead.py > "$OUT/hostcost.txt" 2>&1; echo "exit $?"
+      cat "$OUT/hostcost.txt" ;;
     trainer)  # the training step, unpatched and each attention route interleaved (issue 12)
       timeout 400 python3 benchmarks/gpu_trainer.py --rounds ${ROUNDS:-15} --routes ${ROUTES:-triton,fa3} \
         > "$OUT/trainer.log" 2>&1; echo "exit $?"; grep -E "^\||bitwise|device" "$OUT/trainer.log" ;;
