@@ -46,7 +46,7 @@ for part in ${PARTS-check recipe}; do
     timeline)  # where a decode step's time goes, per configuration (CONFS, LOAD; issue 12)
       for c in ${CONFS:-onpolicy default}; do
         timeout 300 python3 benchmarks/gpu_vllm.py timeline $M $c ${LOAD:-256x128} > "$OUT/timeline_${c}_${LOAD:-256x128}.log" 2>&1
-        echo "$c exit $?"; sed -n '/^TIMELINE/,/^  host ops over/p' "$OUT/timeline_${c}_${LOAD:-256x128}.log" | head -20
+        echo "$c exit $?"; sed -n '/^TIMELINE/,/^  host ops over/p' "$OUT/timeline_${c}_${LOAD:-256x128}.log" | head -45
       done ;;
     hostcost)  # host time per call of the eager per-step ops, onpolicy's vs the default engine's
       timeout 200 python3 benchmarks/bench_host_overhead.py > "$OUT/hostcost.txt" 2>&1; echo "exit $?"

@@ -315,6 +315,13 @@ def print_timeline(events: list, top: int = 15) -> None:
         for lo, hi in zip(edges, edges[1:]):
             sel = [g[1] - g[0] for g in gaps if lo <= g[1] - g[0] < hi]
             print(f"  idle gaps {lo:>6}-{hi:<6} us: {len(sel):7d}, {sum(sel) / 1e3:9.1f} ms")
+    by_kernel = defaultdict(lambda: [0, 0.0])
+    for a, b, name in kernels:
+        by_kernel[short(name, 60)][0] += 1
+        by_kernel[short(name, 60)][1] += b - a
+    print("  GPU time by kernel (count, total ms):")
+    for name, (n, d) in sorted(by_kernel.items(), key=lambda kv: -kv[1][1])[:top]:
+        print(f"    {name:60s} {n:7d} {d / 1e3:9.1f}")
     pairs = defaultdict(lambda: [0, 0.0])
     for a, b, before, after in gaps:
         if b - a > 200:
