@@ -70,6 +70,7 @@ def main() -> None:
             x = torch.randn(m, HIDDEN, device=dev, dtype=dt)
             logits = torch.randn(m, a.vocab, device=dev, dtype=torch.float32) * 4
             t = torch.ones(m, device=dev)
+            idx = torch.arange(m, device=dev)  # the step's expanded_idx_mapping, already on the device
             rows = [
                 ("LM head: onpolicy_kernels.linear", lambda: K.linear(x, w)),
                 ("LM head: the custom op (torch.ops.onpolicy.linear)", lambda: torch.ops.onpolicy.linear(x, w, None)),
@@ -81,7 +82,7 @@ def main() -> None:
                 ("log_softmax: the implementation, called directly", lambda: P._log_softmax_impl(logits, t)),
                 ("torch.log_softmax (fp32)", lambda: torch.log_softmax(logits, dim=-1)),
                 ("per-row temperature: gather, compare, select (onpolicy's V2 sampler before the fast path)",
-                 lambda: torch.where(t[torch.arange(m, device=dev)] == 0.0, torch.ones_like(t), t)),
+                 lambda: torch.where(t[idx] == 0.0, torch.ones_like(t), t)),
             ]
             for name, fn in rows:
                 print(f"| {m} | {name} | {host_us(fn, a.calls, sync):.1f} |", flush=True)

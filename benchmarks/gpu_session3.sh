@@ -3,7 +3,7 @@
 #   PARTS="check recipe determinism" bash benchmarks/gpu_session3.sh        # one GPU
 #   PARTS="tp2check tp2recipe" bash benchmarks/gpu_session3.sh              # two GPUs
 #   PARTS=throughput LOADS="256x512,8x2500" CONFS="default batch_invariant onpolicy default" bash benchmarks/gpu_session3.sh
-#     (MP=1: the engine core in its own process, vLLM's default, instead of in-process; ROUNDS=N: the
+#     (MP=1: the engine core in its own process, vLLM's default, instead of in-process; TP_ROUNDS=N: the
 #     CONFS sequence N times over, interleaved)
 #   PARTS=trainer ROUTES=triton,fa3 ROUNDS=15 bash benchmarks/gpu_session3.sh      # issue 12's trainer step
 #   PARTS="hostcost timeline" LOAD=8x512 CONFS="onpolicy default" bash benchmarks/gpu_session3.sh  # issue 12: host vs GPU
@@ -30,12 +30,12 @@ for part in ${PARTS-check recipe}; do
           --control false >> "$OUT/$part.log" 2>&1; echo "control exit $?"
       fi
       grep -E "│|step time|Error|error:" "$OUT/$part.log" | grep -v Warning | tail -30 ;;
-    throughput)  # one process per configuration, timing each load in turn (LOADS, CONFS), ROUNDS times
+    throughput)  # one process per configuration, timing each load in turn (LOADS, CONFS), TP_ROUNDS times
       l=${LOADS:-256x512,8x2500}
       # The host: these loads keep the GPU busy only 40-60% of the time (gpu_vllm.py timeline), so the
       # CPU model and its load bear on every number.
       echo "host: $(nproc) CPUs, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2), load $(cut -d' ' -f1-3 /proc/loadavg)"
-      for r in $(seq ${ROUNDS:-1}); do
+      for r in $(seq ${TP_ROUNDS:-1}); do
         for c in ${CONFS:-default batch_invariant onpolicy default}; do  # MP=1: engine core in a child process
           VLLM_ENABLE_V1_MULTIPROCESSING=${MP:-0} timeout 400 python3 benchmarks/gpu_vllm.py throughput $M $c $l \
             > "$OUT/tp_$c.log" 2>&1
@@ -45,8 +45,10 @@ for part in ${PARTS-check recipe}; do
       done ;;
     timeline)  # where a decode step's time goes, per configuration (CONFS, LOAD; issue 12)
       for c in ${CONFS:-onpolicy default}; do
-        timeout 300 python3 benchmarks/gpu_vllm.py timeline $M $c ${LOAD:-256x128} > "$OUT/timeline_${c}_${LOAD:-256x128}.log" 2>&1
-        echo "$c exit $?"; sed -n '/^TIMELINE/,/^  host ops over/p' "$OUT/timeline_${c}_${LOAD:-256x128}.log" | head -45
+        f="$OUT/timeline_${c}_${LOAD:-256x128}.log"  # the profiler sees this process: engine in-process
+        VLLM_ENABLE_V1_MULTIPROCESSING=0 timeout 300 python3 benchmarks/gpu_vllm.py timeline $M $c ${LOAD:-256x128} > "$f" 2>&1
+        echo "$c exit $?"; grep -aE "Error|error:" "$f" | grep -v Warning | tail -3
+        sed -n '/^TIMELINE/,/^  host ops over/p' "$f" | head -45
       done ;;
     hostcost)  # host time per call of the eager per-step ops, onpolicy's vs the default engine's
       timeout 200 python3 benchmarks/bench_host_overhead.py > "$OUT/hostcost.txt" 2>&1; echo "exit $?"

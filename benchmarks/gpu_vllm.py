@@ -256,17 +256,23 @@ def steptimes(path: str, conf: str, load: str = "256x128"):
 
 
 def timeline(path: str, conf: str, load: str = "256x128", top: int = 15):
-    """Is the GPU waiting on the host? torch.profiler over one load, then from its trace: the
-    GPU's busy time (union of kernels and copies) against the wall time, its idle gaps by size,
-    the CUDA runtime calls that block the host (synchronize, blocking copies) by total time, and
-    the host ops running while the GPU sat idle for over 200 us (weighted by the overlap)."""
+    """Is the GPU waiting on the host? torch.profiler over one load (in-process engine), then from
+    its trace: the GPU's busy time (union of kernels and copies) against the wall time, its idle
+    gaps by size and by the kernels around them, GPU time by kernel, host ops by time, the CUDA
+    calls that block the host (synchronize, blocking copies), the host ops running while the GPU
+    sat idle for over 200 us (weighted by the overlap), and one decode step laid out (from one
+    graph launch to the next: with FULL decode graphs, one step)."""
     import json
     import tempfile
 
     import torch
 
+    from onpolicy.vllm_plugin import compat
+
     n_prompts, n_tokens = (int(x) for x in load.split("x"))
     llm, run = warm_engine(path, conf, load)
+    if compat.engine_runner(llm) is None:  # the profiler sees this process only
+        raise SystemExit("timeline needs the in-process engine (VLLM_ENABLE_V1_MULTIPROCESSING=0)")
     acts = [torch.profiler.ProfilerActivity.CPU]
     if torch.cuda.is_available():
         acts.append(torch.profiler.ProfilerActivity.CUDA)
@@ -274,10 +280,11 @@ def timeline(path: str, conf: str, load: str = "256x128", top: int = 15):
         t0 = time.perf_counter()
         run()
         dt = time.perf_counter() - t0
-    trace = os.path.join(tempfile.mkdtemp(), "trace.json")
-    prof.export_chrome_trace(trace)
-    with open(trace) as f:
-        events = [e for e in json.load(f)["traceEvents"] if e.get("ph") == "X" and "dur" in e]
+    with tempfile.TemporaryDirectory() as tmp:
+        trace = os.path.join(tmp, "trace.json")
+        prof.export_chrome_trace(trace)
+        with open(trace) as f:
+            events = [e for e in json.load(f)["traceEvents"] if e.get("ph") == "X" and "dur" in e]
     print(f"TIMELINE {conf} {load}: {n_prompts * n_tokens / dt:.0f} tok/s under the profiler, {dt:.2f} s", flush=True)
     print_timeline(events, top)
 
@@ -310,7 +317,7 @@ def print_timeline(events: list, top: int = 15) -> None:
     if merged:
         total = merged[-1][1] - merged[0][0]
         busy = sum(m[1] - m[0] for m in merged)
-        print(f"  GPU busy {busy / 1e3:.1f} ms of a {total / 1e3:.1f} ms span ({100 * busy / total:.0f}%)")
+        print(f"  GPU busy {busy / 1e3:.1f} ms of a {total / 1e3:.1f} ms span ({100 * busy / max(total, 1e-9):.0f}%)")
         edges = (0, 20, 100, 1000, 10000, float("inf"))
         for lo, hi in zip(edges, edges[1:]):
             sel = [g[1] - g[0] for g in gaps if lo <= g[1] - g[0] < hi]
@@ -337,6 +344,15 @@ def print_timeline(events: list, top: int = 15) -> None:
             ops[short(name, 60)][1] += b - a
     print("  host ops over the whole run by total time (count, total ms):")
     for name, (n, d) in sorted(ops.items(), key=lambda kv: -kv[1][1])[:top * 2]:
+        print(f"    {name:60s} {n:7d} {d / 1e3:9.1f}")
+    blocking = defaultdict(lambda: [0, 0.0])
+    for a, b, cat, name in host:
+        if cat in ("cuda_runtime", "cuda_driver") and (
+                "Synchronize" in name or name in ("cudaMemcpy", "cuMemcpyDtoH_v2", "cudaMemcpy2D")):
+            blocking[name][0] += 1
+            blocking[name][1] += b - a
+    print("  blocking CUDA calls, the host waiting on the GPU (count, total ms):")
+    for name, (n, d) in sorted(blocking.items(), key=lambda kv: -kv[1][1])[:top]:
         print(f"    {name:60s} {n:7d} {d / 1e3:9.1f}")
     big = [g for g in gaps if g[1] - g[0] > 200]
     if big:
