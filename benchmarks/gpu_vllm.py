@@ -322,38 +322,25 @@ def print_timeline(events: list, top: int = 15) -> None:
         for lo, hi in zip(edges, edges[1:]):
             sel = [g[1] - g[0] for g in gaps if lo <= g[1] - g[0] < hi]
             print(f"  idle gaps {lo:>6}-{hi:<6} us: {len(sel):7d}, {sum(sel) / 1e3:9.1f} ms")
-    by_kernel = defaultdict(lambda: [0, 0.0])
-    for a, b, name in kernels:
-        by_kernel[short(name, 60)][0] += 1
-        by_kernel[short(name, 60)][1] += b - a
-    print("  GPU time by kernel (count, total ms):")
-    for name, (n, d) in sorted(by_kernel.items(), key=lambda kv: -kv[1][1])[:top]:
-        print(f"    {name:60s} {n:7d} {d / 1e3:9.1f}")
-    pairs = defaultdict(lambda: [0, 0.0])
-    for a, b, before, after in gaps:
-        if b - a > 200:
-            pairs[(short(before), short(after))][0] += 1
-            pairs[(short(before), short(after))][1] += b - a
-    print("  idle gaps over 200 us by the kernels around them (count, total ms, last before -> first after):")
-    for (before, after), (n, d) in sorted(pairs.items(), key=lambda kv: -kv[1][1])[:top]:
-        print(f"    {n:6d} {d / 1e3:8.1f}  {before} -> {after}")
-    ops = defaultdict(lambda: [0, 0.0])
-    for a, b, cat, name in host:
-        if cat != "user_annotation":
-            ops[short(name, 60)][0] += 1
-            ops[short(name, 60)][1] += b - a
-    print("  host ops over the whole run by total time (count, total ms):")
-    for name, (n, d) in sorted(ops.items(), key=lambda kv: -kv[1][1])[:top * 2]:
-        print(f"    {name:60s} {n:7d} {d / 1e3:9.1f}")
-    blocking = defaultdict(lambda: [0, 0.0])
-    for a, b, cat, name in host:
-        if cat in ("cuda_runtime", "cuda_driver") and (
-                "Synchronize" in name or name in ("cudaMemcpy", "cuMemcpyDtoH_v2", "cudaMemcpy2D")):
-            blocking[name][0] += 1
-            blocking[name][1] += b - a
-    print("  blocking CUDA calls, the host waiting on the GPU (count, total ms):")
-    for name, (n, d) in sorted(blocking.items(), key=lambda kv: -kv[1][1])[:top]:
-        print(f"    {name:60s} {n:7d} {d / 1e3:9.1f}")
+    def table(title, items, rows, fmt="    {key:60s} {n:7d} {total:9.1f}"):
+        """Print (count, total ms) per key of `items` ((key, us) pairs), largest total first."""
+        tally = defaultdict(lambda: [0, 0.0])
+        for key, us in items:
+            tally[key][0] += 1
+            tally[key][1] += us
+        print(f"  {title}:")
+        for key, (n, d) in sorted(tally.items(), key=lambda kv: -kv[1][1])[:rows]:
+            print(fmt.format(key=key, n=n, total=d / 1e3))
+
+    table("GPU time by kernel (count, total ms)", ((short(name, 60), b - a) for a, b, name in kernels), top)
+    table("idle gaps over 200 us by the kernels around them (count, total ms, last before -> first after)",
+          (((short(before), short(after)), b - a) for a, b, before, after in gaps if b - a > 200), top,
+          fmt="    {n:6d} {total:8.1f}  {key[0]} -> {key[1]}")
+    table("host ops over the whole run by total time (count, total ms)",
+          ((short(name, 60), b - a) for a, b, cat, name in host if cat != "user_annotation"), top * 2)
+    table("blocking CUDA calls, the host waiting on the GPU (count, total ms)",
+          ((name, b - a) for a, b, cat, name in host if cat in ("cuda_runtime", "cuda_driver") and (
+              "Synchronize" in name or name in ("cudaMemcpy", "cuMemcpyDtoH_v2", "cudaMemcpy2D"))), top)
     big = [g for g in gaps if g[1] - g[0] > 200]
     if big:
         during = defaultdict(float)

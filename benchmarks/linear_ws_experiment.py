@@ -37,6 +37,22 @@ _L = importlib.import_module("onpolicy_kernels.linear")  # the module (`linear` 
 _tile_coords = _L._tile_coords
 
 
+@triton.jit
+def _tile(x_desc, w_desc, o_desc, pid_m, pid_n, k_tiles, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+          BLOCK_K: tl.constexpr, WS_K: tl.constexpr, OUT_BF16: tl.constexpr):
+    # One output tile: one fp32 accumulator over K in order, as the shipped kernel; WS_K marks
+    # the K loop itself as the warp-specialized one (the non-persistent launch).
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for ki in tl.range(k_tiles, warp_specialize=WS_K):
+        a = x_desc.load([pid_m * BLOCK_M, ki * BLOCK_K])
+        b = w_desc.load([pid_n * BLOCK_N, ki * BLOCK_K])
+        acc = tl.dot(a, b.T, acc)
+    if OUT_BF16:
+        o_desc.store([pid_m * BLOCK_M, pid_n * BLOCK_N], acc.to(tl.bfloat16))
+    else:
+        o_desc.store([pid_m * BLOCK_M, pid_n * BLOCK_N], acc.to(tl.float16))
+
+
 @triton.jit(do_not_specialize=["M", "num_programs"])
 def _ws_kernel(x_desc, w_desc, o_desc, M, N, K, num_programs,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
@@ -47,26 +63,10 @@ def _ws_kernel(x_desc, w_desc, o_desc, M, N, K, num_programs,
         # Hopper's warp specialization wants the outer loop unflattened.
         for tile in tl.range(tl.program_id(0), num_tiles, num_programs, flatten=False, warp_specialize=WS):
             pid_m, pid_n = _tile_coords(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
-            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-            for ki in range(k_tiles):
-                a = x_desc.load([pid_m * BLOCK_M, ki * BLOCK_K])
-                b = w_desc.load([pid_n * BLOCK_N, ki * BLOCK_K])
-                acc = tl.dot(a, b.T, acc)
-            if OUT_BF16:
-                o_desc.store([pid_m * BLOCK_M, pid_n * BLOCK_N], acc.to(tl.bfloat16))
-            else:
-                o_desc.store([pid_m * BLOCK_M, pid_n * BLOCK_N], acc.to(tl.float16))
+            _tile(x_desc, w_desc, o_desc, pid_m, pid_n, k_tiles, BLOCK_M, BLOCK_N, BLOCK_K, False, OUT_BF16)
     else:
         pid_m, pid_n = _tile_coords(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for ki in tl.range(k_tiles, warp_specialize=WS):
-            a = x_desc.load([pid_m * BLOCK_M, ki * BLOCK_K])
-            b = w_desc.load([pid_n * BLOCK_N, ki * BLOCK_K])
-            acc = tl.dot(a, b.T, acc)
-        if OUT_BF16:
-            o_desc.store([pid_m * BLOCK_M, pid_n * BLOCK_N], acc.to(tl.bfloat16))
-        else:
-            o_desc.store([pid_m * BLOCK_M, pid_n * BLOCK_N], acc.to(tl.float16))
+        _tile(x_desc, w_desc, o_desc, pid_m, pid_n, k_tiles, BLOCK_M, BLOCK_N, BLOCK_K, WS, OUT_BF16)
 
 
 # (tile, persistent, ws) -> whether the compiled kernel is warp-specialized (Triton may compile
