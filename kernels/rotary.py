@@ -65,12 +65,11 @@ def build_cos_sin_cache(head_dim: int, rotary_dim: int, max_position: int, base:
 if HAS_TRITON:
 
     @triton.jit
-    def _rotary_kernel(x_ptr, o_ptr, pos_ptr, cache_ptr, H, D, sxt, sxh, sot, soh, scache,
-                       ROT_HALF: tl.constexpr, IS_NEOX: tl.constexpr, BLOCK_H: tl.constexpr,
-                       BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, INVERSE: tl.constexpr):
-        t = tl.program_id(0).to(tl.int64)
-        pos = tl.load(pos_ptr + t).to(tl.int64)
-        h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    def _rotate_heads(x_ptr, o_ptr, t, pos, h, H, D, sxt, sxh, sot, soh, cache_ptr, scache,
+                      ROT_HALF: tl.constexpr, IS_NEOX: tl.constexpr, BLOCK_R: tl.constexpr,
+                      BLOCK_D: tl.constexpr, INVERSE: tl.constexpr):
+        # Heads `h` of token t: each element (x1*cos - x2*sin) or (x2*cos + x1*sin) in fp32,
+        # rounded once; the same instructions for q and k heads.
         r = tl.arange(0, BLOCK_R)
         rmask = r < ROT_HALF
         cos = tl.load(cache_ptr + pos * scache + r, mask=rmask, other=0.0)
@@ -97,23 +96,46 @@ if HAS_TRITON:
         pm = (h[:, None] < H) & (d[None, :] < D)
         tl.store(ob + d[None, :], tl.load(xb + d[None, :], mask=pm, other=0.0), mask=pm)
 
+    @triton.jit
+    def _rotary_kernel(q_ptr, qo_ptr, k_ptr, ko_ptr, pos_ptr, cache_ptr, Hq, Hk, D, NQB,
+                       sqt, sqh, sqot, sqoh, skt, skh, skot, skoh, scache,
+                       ROT_HALF: tl.constexpr, IS_NEOX: tl.constexpr, BLOCK_H: tl.constexpr,
+                       BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, INVERSE: tl.constexpr):
+        # q and k in ONE launch (a decode step runs this once per layer): programs
+        # (t, 0..NQB-1) take BLOCK_H q heads each, the rest BLOCK_H k heads each.
+        t = tl.program_id(0).to(tl.int64)
+        pos = tl.load(pos_ptr + t).to(tl.int64)
+        hb = tl.program_id(1)
+        if hb < NQB:
+            _rotate_heads(q_ptr, qo_ptr, t, pos, hb * BLOCK_H + tl.arange(0, BLOCK_H), Hq, D, sqt, sqh, sqot, sqoh,
+                          cache_ptr, scache, ROT_HALF, IS_NEOX, BLOCK_R, BLOCK_D, INVERSE)
+        else:
+            _rotate_heads(k_ptr, ko_ptr, t, pos, (hb - NQB) * BLOCK_H + tl.arange(0, BLOCK_H), Hk, D,
+                          skt, skh, skot, skoh, cache_ptr, scache, ROT_HALF, IS_NEOX, BLOCK_R, BLOCK_D, INVERSE)
 
-def _rotate_triton(positions, x, cache, is_neox, inverse=False):
+
+def _rotate_triton(positions, q, k, cache, is_neox, inverse=False):
+    """(q', k') on the GPU in one launch; every element's arithmetic is the same whichever
+    tensor, token or head it belongs to."""
     require_triton()
-    if x.stride(-1) != 1:  # the kernel addresses a head's dims with stride 1
-        x = x.contiguous()
+    q = q if q.stride(-1) == 1 else q.contiguous()  # the kernel addresses a head's dims with stride 1
+    k = k if k.stride(-1) == 1 else k.contiguous()
     cache = cache.contiguous()
-    T, H, D = x.shape
-    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    T, Hq, D = q.shape
+    Hk = k.shape[1]
+    qo = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    ko = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     if T:
         half = cache.shape[1] // 2
-        BLOCK_H = min(16, triton.next_power_of_2(H))  # several heads per program: memory-bound
-        _rotary_kernel[(T, triton.cdiv(H, BLOCK_H))](
-            x, out, positions, cache, H, D, x.stride(0), x.stride(1), out.stride(0), out.stride(1), cache.stride(0),
-            ROT_HALF=half, IS_NEOX=is_neox, BLOCK_H=BLOCK_H, BLOCK_R=triton.next_power_of_2(half),
+        BLOCK_H = min(16, triton.next_power_of_2(max(Hq, Hk)))  # several heads per program: memory-bound
+        nqb = triton.cdiv(Hq, BLOCK_H)
+        _rotary_kernel[(T, nqb + triton.cdiv(Hk, BLOCK_H))](
+            q, qo, k, ko, positions, cache, Hq, Hk, D, nqb,
+            q.stride(0), q.stride(1), qo.stride(0), qo.stride(1), k.stride(0), k.stride(1), ko.stride(0), ko.stride(1),
+            cache.stride(0), ROT_HALF=half, IS_NEOX=is_neox, BLOCK_H=BLOCK_H, BLOCK_R=triton.next_power_of_2(half),
             BLOCK_D=max(16, triton.next_power_of_2(max(D - 2 * half, 1))), INVERSE=inverse, num_warps=4,
         )
-    return out
+    return qo, ko
 
 
 def _halves(x, rot, is_neox):
@@ -142,8 +164,10 @@ def _rotate_cpu(positions, x, cache, is_neox, inverse=False):
     return out.to(x.dtype).contiguous()
 
 
-def _rotate(positions, x, cache, is_neox):
-    return (_rotate_triton if use_triton(x) else _rotate_cpu)(positions, x, cache, is_neox)
+def _rotate(positions, q, k, cache, is_neox, inverse=False):
+    if use_triton(q):
+        return _rotate_triton(positions, q, k, cache, is_neox, inverse)
+    return _rotate_cpu(positions, q, cache, is_neox, inverse), _rotate_cpu(positions, k, cache, is_neox, inverse)
 
 
 @custom_op("onpolicy::rotary_embedding", mutates_args=())
@@ -155,7 +179,7 @@ def _rotary_op(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cache:
         lo, hi = int(positions.min()), int(positions.max())
         if lo < 0 or hi >= cache.shape[0]:
             raise ValueError(f"positions must lie in [0, {cache.shape[0]}) (the cache's positions); got {lo}..{hi}")
-    return _rotate(positions, q, cache, is_neox), _rotate(positions, k, cache, is_neox)
+    return _rotate(positions, q, k, cache, is_neox)
 
 
 @_rotary_op.register_fake
@@ -172,9 +196,7 @@ def _setup(ctx, inputs, output):
 def _backward(ctx, gq, gk):
     positions, cache = ctx.saved_tensors
     # The rotation is orthogonal: its gradient is the inverse rotation.
-    rotate = _rotate_triton if use_triton(gq) else _rotate_cpu
-    gq = rotate(positions, gq, cache, ctx.is_neox, inverse=True)
-    gk = rotate(positions, gk, cache, ctx.is_neox, inverse=True)
+    gq, gk = _rotate(positions, gq, gk, cache, ctx.is_neox, inverse=True)
     return None, gq, gk, None, None
 
 
