@@ -7,7 +7,7 @@ many there are, and wherever the row sits (float32, float16, bfloat16). The
 forward is invariant; the backward uses standard fast kernels.
 """
 from .activation import silu_and_mul
-from .attention import attention, attention_contiguous, reshape_and_cache
+from .attention import attention, attention_contiguous, attention_schedule, reshape_and_cache
 from .linear import linear
 from .logprobs import log_softmax, token_logprobs
 from .rms_norm import fused_add_rms_norm, rms_norm
@@ -17,6 +17,7 @@ __all__ = [
     "linear",
     "attention",
     "attention_contiguous",
+    "attention_schedule",
     "reshape_and_cache",
     "rms_norm",
     "fused_add_rms_norm",

@@ -1,6 +1,6 @@
 """Batch-invariant causal attention over a paged KV cache, shared by sampler and trainer.
 
-    attention(q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens, scale, causal=True) -> out
+    attention(q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens, scale, causal=True, out=None) -> out
     reshape_and_cache(key, value, k_cache, v_cache, slot_mapping)          (in place)
     attention_contiguous(q, k, v, cu_seqlens, scale) -> out                 (autograd)
 
@@ -329,21 +329,23 @@ def use_split(programs: int, n_split: int, row_elems: int, sms: int) -> bool:
     return n_split > 1 and programs * 2 <= sms and n_split * row_elems <= SPLIT_MAX_ELEMS
 
 
-def _attention_triton(q, k_cache, v_cache, block_table, cu_q, seq_lens, scale, causal, config=None, split=None):
+def _attention_triton(q, k_cache, v_cache, block_table, cu_q, seq_lens, scale, causal, config=None, split=None,
+                      out=None):
     """The Triton path. `config` = (Q_TILE, KV_TILE, num_warps, num_stages) overrides the
     fixed launch configuration, for the GPU benchmark's bitwise comparison only.
 
     `split`: run the KV splits in separate programs and fold them in a second kernel
     (True) or in one program (False); the bits are the same either way (both fold the
     same per-split states with `_fold`, in split order). None picks by shape alone:
-    split when the one-pass launch would leave most SMs idle (decode of few sequences)."""
+    split when the one-pass launch would leave most SMs idle (decode of few sequences).
+    `out`: where to write (q's shape and dtype, head dim contiguous); None: a new tensor."""
     require_triton()
     q_tile, kv_tile, warps, stages = config or (Q_TILE, KV_TILE, NUM_WARPS, NUM_STAGES)
     T, Hq, D = q.shape
     Hkv = k_cache.shape[2]
     G = Hq // Hkv
     B = seq_lens.shape[0]
-    out = q.new_empty(q.shape)  # contiguous, like the CPU path and the fake
+    out = q.new_empty(q.shape) if out is None else out  # new: contiguous, like the CPU path and the fake
     if T == 0 or B == 0:
         return out
     tiles = T * G // q_tile + B
@@ -529,12 +531,15 @@ def _on_fa3(q, causal=True) -> bool:
     return use_triton(q) and causal and fa3.use_fa3(q)
 
 
-def _attention_impl(q, k_cache, v_cache, block_table, cu_q, seq_lens, scale, causal, max_seqlen_q=0):
+def _attention_impl(q, k_cache, v_cache, block_table, cu_q, seq_lens, scale, causal, max_seqlen_q=0, out=None,
+                    schedule=None):
     if _on_fa3(q, causal):
-        return fa3.paged(q, k_cache, v_cache, block_table, cu_q, seq_lens, scale, max_seqlen_q or q.shape[0])
+        return fa3.paged(q, k_cache, v_cache, block_table, cu_q, seq_lens, scale, max_seqlen_q or q.shape[0], out=out,
+                         schedule=schedule)
     if use_triton(q):
-        return _attention_triton(q, k_cache, v_cache, block_table, cu_q, seq_lens, scale, causal)
-    return _attention_cpu(q, k_cache, v_cache, block_table, cu_q, seq_lens, scale, causal)
+        return _attention_triton(q, k_cache, v_cache, block_table, cu_q, seq_lens, scale, causal, out=out)
+    result = _attention_cpu(q, k_cache, v_cache, block_table, cu_q, seq_lens, scale, causal)
+    return result if out is None else out.copy_(result)
 
 
 @custom_op("onpolicy::attention", mutates_args=())
@@ -547,6 +552,31 @@ def _attention_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
 @_attention_op.register_fake
 def _(q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens, scale, causal, max_seqlen_q=0):
     return q.new_empty(q.shape)
+
+
+@custom_op("onpolicy::attention_out", mutates_args=("out",))
+def _attention_out_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,
+                      cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor, scale: float, causal: bool,
+                      max_seqlen_q: int, out: torch.Tensor, schedule: Optional[torch.Tensor] = None) -> None:
+    # The same kernels writing into the caller's buffer (vLLM's attention output): no copy.
+    _attention_impl(q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens, scale, causal, max_seqlen_q, out=out,
+                    schedule=schedule)
+
+
+@_attention_out_op.register_fake
+def _(q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens, scale, causal, max_seqlen_q, out, schedule=None):
+    return None
+
+
+def attention_schedule(q: torch.Tensor, k_cache: torch.Tensor, block_table: torch.Tensor,
+                       cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor, max_seqlen_q: int = 0,
+                       causal: bool = True) -> Optional[torch.Tensor]:
+    """Work shared by every layer's `attention(..., schedule=)` call with these lengths, block
+    table and shapes (one decode step): FA3's tile schedule on the FA3 route (attention_fa3.py:
+    `schedule`), None elsewhere (the Triton and CPU paths need none). It never changes a bit."""
+    if not _on_fa3(q, causal) or seq_lens.shape[0] == 0:
+        return None
+    return fa3.schedule(q, k_cache, block_table, cu_seqlens_q, seq_lens, max_seqlen_q or q.shape[0])
 
 
 def longest_bound(cu: torch.Tensor, T: int, limit: int) -> int:
@@ -793,11 +823,16 @@ def _check_cu(name, cu, T):
 
 def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,
               cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor, scale: float, causal: bool = True,
-              max_seqlen_q: int = 0, **unsupported) -> torch.Tensor:
+              max_seqlen_q: int = 0, out: Optional[torch.Tensor] = None, schedule: Optional[torch.Tensor] = None,
+              **unsupported) -> torch.Tensor:
     """Batch-invariant paged attention (see the module docstring for shapes and guarantee).
 
     `max_seqlen_q`: an upper bound on any sequence's query count (vLLM's max_query_len),
     which only sizes the FA3 route's grid (attention_fa3.py); 0 means the token count.
+    `out`: a [T, Hq, D] tensor of q's dtype and device, head dim contiguous, to write the
+    result into (the same bits) and return; None: a new tensor. `schedule`: from
+    `attention_schedule` with the same arguments (vLLM's backend: once per step for all
+    layers; only with `out`); None: computed by the call itself where needed.
 
     Keyword arguments naming features this kernel lacks (sliding_window,
     window_size, softcap, logits_soft_cap, alibi_slopes, sinks, dropout_p,
@@ -835,8 +870,17 @@ def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, blo
         ids = block_table[:B][used]
         if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= k_cache.shape[0]):
             raise ValueError(f"block_table holds block ids outside [0, {k_cache.shape[0]}) for used blocks")
-    return _attention_op(q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens, float(scale), bool(causal),
-                         int(max_seqlen_q))
+    if out is None:
+        if schedule is not None:
+            raise ValueError("schedule= is accepted together with out= only (the vLLM backend's call)")
+        return _attention_op(q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens, float(scale), bool(causal),
+                             int(max_seqlen_q))
+    if out.shape != q.shape or out.dtype != q.dtype or out.device != q.device or out.stride(-1) != 1:
+        raise ValueError(f"out must be a {tuple(q.shape)} {q.dtype} tensor on {q.device} with a contiguous head dim "
+                         f"(like q); got {tuple(out.shape)} {out.dtype} on {out.device}, strides {tuple(out.stride())}")
+    _attention_out_op(q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens, float(scale), bool(causal),
+                      int(max_seqlen_q), out, schedule)
+    return out
 
 
 def attention_contiguous(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,

@@ -1,7 +1,9 @@
 """FlashAttention-3's forward (vLLM's build) as the invariant attention on Hopper.
 
     use_fa3(q) -> bool                      whether `attention` routes this call to FA3
-    paged(q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens, scale, max_seqlen_q) -> out
+    paged(q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens, scale, max_seqlen_q, out=None,
+          schedule=None) -> out
+    schedule(q, k_cache, block_table, cu_seqlens_q, seq_lens, max_seqlen_q) -> FA3's tile schedule
 
 Why: on Hopper FA3 is faster than our Triton kernel, and with `num_splits=1`
 (no KV split) it is itself batch-invariant. Measured on an H200 and re-proved by
@@ -110,24 +112,48 @@ def use_fa3(q: torch.Tensor) -> bool:
 
 
 def paged(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,
-          cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor, scale: float, max_seqlen_q: int) -> torch.Tensor:
+          cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor, scale: float, max_seqlen_q: int,
+          out: Optional[torch.Tensor] = None, schedule: Optional[torch.Tensor] = None) -> torch.Tensor:
     """FA3 over a paged cache, one KV split (num_splits=1): the invariant forward.
 
     Same layout and meaning as `attention.attention`. `max_seqlen_q` only sizes FA3's grid
     (an upper bound is fine); FA3 reads each sequence's KV length from `seq_lens` and
-    sizes nothing by it, so a captured CUDA graph fits every replay."""
+    sizes nothing by it, so a captured CUDA graph fits every replay. `out`: where to write
+    (q's shape and dtype); None: a new tensor. `schedule`: `schedule(...)` of these very
+    arguments (the vLLM backend computes it once per step for all layers); None: FA3
+    computes it in this call (one more small kernel)."""
     fn, why = _fa3()
     if fn is None:
         raise RuntimeError(why)
-    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device) if out is None else out
     if q.shape[0] == 0 or seq_lens.shape[0] == 0:
         return out
     # FA3 wants exactly one table row per sequence (our kernel accepts more).
     k_cache, v_cache, block_table = small_pages(k_cache, v_cache, block_table[: seq_lens.shape[0]])
     fn(q, k_cache, v_cache, max_seqlen_q=max(1, int(max_seqlen_q)), cu_seqlens_q=cu_seqlens_q,
        max_seqlen_k=block_table.shape[1] * k_cache.shape[1], seqused_k=seq_lens, softmax_scale=scale,
-       causal=True, block_table=block_table, out=out, num_splits=1, fa_version=3)
+       causal=True, block_table=block_table, out=out, num_splits=1, fa_version=3, scheduler_metadata=schedule)
     return out
+
+
+def schedule(q: torch.Tensor, k_cache: torch.Tensor, block_table: torch.Tensor, cu_seqlens_q: torch.Tensor,
+             seq_lens: torch.Tensor, max_seqlen_q: int) -> torch.Tensor:
+    """FA3's tile schedule for `paged` calls with these arguments (any layer's: they share the
+    lengths, the block table and the shapes), computed on the device without a host sync.
+
+    Why: without it every FA3 call first runs a small kernel that computes it; a decode
+    step of a 28-layer model then runs 28 of them where one would do (vLLM's own FA3
+    backend computes it once per step too). The bits do not change: the schedule only
+    assigns (query tile, head) work items to CTAs, and with one KV split each row is
+    still one CTA's walk over its keys (tests/gpu/test_attention_gpu.py checks it)."""
+    from vllm.vllm_flash_attn import get_scheduler_metadata
+
+    B = seq_lens.shape[0]
+    k_cache, _, block_table = small_pages(k_cache, k_cache, block_table[:B])
+    return get_scheduler_metadata(
+        B, max(1, int(max_seqlen_q)), block_table.shape[1] * k_cache.shape[1], q.shape[1], k_cache.shape[2],
+        q.shape[2], seq_lens, qkv_dtype=q.dtype, cu_seqlens_q=cu_seqlens_q, page_size=k_cache.shape[1],
+        causal=True, num_splits=1)
 
 
 def small_pages(k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor):

@@ -93,6 +93,10 @@ class OnpolicyAttentionMetadata:
     block_table: torch.Tensor  # int32 [B, max_blocks]
     slot_mapping: torch.Tensor  # int64 [T]
     max_query_len: int = 0  # host int: sizes the FA3 route's grid only (0: the token count)
+    # Work the layers' calls share (FA3's tile schedule; None where the route needs none),
+    # computed by the step's first attention call for the head/cache shapes in `schedule_key`.
+    schedule: Optional[torch.Tensor] = None
+    schedule_key: Optional[tuple] = None
 
 
 class OnpolicyAttentionMetadataBuilder(AttentionMetadataBuilder[OnpolicyAttentionMetadata]):
@@ -171,17 +175,33 @@ class OnpolicyAttentionImpl(AttentionImpl):
             raise OnpolicyVllmError("fused output quantization is not supported")
         if attn_metadata is None:  # profiling / warm-up run without a KV cache
             return output
-        attention, _ = compat.attention_ops()
+        attention, _, attention_schedule = compat.attention_ops()
         n = attn_metadata.num_actual_tokens
         k_cache, v_cache = compat.split_kv_cache(kv_cache, self.head_size)
-        out = attention(query[:n], k_cache, v_cache, attn_metadata.block_table, attn_metadata.query_start_loc,
-                        attn_metadata.seq_lens, self.scale, max_seqlen_q=attn_metadata.max_query_len)
-        output[:n].copy_(out.view(output[:n].shape))
+        q = query[:n]
+        md = attn_metadata
+        key = (q.shape[1:], q.dtype, k_cache.shape[1:])
+        if md.schedule_key != key:  # once per step: one metadata object serves every layer (under a
+            # full CUDA graph the first layer's call is captured, so every replay recomputes it)
+            md.schedule = attention_schedule(q, k_cache, md.block_table, md.query_start_loc, md.seq_lens,
+                                             md.max_query_len)
+            md.schedule_key = key
+        out = None
+        if output.dtype == q.dtype:  # vLLM's output buffer: the kernel writes into it (no copy per layer)
+            try:
+                out = output[:n].view(q.shape)
+            except RuntimeError:  # not viewable as [n, Hq, D]: written via a copy below
+                pass
+        res = attention(q, k_cache, v_cache, attn_metadata.block_table, attn_metadata.query_start_loc,
+                        attn_metadata.seq_lens, self.scale, max_seqlen_q=attn_metadata.max_query_len, out=out,
+                        schedule=md.schedule if out is not None else None)
+        if out is None:
+            output[:n].copy_(res.view(output[:n].shape))
         return output
 
     def do_kv_cache_update(self, layer, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
                            slot_mapping: torch.Tensor) -> None:
-        _, reshape_and_cache = compat.attention_ops()
+        _, reshape_and_cache, _ = compat.attention_ops()
         k_cache, v_cache = compat.split_kv_cache(kv_cache, self.head_size)
         n = min(key.shape[0], slot_mapping.shape[0])
         reshape_and_cache(key[:n], value[:n], k_cache, v_cache, slot_mapping[:n])

@@ -67,15 +67,15 @@ def rotary_embedding(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, 
 
 
 def attention_ops():
-    """(attention, reshape_and_cache) from `onpolicy_kernels.attention`."""
+    """(attention, reshape_and_cache, attention_schedule) from `onpolicy_kernels.attention`."""
     try:
-        from onpolicy_kernels.attention import attention, reshape_and_cache
+        from onpolicy_kernels.attention import attention, attention_schedule, reshape_and_cache
     except ImportError as e:
         raise OnpolicyVllmError(
             f"onpolicy_kernels.attention is not available ({e}); the paged attention kernel "
             "(attention, reshape_and_cache) is required"
         ) from e
-    return attention, reshape_and_cache
+    return attention, reshape_and_cache, attention_schedule
 
 
 # ---------------------------------------------------------------------------

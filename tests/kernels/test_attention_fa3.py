@@ -58,10 +58,11 @@ def fake_fa3(monkeypatch):
     """Route every call to 'FA3', whose kernel is our CPU kernel; records the calls."""
     calls = []
 
-    def paged(q, k_cache, v_cache, block_table, cu, seq_lens, scale, max_seqlen_q):
+    def paged(q, k_cache, v_cache, block_table, cu, seq_lens, scale, max_seqlen_q, out=None, schedule=None):
         calls.append(dict(block_size=k_cache.shape[1], table=block_table, cu=cu, seq_lens=seq_lens,
-                          max_seqlen_q=max_seqlen_q, blocks=k_cache.shape[0]))
-        return A._attention_cpu(q, k_cache, v_cache, block_table, cu, seq_lens, scale, True)
+                          max_seqlen_q=max_seqlen_q, blocks=k_cache.shape[0], out=out, schedule=schedule))
+        res = A._attention_cpu(q, k_cache, v_cache, block_table, cu, seq_lens, scale, True)
+        return res if out is None else out.copy_(res)
 
     monkeypatch.setenv("ONPOLICY_KERNELS_BACKEND", "cpu")
     monkeypatch.setattr(A, "use_triton", lambda x: True)
@@ -98,6 +99,30 @@ def test_paged_call_passes_the_query_bound(fake_fa3):
     assert [c["max_seqlen_q"] for c in fake_fa3] == [40, len(rows)]  # 0: the token count
     with pytest.raises(ValueError, match="max_seqlen_q must be >= 0"):
         A.attention(q[rows], pk, pv, table, cu_q, seq_lens, 0.125, max_seqlen_q=-1)
+
+
+def test_vllm_call_hands_fa3_the_shared_schedule_and_buffer(fake_fa3, monkeypatch):
+    """The vLLM backend computes FA3's tile schedule once per step (`attention_schedule`) and
+    passes it with its output buffer to every layer's call: both reach FA3 as given; the
+    schedule comes from FA's `schedule` with the call's arguments; off the FA3 route there is none."""
+    lens, q_lens = [40, 7, 90], [1, 1, 3]
+    q, k, v = _seqs(lens, 4, 2, 64, 1)
+    cu_k = [0] + torch.tensor(lens).cumsum(0).tolist()
+    pk, pv, table, seq_lens = A._copy_to_pages(k, v, torch.tensor(cu_k, dtype=torch.int32), 16)
+    rows = torch.cat([torch.arange(e - n, e) for e, n in zip(cu_k[1:], q_lens)])
+    cu_q = torch.tensor([0] + torch.tensor(q_lens).cumsum(0).tolist(), dtype=torch.int32)
+    asked = []
+    monkeypatch.setattr(FA, "schedule", lambda *a: asked.append(a) or torch.arange(3))
+    sched = A.attention_schedule(q[rows], pk, table, cu_q, seq_lens, 3)
+    assert torch.equal(sched, torch.arange(3)) and asked[0][5] == 3 and asked[0][4] is seq_lens
+    out = torch.empty_like(q[rows])
+    assert A.attention(q[rows], pk, pv, table, cu_q, seq_lens, 0.125, max_seqlen_q=3, out=out, schedule=sched) is out
+    assert fake_fa3[-1]["schedule"] is sched and fake_fa3[-1]["out"] is out
+    assert torch.equal(out, A.attention(q[rows], pk, pv, table, cu_q, seq_lens, 0.125, max_seqlen_q=3))
+    with pytest.raises(ValueError, match="together with out="):
+        A.attention(q[rows], pk, pv, table, cu_q, seq_lens, 0.125, schedule=sched)
+    monkeypatch.setattr(FA, "use_fa3", lambda q: False)
+    assert A.attention_schedule(q[rows], pk, table, cu_q, seq_lens, 3) is None and len(asked) == 1
 
 
 def test_non_causal_calls_stay_off_fa3(fake_fa3):
