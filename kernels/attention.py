@@ -1,6 +1,8 @@
 """Batch-invariant causal attention over a paged KV cache, shared by sampler and trainer.
 
-    attention(q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens, scale, causal=True, out=None) -> out
+    attention(q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens, scale, causal=True, max_seqlen_q=0,
+              out=None, schedule=None) -> out
+    attention_schedule(q, k_cache, block_table, cu_seqlens_q, seq_lens, max_seqlen_q=0) -> shared work or None
     reshape_and_cache(key, value, k_cache, v_cache, slot_mapping)          (in place)
     attention_contiguous(q, k, v, cu_seqlens, scale) -> out                 (autograd)
 
@@ -572,8 +574,9 @@ def attention_schedule(q: torch.Tensor, k_cache: torch.Tensor, block_table: torc
                        cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor, max_seqlen_q: int = 0,
                        causal: bool = True) -> Optional[torch.Tensor]:
     """Work shared by every layer's `attention(..., schedule=)` call with these lengths, block
-    table and shapes (one decode step): FA3's tile schedule on the FA3 route (attention_fa3.py:
-    `schedule`), None elsewhere (the Triton and CPU paths need none). It never changes a bit."""
+    table and shapes (one step of the vLLM engine: prefill, mixed or decode): FA3's tile schedule
+    on the FA3 route (attention_fa3.py: `schedule`), None elsewhere (the Triton and CPU paths
+    need none). It never changes a bit."""
     if not _on_fa3(q, causal) or seq_lens.shape[0] == 0:
         return None
     return fa3.schedule(q, k_cache, block_table, cu_seqlens_q, seq_lens, max_seqlen_q or q.shape[0])
@@ -870,9 +873,15 @@ def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, blo
         ids = block_table[:B][used]
         if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= k_cache.shape[0]):
             raise ValueError(f"block_table holds block ids outside [0, {k_cache.shape[0]}) for used blocks")
+    if schedule is not None and (schedule.dtype != torch.int32 or schedule.dim() != 1
+                                 or schedule.device != q.device):
+        raise ValueError(f"schedule must be what attention_schedule(...) returned for this call's arguments "
+                         f"(a 1-D int32 tensor on {q.device}), got {schedule.dtype} {tuple(schedule.shape)} on "
+                         f"{schedule.device}; pass that, or schedule=None")
     if out is None:
         if schedule is not None:
-            raise ValueError("schedule= is accepted together with out= only (the vLLM backend's call)")
+            raise ValueError("schedule= is accepted together with out= only (the vLLM backend's call): "
+                             "pass out= as well, or leave schedule=None")
         return _attention_op(q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens, float(scale), bool(causal),
                              int(max_seqlen_q))
     if out.shape != q.shape or out.dtype != q.dtype or out.device != q.device or out.stride(-1) != 1:

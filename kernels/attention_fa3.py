@@ -149,11 +149,11 @@ def schedule(q: torch.Tensor, k_cache: torch.Tensor, block_table: torch.Tensor, 
     from vllm.vllm_flash_attn import get_scheduler_metadata
 
     B = seq_lens.shape[0]
-    k_cache, _, block_table = small_pages(k_cache, k_cache, block_table[:B])
+    page = min(k_cache.shape[1], MAX_PAGE)  # the page size and table width `paged` hands FA3 (small_pages),
+    width = block_table.shape[1] * (k_cache.shape[1] // page)  # from the shapes alone (no kernel)
     return get_scheduler_metadata(
-        B, max(1, int(max_seqlen_q)), block_table.shape[1] * k_cache.shape[1], q.shape[1], k_cache.shape[2],
-        q.shape[2], seq_lens, qkv_dtype=q.dtype, cu_seqlens_q=cu_seqlens_q, page_size=k_cache.shape[1],
-        causal=True, num_splits=1)
+        B, max(1, int(max_seqlen_q)), width * page, q.shape[1], k_cache.shape[2], q.shape[2], seq_lens,
+        qkv_dtype=q.dtype, cu_seqlens_q=cu_seqlens_q, page_size=page, causal=True, num_splits=1)
 
 
 def small_pages(k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor):

@@ -107,7 +107,12 @@ class OnpolicyAttentionMetadataBuilder(AttentionMetadataBuilder[OnpolicyAttentio
     # seq_len 0 and the extra tokens to slot -1, which the kernels skip. A row's bits do
     # not depend on the grid, so graph replay == eager. Mixed prefill/decode batches stay
     # piecewise (eager attention between captured pieces).
+    # `build` returns a NEW metadata object every step, and the builder never reuses one
+    # (`supports_update_block_table` stays False): the forward caches the step's shared
+    # schedule on the object (OnpolicyAttentionMetadata.schedule), which a reused object would
+    # carry into the next step stale.
     _cudagraph_support: ClassVar[AttentionCGSupport] = AttentionCGSupport.UNIFORM_BATCH
+    supports_update_block_table: ClassVar[bool] = False
     reorder_batch_threshold: Optional[int] = None
 
     def __init__(self, kv_cache_spec, layer_names, vllm_config, device):
@@ -180,23 +185,25 @@ class OnpolicyAttentionImpl(AttentionImpl):
         k_cache, v_cache = compat.split_kv_cache(kv_cache, self.head_size)
         q = query[:n]
         md = attn_metadata
-        key = (q.shape[1:], q.dtype, k_cache.shape[1:])
-        if md.schedule_key != key:  # once per step: one metadata object serves every layer (under a
-            # full CUDA graph the first layer's call is captured, so every replay recomputes it)
-            md.schedule = attention_schedule(q, k_cache, md.block_table, md.query_start_loc, md.seq_lens,
-                                             md.max_query_len)
-            md.schedule_key = key
         out = None
         if output.dtype == q.dtype:  # vLLM's output buffer: the kernel writes into it (no copy per layer)
             try:
                 out = output[:n].view(q.shape)
             except RuntimeError:  # not viewable as [n, Hq, D]: written via a copy below
                 pass
-        res = attention(q, k_cache, v_cache, attn_metadata.block_table, attn_metadata.query_start_loc,
-                        attn_metadata.seq_lens, self.scale, max_seqlen_q=attn_metadata.max_query_len, out=out,
-                        schedule=md.schedule if out is not None else None)
         if out is None:
+            res = attention(q, k_cache, v_cache, md.block_table, md.query_start_loc, md.seq_lens, self.scale,
+                            max_seqlen_q=md.max_query_len)
             output[:n].copy_(res.view(output[:n].shape))
+            return output
+        key = (q.shape[1:], q.dtype, k_cache.shape[1:])
+        if md.schedule_key != key:  # once per step: one metadata object serves every layer (under a
+            # full CUDA graph the first layer's call is captured, so every replay recomputes it)
+            md.schedule = attention_schedule(q, k_cache, md.block_table, md.query_start_loc, md.seq_lens,
+                                             md.max_query_len)
+            md.schedule_key = key
+        attention(q, k_cache, v_cache, md.block_table, md.query_start_loc, md.seq_lens, self.scale,
+                  max_seqlen_q=md.max_query_len, out=out, schedule=md.schedule)
         return output
 
     def do_kv_cache_update(self, layer, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,

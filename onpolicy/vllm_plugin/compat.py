@@ -72,8 +72,9 @@ def attention_ops():
         from onpolicy_kernels.attention import attention, attention_schedule, reshape_and_cache
     except ImportError as e:
         raise OnpolicyVllmError(
-            f"onpolicy_kernels.attention is not available ({e}); the paged attention kernel "
-            "(attention, reshape_and_cache) is required"
+            f"onpolicy_kernels.attention is not available or lacks an op ({e}); the vLLM plugin needs its "
+            "attention, reshape_and_cache and attention_schedule. Reinstall onpolicy (`pip install -e .` in "
+            "the checkout) so that onpolicy_kernels matches the plugin"
         ) from e
     return attention, reshape_and_cache, attention_schedule
 

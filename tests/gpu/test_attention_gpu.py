@@ -349,6 +349,8 @@ def test_shared_schedule_and_out_buffer_same_bits(q_lens, route):
         layers.append(paged([(s[1], s[2]) for s in seqs], list(q_lens), [s[0][-n:] for s, n in zip(seqs, q_lens)],
                             16, 0))
     _, _, _, bt, cu, sl = layers[0]  # same values in every layer (seed 0, same lengths): shared, as in vLLM
+    # plus one padded request (no query, no keys), as vLLM pads a batch to a captured graph's size
+    bt, cu, sl = torch.cat([bt, bt[:1]]), torch.cat([cu, cu[-1:]]), torch.cat([sl, sl.new_zeros(1)])
     bound = max(q_lens)
 
     def step(outs):
@@ -372,7 +374,7 @@ def test_shared_schedule_and_out_buffer_same_bits(q_lens, route):
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         step(outs)
-    sl.sub_(torch.tensor([7, 100, 9], dtype=torch.int32, device=DEV))  # other lengths, same shapes
+    sl.sub_(torch.tensor([7, 100, 9, 0], dtype=torch.int32, device=DEV))  # other lengths, same shapes
     for out in outs:
         out.fill_(float("nan"))
     graph.replay()

@@ -112,15 +112,17 @@ def test_vllm_call_hands_fa3_the_shared_schedule_and_buffer(fake_fa3, monkeypatc
     rows = torch.cat([torch.arange(e - n, e) for e, n in zip(cu_k[1:], q_lens)])
     cu_q = torch.tensor([0] + torch.tensor(q_lens).cumsum(0).tolist(), dtype=torch.int32)
     asked = []
-    monkeypatch.setattr(FA, "schedule", lambda *a: asked.append(a) or torch.arange(3))
+    monkeypatch.setattr(FA, "schedule", lambda *a: asked.append(a) or torch.arange(3, dtype=torch.int32))
     sched = A.attention_schedule(q[rows], pk, table, cu_q, seq_lens, 3)
-    assert torch.equal(sched, torch.arange(3)) and asked[0][5] == 3 and asked[0][4] is seq_lens
+    assert torch.equal(sched, torch.arange(3, dtype=torch.int32)) and asked[0][5] == 3 and asked[0][4] is seq_lens
     out = torch.empty_like(q[rows])
     assert A.attention(q[rows], pk, pv, table, cu_q, seq_lens, 0.125, max_seqlen_q=3, out=out, schedule=sched) is out
     assert fake_fa3[-1]["schedule"] is sched and fake_fa3[-1]["out"] is out
     assert torch.equal(out, A.attention(q[rows], pk, pv, table, cu_q, seq_lens, 0.125, max_seqlen_q=3))
     with pytest.raises(ValueError, match="together with out="):
-        A.attention(q[rows], pk, pv, table, cu_q, seq_lens, 0.125, schedule=sched)
+        A.attention(q[rows], pk, pv, table, cu_q, seq_lens, 0.125, schedule=sched.to(torch.int32))
+    with pytest.raises(ValueError, match="what attention_schedule"):  # not a schedule: a float tensor
+        A.attention(q[rows], pk, pv, table, cu_q, seq_lens, 0.125, out=out, schedule=torch.zeros(3))
     monkeypatch.setattr(FA, "use_fa3", lambda q: False)
     assert A.attention_schedule(q[rows], pk, table, cu_q, seq_lens, 3) is None and len(asked) == 1
 

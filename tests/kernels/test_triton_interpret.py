@@ -236,9 +236,14 @@ def test_rotary_invariant_and_correct(dtype, is_neox):
         qkv = torch.cat([q.flatten(1), k.flatten(1)], 1)
         oq, ok = rotary_embedding(pos, qkv[:, : 4 * D], qkv[:, 4 * D :], cache, head_size=D, is_neox=is_neox)
         assert torch.equal(oq.view(T, 4, D)[idx], aq[:n]) and torch.equal(ok.view(T, 2, D)[idx], ak[:n])
-    # q and k share one launch: a k head holding a q head's values gets the q head's bits
+    # q and k share one launch: a k head holding a q head's values gets the q head's bits,
+    # also past the first 16-head block of q (20 q heads: two q programs, then the k ones)
     sq, sk = rotary_embedding(ppos, pq, pq[:, 1:3].clone(), cache, is_neox=is_neox)
     assert torch.equal(sq, aq) and torch.equal(sk, aq[:, 1:3])
+    wq = randn(3, 20, D, dtype=dtype, g=g)
+    oq, ok = rotary_embedding(ppos, wq, wq[:, 15:18].clone(), cache, is_neox=is_neox)
+    assert torch.equal(ok, oq[:, 15:18]) and torch.equal(rotary_embedding(ppos, wq, wq[:, :1].clone(), cache,
+                                                                             is_neox=is_neox)[0], oq)
     # against the CPU path's float64-checked formula: same math, each output rounded once
     os.environ["ONPOLICY_KERNELS_BACKEND"] = "cpu"
     cq, _ = rotary_embedding(ppos, pq, pk, cache, is_neox=is_neox)
