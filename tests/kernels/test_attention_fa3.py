@@ -53,6 +53,17 @@ def _seqs(lens, Hq, Hkv, D, seed):
             torch.randn(T, Hkv, D, generator=g))
 
 
+def _paged_queries(lens, q_lens, seed=1):
+    """(q, k_cache, v_cache, block_table, cu_q, seq_lens): sequences of `lens` keys in pages of
+    16, each with its last q_lens[b] positions as queries."""
+    q, k, v = _seqs(lens, 4, 2, 64, seed)
+    cu_k = [0] + torch.tensor(lens).cumsum(0).tolist()
+    pk, pv, table, seq_lens = A._copy_to_pages(k, v, torch.tensor(cu_k, dtype=torch.int32), 16)
+    rows = torch.cat([torch.arange(e - n, e) for e, n in zip(cu_k[1:], q_lens)])
+    cu_q = torch.tensor([0] + torch.tensor(q_lens).cumsum(0).tolist(), dtype=torch.int32)
+    return q[rows], pk, pv, table, cu_q, seq_lens
+
+
 @pytest.fixture
 def fake_fa3(monkeypatch):
     """Route every call to 'FA3', whose kernel is our CPU kernel; records the calls."""
@@ -89,16 +100,12 @@ def test_trainer_pages_for_fa3_give_the_same_rows(fake_fa3, monkeypatch):
 
 def test_paged_call_passes_the_query_bound(fake_fa3):
     lens, q_lens = [40, 7, 90], [40, 1, 3]
-    q, k, v = _seqs(lens, 4, 2, 64, 1)
-    cu_k = [0] + torch.tensor(lens).cumsum(0).tolist()
-    pk, pv, table, seq_lens = A._copy_to_pages(k, v, torch.tensor(cu_k, dtype=torch.int32), 16)
-    rows = torch.cat([torch.arange(e - n, e) for e, n in zip(cu_k[1:], q_lens)])
-    cu_q = torch.tensor([0] + torch.tensor(q_lens).cumsum(0).tolist(), dtype=torch.int32)
-    A.attention(q[rows], pk, pv, table, cu_q, seq_lens, 0.125, max_seqlen_q=40)
-    A.attention(q[rows], pk, pv, table, cu_q, seq_lens, 0.125)
-    assert [c["max_seqlen_q"] for c in fake_fa3] == [40, len(rows)]  # 0: the token count
+    q, pk, pv, table, cu_q, seq_lens = _paged_queries(lens, q_lens)
+    A.attention(q, pk, pv, table, cu_q, seq_lens, 0.125, max_seqlen_q=40)
+    A.attention(q, pk, pv, table, cu_q, seq_lens, 0.125)
+    assert [c["max_seqlen_q"] for c in fake_fa3] == [40, q.shape[0]]  # 0: the token count
     with pytest.raises(ValueError, match="max_seqlen_q must be >= 0"):
-        A.attention(q[rows], pk, pv, table, cu_q, seq_lens, 0.125, max_seqlen_q=-1)
+        A.attention(q, pk, pv, table, cu_q, seq_lens, 0.125, max_seqlen_q=-1)
 
 
 def test_vllm_call_hands_fa3_the_shared_schedule_and_buffer(fake_fa3, monkeypatch):
@@ -106,25 +113,21 @@ def test_vllm_call_hands_fa3_the_shared_schedule_and_buffer(fake_fa3, monkeypatc
     passes it with its output buffer to every layer's call: both reach FA3 as given; the
     schedule comes from FA's `schedule` with the call's arguments; off the FA3 route there is none."""
     lens, q_lens = [40, 7, 90], [1, 1, 3]
-    q, k, v = _seqs(lens, 4, 2, 64, 1)
-    cu_k = [0] + torch.tensor(lens).cumsum(0).tolist()
-    pk, pv, table, seq_lens = A._copy_to_pages(k, v, torch.tensor(cu_k, dtype=torch.int32), 16)
-    rows = torch.cat([torch.arange(e - n, e) for e, n in zip(cu_k[1:], q_lens)])
-    cu_q = torch.tensor([0] + torch.tensor(q_lens).cumsum(0).tolist(), dtype=torch.int32)
+    q, pk, pv, table, cu_q, seq_lens = _paged_queries(lens, q_lens)
     asked = []
     monkeypatch.setattr(FA, "schedule", lambda *a: asked.append(a) or torch.arange(3, dtype=torch.int32))
-    sched = A.attention_schedule(q[rows], pk, table, cu_q, seq_lens, 3)
+    sched = A.attention_schedule(q, pk, table, cu_q, seq_lens, 3)
     assert torch.equal(sched, torch.arange(3, dtype=torch.int32)) and asked[0][5] == 3 and asked[0][4] is seq_lens
-    out = torch.empty_like(q[rows])
-    assert A.attention(q[rows], pk, pv, table, cu_q, seq_lens, 0.125, max_seqlen_q=3, out=out, schedule=sched) is out
+    out = torch.empty_like(q)
+    assert A.attention(q, pk, pv, table, cu_q, seq_lens, 0.125, max_seqlen_q=3, out=out, schedule=sched) is out
     assert fake_fa3[-1]["schedule"] is sched and fake_fa3[-1]["out"] is out
-    assert torch.equal(out, A.attention(q[rows], pk, pv, table, cu_q, seq_lens, 0.125, max_seqlen_q=3))
+    assert torch.equal(out, A.attention(q, pk, pv, table, cu_q, seq_lens, 0.125, max_seqlen_q=3))
     with pytest.raises(ValueError, match="together with out="):
-        A.attention(q[rows], pk, pv, table, cu_q, seq_lens, 0.125, schedule=sched.to(torch.int32))
+        A.attention(q, pk, pv, table, cu_q, seq_lens, 0.125, schedule=sched.to(torch.int32))
     with pytest.raises(ValueError, match="what attention_schedule"):  # not a schedule: a float tensor
-        A.attention(q[rows], pk, pv, table, cu_q, seq_lens, 0.125, out=out, schedule=torch.zeros(3))
+        A.attention(q, pk, pv, table, cu_q, seq_lens, 0.125, out=out, schedule=torch.zeros(3))
     monkeypatch.setattr(FA, "use_fa3", lambda q: False)
-    assert A.attention_schedule(q[rows], pk, table, cu_q, seq_lens, 3) is None and len(asked) == 1
+    assert A.attention_schedule(q, pk, table, cu_q, seq_lens, 3) is None and len(asked) == 1
 
 
 def test_non_causal_calls_stay_off_fa3(fake_fa3):
