@@ -148,12 +148,23 @@ def schedule(q: torch.Tensor, k_cache: torch.Tensor, block_table: torch.Tensor, 
     still one CTA's walk over its keys (tests/gpu/test_attention_gpu.py checks it)."""
     from vllm.vllm_flash_attn import get_scheduler_metadata
 
-    B = seq_lens.shape[0]
-    page = min(k_cache.shape[1], MAX_PAGE)  # the page size and table width `paged` hands FA3 (small_pages),
-    width = block_table.shape[1] * (k_cache.shape[1] // page)  # from the shapes alone (no kernel)
+    split = _sub_blocks(k_cache.shape[1])  # the pages `paged` hands FA3 (small_pages), from the shapes alone
+    page = k_cache.shape[1] // split
     return get_scheduler_metadata(
-        B, max(1, int(max_seqlen_q)), width * page, q.shape[1], k_cache.shape[2], q.shape[2], seq_lens,
-        qkv_dtype=q.dtype, cu_seqlens_q=cu_seqlens_q, page_size=page, causal=True, num_splits=1)
+        seq_lens.shape[0], max(1, int(max_seqlen_q)), block_table.shape[1] * split * page, q.shape[1],
+        k_cache.shape[2], q.shape[2], seq_lens, qkv_dtype=q.dtype, cu_seqlens_q=cu_seqlens_q, page_size=page,
+        causal=True, num_splits=1)
+
+
+def _sub_blocks(bs: int) -> int:
+    """How many FA3 pages one KV block of `bs` positions becomes: 1 up to MAX_PAGE, else
+    bs / MAX_PAGE (see small_pages), which must then be whole."""
+    if bs <= MAX_PAGE:
+        return 1
+    if bs % MAX_PAGE:
+        raise ValueError(f"KV block size {bs} is not a multiple of {MAX_PAGE}; use one that is (vLLM's "
+                         "default 16 is), or set ONPOLICY_ATTENTION=triton on the sampler and the trainer")
+    return bs // MAX_PAGE
 
 
 def small_pages(k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor):
@@ -165,12 +176,9 @@ def small_pages(k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch
     gave other bits than its decodes and the trainer (and NaN from rows past the sequence's
     end, which the gather path zero-fills). Pages of 16-64 gave the same bits everywhere."""
     bs = k_cache.shape[1]
-    if bs <= MAX_PAGE:
+    split = _sub_blocks(bs)
+    if split == 1:
         return k_cache, v_cache, block_table
-    if bs % MAX_PAGE:
-        raise ValueError(f"KV block size {bs} is not a multiple of {MAX_PAGE}; use one that is (vLLM's "
-                         "default 16 is), or set ONPOLICY_ATTENTION=triton on the sampler and the trainer")
-    split = bs // MAX_PAGE
     nb, _, H, D = k_cache.shape
     for name, c in (("k_cache", k_cache), ("v_cache", v_cache)):
         if c.stride(0) != bs * c.stride(1):

@@ -218,3 +218,24 @@ def test_paged_hands_fa3_one_row_per_sequence(monkeypatch):
              0.1, 1)
     assert seen["block_table"].shape == (2, 3) and seen["num_splits"] == 1 and seen["max_seqlen_q"] == 1
     assert seen["max_seqlen_k"] == 48 and seen["causal"] is True
+
+
+@pytest.mark.parametrize("bs", [16, 64, 256])
+def test_schedule_is_asked_for_the_pages_fa3_gets(bs, monkeypatch):
+    """`schedule` hands FA3's scheduler the page size and key capacity that `paged` hands FA3
+    (blocks over MAX_PAGE as sub-blocks, small_pages), read off the shapes alone."""
+    import sys
+    import types
+
+    asked = {}
+    fake = types.ModuleType("vllm.vllm_flash_attn")
+    fake.get_scheduler_metadata = lambda *a, **kw: asked.update(args=a, **kw) or "sched"
+    monkeypatch.setitem(sys.modules, "vllm.vllm_flash_attn", fake)
+    q = torch.zeros(3, 4, 128)
+    kv = torch.zeros(6, bs, 2, 2 * 128)
+    table = torch.tensor([[0, 1], [2, 3], [4, 5]], dtype=torch.int32)
+    seq_lens = torch.tensor([5, bs + 1, 2], dtype=torch.int32)
+    assert FA.schedule(q, kv[..., :128], table, torch.arange(4, dtype=torch.int32), seq_lens, 1) == "sched"
+    k2, _, t2 = FA.small_pages(kv[..., :128], kv[..., 128:], table)
+    assert asked["page_size"] == k2.shape[1] and asked["args"][2] == t2.shape[1] * k2.shape[1]
+    assert asked["args"][:2] == (3, 1) and asked["args"][3:6] == (4, 2, 128) and asked["num_splits"] == 1
