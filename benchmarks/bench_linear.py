@@ -4,7 +4,9 @@
 
 Prints one row per (shape, M): both times (CUDA-graph replay, weights rotated
 out of L2), the ratio cuBLAS time / ours (>= 1 means ours is as fast), and the
-tile configuration the table picked; then a summary per M. Needs a CUDA GPU.
+kernel that ran (on Hopper the chooser of kernels/linear_choice.py may pick a
+cuBLASLt no-split algorithm over the Triton table's tile; same bits); then a
+summary per M. Needs a CUDA GPU.
 """
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import MS, SHAPES, copies_for, device_line, time_calls  # noqa: E402
 
 from onpolicy_kernels import linear  # noqa: E402
-from onpolicy_kernels.linear import tile_for  # noqa: E402
+from onpolicy_kernels.linear import path_for  # noqa: E402
 
 
 def main() -> None:
@@ -32,7 +34,7 @@ def main() -> None:
     ms = [int(m) for m in args.ms.split(",")]
     shapes = [s for s in SHAPES if not args.shapes or any(p in s[0] for p in args.shapes.split(","))]
     print(device_line(), "| dtype", args.dtype, flush=True)
-    print(f"{'shape':14s} {'K':>6s} {'N':>7s} {'M':>5s} {'cuBLAS us':>10s} {'ours us':>10s} {'ratio':>6s} {'TFLOP/s':>8s}  tile")
+    print(f"{'shape':14s} {'K':>6s} {'N':>7s} {'M':>5s} {'cuBLAS us':>10s} {'ours us':>10s} {'ratio':>6s} {'TFLOP/s':>8s}  kernel")
     ratios: dict[int, list[float]] = {m: [] for m in ms}
     torch.manual_seed(0)
     for name, K, N in shapes:
@@ -44,7 +46,7 @@ def main() -> None:
             r = t_ref / t_our
             ratios[M].append(r)
             tf = 2 * M * N * K / (t_our * 1e-6) / 1e12
-            print(f"{name:14s} {K:6d} {N:7d} {M:5d} {t_ref:10.1f} {t_our:10.1f} {r:6.2f} {tf:8.1f}  {tile_for(M, x.device, N, K)[1:]}",
+            print(f"{name:14s} {K:6d} {N:7d} {M:5d} {t_ref:10.1f} {t_our:10.1f} {r:6.2f} {tf:8.1f}  {path_for(x, ws[0])}",
                   flush=True)
             del x
         del ws

@@ -13,6 +13,10 @@ class (HOPPER_TABLE): on Hopper neither the tile shape, the warps, the pipeline
 depth nor the load path changes the bits -- only split-K would, and this kernel
 never splits K (tests/gpu/test_linear_tiles.py proves every table entry
 bitwise equal to SAFE_TILE). Other GPUs use SAFE_TILE for every M.
+On Hopper a bf16/fp16 call without bias may instead run a cuBLASLt algorithm
+that never splits K, chosen per weight shape and M bucket for speed, and used
+only after its output was checked bitwise equal to this kernel's
+(linear_choice.py); so the bits are the Triton kernel's whichever runs.
 CPU: BLAS on fixed [16, K] x [K, 256] tiles in fp32 (kernels/_cpu.py).
 Backward: standard matmuls (fast, not invariant: only the forward must be).
 """
@@ -23,6 +27,7 @@ from typing import Optional
 
 import torch
 
+from . import linear_choice
 from ._cpu import tiled_matmul
 from ._dispatch import check_float, check_same, custom_op, use_triton
 from ._triton import HAS_TRITON, num_sms, require_triton, tl, triton
@@ -242,8 +247,10 @@ def _tma_ok(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor) -> bool:
     return True
 
 
-def linear_triton(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], tile: Optional[tuple] = None) -> torch.Tensor:
-    """The Triton path on a 2-D x; `tile` overrides the table (for the bitwise tile tests).
+def linear_triton(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], tile: Optional[tuple] = None,
+                  out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The Triton path on a 2-D x; `tile` overrides the table (for the bitwise tile tests);
+    `out` is a contiguous [M, N] tensor to write into (else a new one).
 
     A "tma"/"persistent" tile falls back to the pointer kernel with the same
     block sizes where descriptors cannot address the operands (fp32, odd
@@ -252,7 +259,8 @@ def linear_triton(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], t
     require_triton()
     M, K = x.shape
     N = w.shape[0]
-    out = torch.empty(M, N, dtype=x.dtype, device=x.device)
+    if out is None:
+        out = torch.empty(M, N, dtype=x.dtype, device=x.device)
     if M == 0 or N == 0:
         return out
     if K == 0:
@@ -293,10 +301,47 @@ def linear_cpu(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor]) -> t
     return tiled_matmul(x, w, b).to(x.dtype)
 
 
+def _chooser(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor]):
+    """The Hopper kernel chooser (linear_choice.py) when it may serve this call, else None."""
+    if not x.is_cuda or 0 in (x.shape[0], x.shape[1], w.shape[0]):
+        return None
+    if not linear_choice.enabled(x.device, _is_hopper(x.device.index if x.device.index is not None
+                                                       else torch.cuda.current_device())):
+        return None
+    ch = linear_choice.chooser(_triton_reference)
+    return ch if ch is not None and ch.eligible(x, w, b) else None
+
+
+def _triton_reference(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    return linear_triton(x, w, None)
+
+
+def linear_gpu(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor]) -> torch.Tensor:
+    """The GPU path on a 2-D x: a verified no-split cuBLASLt algorithm where the chooser
+    found one faster for this weight and M bucket, else the Triton kernel. Same bits either way."""
+    ch = _chooser(x, w, b)
+    if ch is None:
+        return linear_triton(x, w, b)
+    out = torch.empty(x.shape[0], w.shape[0], dtype=x.dtype, device=x.device)
+    algo = ch.pick(x, w, out)
+    if algo is None:
+        return linear_triton(x, w, b, out=out)
+    return ch.lt.run(x, w, out, algo)
+
+
+def path_for(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor] = None) -> str:
+    """What ran (or would run) `linear(x, w, b)` on a 2-D x: a cuBLASLt algorithm or a Triton tile."""
+    ch = _chooser(x, w, b)
+    label = ch.label(x, w) if ch is not None else None
+    if label and label.startswith("cuBLASLt"):
+        return label
+    return f"triton {tile_for(x.shape[0], x.device, w.shape[0], w.shape[1])[1:]}"
+
+
 @custom_op("onpolicy::linear", mutates_args=())
 def _linear_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
     if use_triton(x):
-        return linear_triton(x, weight, bias)
+        return linear_gpu(x, weight, bias)
     return linear_cpu(x, weight, bias)
 
 
@@ -322,10 +367,11 @@ def _backward(ctx, grad):
 _linear_op.register_autograd(_backward, setup_context=_setup)
 
 
-def warm_up_rows(n: int, max_rows: int, device: torch.device) -> list[int]:
+def warm_up_rows(n: int, max_rows: int, device: torch.device, buckets: bool = False) -> list[int]:
     """Row counts that make `linear` run every tile configuration it can pick for an
-    [n, K] weight and 1..max_rows rows on `device`: the smallest M of each M bucket.
-    Empty off CUDA (nothing to compile)."""
+    [n, K] weight and 1..max_rows rows on `device`: the smallest M of each M bucket;
+    with `buckets`, also one M per bucket of the cuBLASLt chooser (linear_choice.py),
+    so that each is tuned. Empty off CUDA (nothing to compile)."""
     if torch.device(device).type != "cuda" or max_rows < 1:
         return []
     rows, seen, m = [], set(), 1
@@ -335,14 +381,19 @@ def warm_up_rows(n: int, max_rows: int, device: torch.device) -> list[int]:
             seen.add(tile)
             rows.append(m)
         m = tile[0] + 1
+    if buckets:
+        rows = sorted(set(rows) | set(linear_choice.warm_up_rows(max_rows)))
     return rows
 
 
 def warm_up(weight: torch.Tensor, bias: Optional[torch.Tensor], max_rows: int) -> int:
     """Compile (by running once, on zeros) every kernel `linear(x, weight, bias)` can
-    launch for 1..max_rows rows of a contiguous x, so that none compiles later inside
-    a timed or CUDA-graph-captured run. Returns the number of calls made."""
-    rows = warm_up_rows(weight.shape[0], max_rows, weight.device)
+    launch for 1..max_rows rows of a contiguous x, and tune the cuBLASLt choice of each
+    M bucket (on random rows), so that neither happens later inside a timed or
+    CUDA-graph-captured run. Returns the number of calls made."""
+    probe = weight.new_zeros(1, weight.shape[1])
+    buckets = _chooser(probe, weight, bias) is not None
+    rows = warm_up_rows(weight.shape[0], max_rows, weight.device, buckets)
     with torch.no_grad():
         for m in rows:
             linear(weight.new_zeros(m, weight.shape[1]), weight, bias)

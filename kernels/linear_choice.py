@@ -1,0 +1,235 @@
+"""Which kernel runs a Hopper linear: the Triton table's tile, or a cuBLASLt algorithm that never splits K.
+
+Guarantee: the choice never changes a bit. The Triton kernel (linear.py) is the
+reference: one fp32 dot product per output, K in order, no split-K, so a row's
+bits do not depend on M. A cuBLASLt algorithm is only a candidate when it uses
+no workspace and reports SPLITK_NUM 1 and no reduction scheme (_cublaslt.py):
+each output tile is then one CTA's in-order walk over K, as in the Triton kernel.
+Before any such algorithm is used for an [N, K] weight, its output on random
+rows is compared with the Triton kernel's with `torch.equal`; one that differs
+is never used (and is logged). So whichever kernel serves a call, the output is
+the Triton kernel's bits, and rows stay invariant to the batch.
+
+What is chosen is speed only. Per (device, dtype, N, K) and M bucket (about two
+per octave, up to TUNE_MAX_ROWS; larger M always run Triton), the first call
+times the Triton kernel and the verified candidates on random rows at the
+bucket's upper M, and keeps the fastest: GPU time from CUDA-graph replay (host
+launch cost left out, as under vLLM's graphs), the weight rotated over copies so
+that it streams from HBM as a model's weights do. cuBLAS splits K where M x N has
+too few tiles to fill the GPU; its no-split kernels still have more tile shapes
+(e.g. non-power-of-two widths) and cluster launches than a Triton kernel can
+express, which closes most of the gap at mid M
+(benchmarks/linear_cublaslt_experiment.py).
+
+Tuning needs a synchronizing comparison, so it never runs inside CUDA-graph
+capture: a bucket first seen while capturing runs the Triton kernel (same bits).
+`warm_up_rows` gives one M per bucket so the vLLM worker tunes before capture.
+On by default on Hopper (sm_90) for bf16/fp16 without bias; ONPOLICY_LINEAR_CUBLASLT=0
+turns it off, =1 allows it on other CUDA GPUs (still verified per algorithm).
+"""
+from __future__ import annotations
+
+import bisect
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+import torch
+
+logger = logging.getLogger("onpolicy_kernels")
+
+ENV = "ONPOLICY_LINEAR_CUBLASLT"
+# Largest M the chooser serves; above it the Triton kernel always runs. Measured
+# (benchmarks/README.md): at M = 64-512 the verified no-split algorithms close most
+# of the Triton kernel's gap to cuBLAS; at M = 4096-8192 the Triton kernel is within
+# ~5-10% already, and with the chooser serving those M too, three benchmark runs gave
+# a lower minimum (0.88-0.92x of cuBLAS against 0.91-0.94x).
+TUNE_MAX_ROWS = 1024
+CANDIDATES = 8  # cuBLASLt heuristic's best no-split algorithms considered per bucket
+DTYPES = (torch.bfloat16, torch.float16)
+# Bucket upper bounds: powers of two and their 1.5x, up to TUNE_MAX_ROWS.
+BUCKETS = tuple(sorted({1, 2, 3} | {b for p in range(1, 14) for b in (1 << p, 3 << (p - 1)) if b <= TUNE_MAX_ROWS}))
+
+
+def bucket(m: int) -> int:
+    """The upper M of the bucket that M (1..TUNE_MAX_ROWS) falls in."""
+    i = bisect.bisect_left(BUCKETS, m)
+    if i == len(BUCKETS):
+        raise ValueError(f"M={m} is above TUNE_MAX_ROWS={TUNE_MAX_ROWS}: the Triton kernel serves it")
+    return BUCKETS[i]
+
+
+def warm_up_rows(max_rows: int) -> list[int]:
+    """One M per bucket that 1..max_rows rows can fall in (the bucket's upper M, capped at max_rows)."""
+    top = min(max_rows, TUNE_MAX_ROWS)
+    if top < 1:
+        return []
+    return sorted({min(bucket(m), top) for m in [b for b in BUCKETS if b < top] + [top]})
+
+
+@dataclass
+class Choice:
+    algo: Any  # a cuBLASLt algorithm, or None for the Triton kernel
+    label: str
+
+
+def _cuda_times(fns: list[Callable[[torch.Tensor], Any]], weights: list[torch.Tensor]) -> list[float]:
+    """Milliseconds per call of each fn(w), as the GPU runs it: calls replayed from a CUDA
+    graph (so host launch cost, which differs between Triton and cuBLASLt, stays out), the
+    weight rotated over `weights` (so it streams from HBM as in a model), the candidates
+    replayed in turn for 5 rounds (so a drift of the GPU's clocks hits them alike), median."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    graphs = []
+    for fn in fns:
+        for w in weights:
+            fn(w)
+        start.record()
+        fn(weights[0])
+        end.record()
+        end.synchronize()
+        one = max(start.elapsed_time(end), 1e-3)
+        calls = len(weights) * max(1, min(64, round(2.0 / one)) // len(weights))  # ~2 ms a replay
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=stream):
+            for i in range(calls):
+                fn(weights[i % len(weights)])
+        graph.replay()
+        graphs.append((graph, calls))
+    times: list[list[float]] = [[] for _ in fns]
+    for _ in range(5):
+        for i, (graph, calls) in enumerate(graphs):
+            start.record()
+            graph.replay()
+            end.record()
+            end.synchronize()
+            times[i].append(start.elapsed_time(end) / calls)
+    del graphs
+    return [sorted(t)[len(t) // 2] for t in times]
+
+
+def _timing_weights(w: torch.Tensor) -> list[torch.Tensor]:
+    """w and random copies, together about 3x the L2 cache (at most 16), for timing."""
+    if w.device.type != "cuda":
+        return [w]
+    l2 = getattr(torch.cuda.get_device_properties(w.device), "L2_cache_size", 50 << 20)
+    n = max(1, min(16, -(-3 * l2 // max(w.numel() * w.element_size(), 1))))
+    return [w] + [torch.randn_like(w) for _ in range(n - 1)]
+
+
+def _capturing() -> bool:
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
+class Chooser:
+    """The per-bucket choice and its caches. `lt` is the cuBLASLt binding (a fake in CPU
+    tests); `triton` computes the reference, `timer` times candidate calls, `capturing` says
+    whether a CUDA graph is being captured."""
+
+    def __init__(self, lt=None, triton: Optional[Callable] = None, timer: Callable = _cuda_times,
+                 capturing: Callable[[], bool] = _capturing, timing_weights: Callable = _timing_weights):
+        self.lt = lt
+        self.triton = triton
+        self.timer = timer
+        self.capturing = capturing
+        self.timing_weights = timing_weights
+        self.buckets: dict[tuple, Choice] = {}
+        self.exact: dict[tuple, Any] = {}
+        self.verified: dict[tuple, bool] = {}
+
+    def eligible(self, x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor]) -> bool:
+        if bias is not None or x.dtype not in DTYPES or not 1 <= x.shape[0] <= TUNE_MAX_ROWS:
+            return False
+        for t in (x, w):
+            if t.stride(1) != 1 or (t.stride(0) * t.element_size()) % 16 or t.data_ptr() % 256:
+                return False
+        return True
+
+    def pick(self, x: torch.Tensor, w: torch.Tensor, out: torch.Tensor) -> Any:
+        """The cuBLASLt algorithm to run out = x @ w.T with, or None: run the Triton kernel."""
+        M, K = x.shape
+        N = w.shape[0]
+        ekey = (x.device, x.dtype, M, N, K, x.stride(0), w.stride(0), out.stride(0))
+        if ekey in self.exact:
+            return self.exact[ekey]
+        bkey = (x.device, x.dtype, N, K, bucket(M))
+        choice = self.buckets.get(bkey)
+        if choice is None:
+            if self.capturing():
+                return None  # tune outside capture; meanwhile the Triton kernel (same bits)
+            choice = self.buckets[bkey] = self._tune(w, bucket(M))
+        algo = choice.algo
+        if algo is not None and not self.lt.check(x, w, out, algo):
+            algo = None  # the bucket's algorithm cannot run at this exact shape
+        self.exact[ekey] = algo
+        return algo
+
+    def label(self, x: torch.Tensor, w: torch.Tensor) -> Optional[str]:
+        """What the bucket of x's M runs, once tuned (for benchmark tables)."""
+        if not 1 <= x.shape[0] <= TUNE_MAX_ROWS:
+            return None
+        c = self.buckets.get((x.device, x.dtype, w.shape[0], w.shape[1], bucket(x.shape[0])))
+        return c.label if c else None
+
+    def _tune(self, w: torch.Tensor, m: int) -> Choice:
+        N, K = w.shape
+        gen = torch.Generator(device=w.device).manual_seed(0)
+        probe = torch.randn(m, K, generator=gen, device=w.device, dtype=torch.float32).to(w.dtype)
+        ref = self.triton(probe, w)
+        if not bool(ref.any()):
+            # An all-zero weight proves nothing about an algorithm's bits.
+            return Choice(None, "triton (zero weight: cuBLASLt not verified)")
+        out = torch.empty_like(ref)
+        algos = []
+        for algo, _waves in self.lt.candidates(probe, w, out)[:CANDIDATES]:
+            vkey = (w.device, w.dtype, N, K, self.lt.identity(algo))
+            ok = self.verified.get(vkey)
+            if ok is None:
+                try:
+                    self.lt.run(probe, w, out, algo)
+                    ok = torch.equal(out, ref)
+                except RuntimeError:
+                    ok = False
+                else:
+                    if not ok:
+                        logger.warning("onpolicy: cuBLASLt algorithm (%s) gave other bits than the invariant "
+                                       "kernel for a [%d, %d] weight; it is not used", self.lt.describe(algo), N, K)
+                self.verified[vkey] = ok
+            if ok:
+                algos.append(algo)
+        best = Choice(None, "triton")
+        if not algos:
+            return best
+        fns = [lambda wc: self.triton(probe, wc)]
+        fns += [lambda wc, a=algo: self.lt.run(probe, wc, out, a) for algo in algos]
+        times = self.timer(fns, self.timing_weights(w))
+        i = min(range(len(times)), key=times.__getitem__)
+        return best if i == 0 else Choice(algos[i - 1], self.lt.describe(algos[i - 1]))
+
+
+_CHOOSER: Optional[Chooser] = None
+
+
+def enabled(device: torch.device, hopper: bool) -> bool:
+    flag = os.environ.get(ENV, "").strip().lower()
+    if device.type != "cuda" or flag in ("0", "false", "off", "no"):
+        return False
+    return hopper or flag in ("1", "true", "on", "yes")
+
+
+def chooser(triton: Callable) -> Optional[Chooser]:
+    """The process's chooser, or None where libcublasLt cannot be loaded (logged once)."""
+    global _CHOOSER
+    if _CHOOSER is None:
+        from . import _cublaslt
+
+        try:
+            _cublaslt._lib()
+        except (OSError, RuntimeError, AttributeError) as e:
+            logger.warning("onpolicy: cuBLASLt unavailable (%s); linear runs the Triton kernel only", e)
+            _CHOOSER = Chooser(None, triton)
+        else:
+            _CHOOSER = Chooser(_cublaslt, triton)
+    return _CHOOSER if _CHOOSER.lt is not None else None

@@ -1,0 +1,223 @@
+"""The Hopper kernel chooser (kernels/linear_choice.py), on the CPU with a fake cuBLASLt.
+
+The fake's algorithms compute x @ w.T exactly as the reference does ("good") or
+with one output nudged ("bad": other bits), each with a cost the fake timer
+reports. The chooser must never pick a bad algorithm however fast, must pick the
+fastest verified one per bucket, must not tune while a CUDA graph is captured,
+and must fall back to the Triton kernel wherever an algorithm cannot run.
+"""
+import logging
+import sys
+from unittest import mock
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from onpolicy_kernels import linear_choice as C
+
+L = sys.modules["onpolicy_kernels.linear"]  # the module (the package re-exports the function under its name)
+
+
+def _ref(x, w):
+    return (x.float() @ w.float().t()).to(x.dtype)
+
+
+class FakeAlgo:
+    def __init__(self, name, cost, good=True, max_m=1 << 30, raises=False):
+        self.name, self.cost, self.good, self.max_m, self.raises = name, cost, good, max_m, raises
+
+
+class FakeLt:
+    def __init__(self, algos, triton_cost):
+        self.algos, self.triton_cost = algos, triton_cost
+        self.last_cost = None
+        self.runs = []
+
+    def candidates(self, x, w, out):
+        return [(a, 1.0) for a in self.algos]
+
+    def identity(self, a):
+        return a.name
+
+    def describe(self, a):
+        return f"cuBLASLt {a.name}"
+
+    def check(self, x, w, out, a):
+        return x.shape[0] <= a.max_m
+
+    def run(self, x, w, out, a):
+        self.runs.append((a.name, x.shape[0]))
+        if a.raises:
+            raise RuntimeError("cuBLASLt Matmul failed with status 15")
+        out.copy_(_ref(x, w))
+        if not a.good:
+            out.view(-1)[0] = out.view(-1)[0] * 1.5 + 1
+        self.last_cost = a.cost
+        return out
+
+    def triton(self, x, w):
+        self.last_cost = self.triton_cost
+        return _ref(x, w)
+
+
+def _chooser(lt, capturing=lambda: False):
+    def timer(fns, weights):
+        costs = []
+        for fn in fns:
+            fn(weights[0])
+            costs.append(lt.last_cost)
+        return costs
+
+    return C.Chooser(lt, lt.triton, timer=timer, capturing=capturing)
+
+
+def _aligned(t):
+    """A copy of t whose storage starts on a 256-byte boundary (as CUDA allocations do)."""
+    n = t.numel() * t.element_size()
+    buf = torch.empty(n + 256, dtype=torch.uint8)
+    off = -buf.data_ptr() % 256
+    out = buf[off : off + n].view(t.dtype).view(t.shape)
+    return out.copy_(t)
+
+
+def _operands(M=5, K=32, N=24, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (_aligned(torch.randn(M, K, generator=g).bfloat16()), _aligned(torch.randn(N, K, generator=g).bfloat16()),
+            torch.empty(M, N, dtype=torch.bfloat16))
+
+
+def test_fastest_verified_algorithm_wins_and_a_fast_bad_one_never_runs(caplog):
+    bad = FakeAlgo("bad", cost=0.1, good=False)
+    fast, slow = FakeAlgo("fast", cost=0.5), FakeAlgo("slow", cost=2.0)
+    lt = FakeLt([bad, slow, fast], triton_cost=1.0)
+    ch = _chooser(lt)
+    x, w, out = _operands()
+    with caplog.at_level(logging.WARNING, logger="onpolicy_kernels"):
+        assert ch.pick(x, w, out) is fast
+    assert "other bits" in caplog.text and "cuBLASLt bad" in caplog.text
+    assert ch.label(x, w) == "cuBLASLt fast"
+    # the bad algorithm ran once (its check) and was then remembered as unverified
+    n_bad = sum(1 for name, _ in lt.runs if name == "bad")
+    x2, _, out2 = _operands(M=7, seed=1)  # another M of another bucket: tuned again, bad not re-run
+    assert C.bucket(7) != C.bucket(5)
+    assert ch.pick(x2, w, out2) is fast
+    assert sum(1 for name, _ in lt.runs if name == "bad") == n_bad == 1
+
+
+def test_triton_kept_where_it_is_fastest_or_no_candidate_verifies():
+    x, w, out = _operands()
+    lt = FakeLt([FakeAlgo("slow", cost=3.0), FakeAlgo("bad", cost=0.1, good=False)], triton_cost=1.0)
+    ch = _chooser(lt)
+    assert ch.pick(x, w, out) is None
+    assert ch.label(x, w) == "triton"
+    lt2 = FakeLt([FakeAlgo("broken", cost=0.1, raises=True)], triton_cost=1.0)
+    assert _chooser(lt2).pick(x, w, out) is None
+
+
+def test_verification_uses_random_rows_at_the_buckets_upper_m():
+    """Warm-up calls run on zeros; zeros would make any algorithm look bit-equal."""
+    lt = FakeLt([FakeAlgo("bad", cost=0.1, good=False)], triton_cost=1.0)
+    ch = _chooser(lt)
+    x, w, out = _operands(M=100)
+    x.zero_()
+    assert ch.pick(x, w, out) is None  # the bad algorithm was caught on the random probe
+    assert {m for _, m in lt.runs} == {C.bucket(100)} == {128}
+
+
+def test_zero_weight_proves_nothing():
+    lt = FakeLt([FakeAlgo("bad", cost=0.1, good=False)], triton_cost=1.0)
+    ch = _chooser(lt)
+    x, w, out = _operands()
+    w.zero_()
+    assert ch.pick(x, w, out) is None
+    assert "zero weight" in ch.label(x, w)
+    assert lt.runs == []
+
+
+def test_no_tuning_while_a_cuda_graph_is_captured():
+    fast = FakeAlgo("fast", cost=0.1)
+    lt = FakeLt([fast], triton_cost=1.0)
+    capturing = [True]
+    ch = _chooser(lt, capturing=lambda: capturing[0])
+    x, w, out = _operands()
+    assert ch.pick(x, w, out) is None and lt.runs == []
+    assert ch.label(x, w) is None and not ch.exact  # nothing remembered: tuned on the next eager call
+    capturing[0] = False
+    assert ch.pick(x, w, out) is fast
+    capturing[0] = True  # a tuned bucket serves capture (check() is host-only)
+    x2, _, out2 = _operands(M=4, seed=3)
+    assert C.bucket(4) != C.bucket(5)
+    assert ch.pick(x2, w, out2) is None  # bucket of 4 not tuned yet
+    x3, _, out3 = _operands(M=6, seed=4)
+    assert C.bucket(6) == C.bucket(5)
+    assert ch.pick(x3, w, out3) is fast
+
+
+def test_an_algorithm_that_cannot_run_at_an_exact_m_falls_back_for_that_m_only():
+    algo = FakeAlgo("narrow", cost=0.1, max_m=200)
+    lt = FakeLt([algo], triton_cost=1.0)
+    ch = _chooser(lt)
+    x, w, out = _operands(M=195)
+    assert C.bucket(195) == C.bucket(250) == 256
+    lt.algos[0].max_m = 1 << 30  # valid at the tuning M (256)
+    assert ch.pick(x, w, out) is algo
+    algo.max_m = 200
+    x2, _, out2 = _operands(M=250, seed=2)
+    assert ch.pick(x2, w, out2) is None
+    assert ch.pick(x, w, out) is algo  # cached per exact shape
+
+
+def test_eligibility():
+    ch = _chooser(FakeLt([], 1.0))
+    x, w, _ = _operands(K=64)
+    assert ch.eligible(x, w, None)
+    assert not ch.eligible(x, w, torch.zeros(w.shape[0], dtype=x.dtype))  # bias: Triton
+    assert not ch.eligible(_aligned(x.float()), _aligned(w.float()), None)  # fp32: Triton
+    assert not ch.eligible(x[:, 1:], w[:, 1:], None)  # misaligned rows
+    assert not ch.eligible(_aligned(torch.ones(3, 68).bfloat16())[:, :64], w, None)  # row stride 136 B: not 16-aligned
+    assert not ch.eligible(x.t().contiguous().t(), w, None)  # column-major x
+
+
+@pytest.mark.parametrize("flag,hopper,expect", [
+    ("", True, True), ("", False, False), ("0", True, False), ("off", True, False), ("1", False, True),
+])
+def test_enabled(flag, hopper, expect, monkeypatch):
+    monkeypatch.setenv(C.ENV, flag)
+    assert C.enabled(torch.device("cuda", 0), hopper) is expect
+    assert C.enabled(torch.device("cpu"), hopper) is False
+
+
+@settings(max_examples=200, deadline=None)
+@given(max_rows=st.integers(1, 20000))
+def test_warm_up_rows_tune_every_bucket_the_batch_can_reach(max_rows):
+    rows = C.warm_up_rows(max_rows)
+    assert all(1 <= r <= min(max_rows, C.TUNE_MAX_ROWS) for r in rows)
+    reachable = {C.bucket(m) for m in range(1, min(max_rows, C.TUNE_MAX_ROWS) + 1)}
+    assert {C.bucket(r) for r in rows} == reachable
+    assert len(rows) == len(reachable), "one call per bucket"
+
+
+def test_buckets_cover_m_up_to_tune_max_rows():
+    assert C.bucket(1) == 1 and C.bucket(5) == 6 and C.bucket(129) == 192 and C.bucket(C.TUNE_MAX_ROWS) == C.TUNE_MAX_ROWS
+    assert all(C.bucket(m) >= m for m in range(1, C.TUNE_MAX_ROWS + 1))
+    with pytest.raises(ValueError, match="Triton kernel serves it"):
+        C.bucket(C.TUNE_MAX_ROWS + 1)
+
+
+def test_large_m_is_left_to_triton():
+    lt = FakeLt([FakeAlgo("fast", cost=0.1)], triton_cost=1.0)
+    ch = _chooser(lt)
+    x, w, _ = _operands(M=C.TUNE_MAX_ROWS + 1, K=64)
+    assert not ch.eligible(x, w, None)
+    assert ch.label(x, w) is None
+
+
+def test_engine_warm_up_adds_the_buckets_when_the_chooser_serves():
+    cuda = torch.device("cuda", 0)
+    with mock.patch.object(L, "_is_hopper", lambda index: True):
+        tiles_only = L.warm_up_rows(6144, 600, cuda)
+        both = L.warm_up_rows(6144, 600, cuda, buckets=True)
+    assert set(tiles_only) < set(both)
+    assert set(C.warm_up_rows(600)) <= set(both)
