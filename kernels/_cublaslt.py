@@ -197,7 +197,9 @@ class _Problem:
                 continue
             if no_split:
                 cfg = config(r.algo)
-                if cfg.get("splitk") != 1 or cfg.get("reduction") != 0 or r.workspace:
+                # SPLITK_NUM must read 1; a reduction scheme, where reported, NONE (with one
+                # K split and no workspace there is nothing to reduce).
+                if cfg.get("splitk") != 1 or cfg.get("reduction", 0) != 0 or r.workspace:
                     continue
             algo = Algo()
             ctypes.memmove(ctypes.byref(algo), ctypes.byref(r.algo), ctypes.sizeof(Algo))

@@ -42,9 +42,8 @@ logger = logging.getLogger("onpolicy_kernels")
 ENV = "ONPOLICY_LINEAR_CUBLASLT"
 # Largest M the chooser serves; above it the Triton kernel always runs. Measured
 # (benchmarks/README.md): at M = 64-512 the verified no-split algorithms close most
-# of the Triton kernel's gap to cuBLAS; at M = 4096-8192 the Triton kernel is within
-# ~5-10% already, and with the chooser serving those M too, three benchmark runs gave
-# a lower minimum (0.88-0.92x of cuBLAS against 0.91-0.94x).
+# of the Triton kernel's gap to cuBLAS; at M = 4096-8192 the chooser showed no gain
+# (minima 0.88-0.90x of cuBLAS in three runs; the Triton kernel alone 0.88-0.97x).
 TUNE_MAX_ROWS = 1024
 CANDIDATES = 8  # cuBLASLt heuristic's best no-split algorithms considered per bucket
 DTYPES = (torch.bfloat16, torch.float16)

@@ -55,6 +55,8 @@ def warm_up_linears(worker) -> None:
     configuration per M bucket, so a bucket vLLM never ran (e.g. a prefill of
     600 tokens) would compile on first use, seconds inside a live rollout. One
     call per (weight shape, bucket) compiles them all; Triton caches them on disk too.
+    On Hopper the same calls tune the linear's cuBLASLt chooser per M bucket
+    (kernels/linear_choice.py), which must not happen during CUDA-graph capture.
     """
     import time
 
