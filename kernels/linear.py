@@ -13,10 +13,11 @@ class (HOPPER_TABLE): on Hopper neither the tile shape, the warps, the pipeline
 depth nor the load path changes the bits -- only split-K would, and this kernel
 never splits K (tests/gpu/test_linear_tiles.py proves every table entry
 bitwise equal to SAFE_TILE). Other GPUs use SAFE_TILE for every M.
-On Hopper a bf16/fp16 call without bias may instead run a cuBLASLt algorithm
-that never splits K, chosen per weight shape and M bucket for speed, and used
-only after its output was checked bitwise equal to this kernel's
-(linear_choice.py); so the bits are the Triton kernel's whichever runs.
+On Hopper a bf16/fp16 call without bias (M <= 1024) may instead run a cuBLASLt
+algorithm that never splits K, chosen per weight shape and M bucket for speed, and
+used only after its output was checked bitwise equal to this kernel's, per
+algorithm and bucket, on seeded operands built to expose any other summation
+order (linear_choice.py).
 CPU: BLAS on fixed [16, K] x [K, 256] tiles in fp32 (kernels/_cpu.py).
 Backward: standard matmuls (fast, not invariant: only the forward must be).
 """
@@ -326,6 +327,9 @@ def linear_gpu(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor]) -> t
     algo = ch.pick(x, w, out)
     if algo is None:
         return linear_triton(x, w, b, out=out)
+    if x.device.index is not None and x.device.index != torch.cuda.current_device():
+        with torch.cuda.device(x.device):  # cuBLASLt launches on the current device's context
+            return ch.lt.run(x, w, out, algo)
     return ch.lt.run(x, w, out, algo)
 
 

@@ -1,11 +1,14 @@
 """The Hopper kernel chooser (kernels/linear_choice.py), on the CPU with a fake cuBLASLt.
 
-The fake's algorithms compute x @ w.T exactly as the reference does ("good") or
-with one output nudged ("bad": other bits), each with a cost the fake timer
-reports. The chooser must never pick a bad algorithm however fast, must pick the
-fastest verified one per bucket, must not tune while a CUDA graph is captured,
-and must fall back to the Triton kernel wherever an algorithm cannot run.
+The fake's algorithms compute x @ w.T exactly as the reference does ("good"), in
+another summation order (K split in two halves, as split-K would: rarely visible
+after bf16 rounding on plain random data), with the last output column left
+unwritten, or with every output nudged by a relative amount; each has a cost the
+fake timer reports. The chooser must never pick one that differs, however fast,
+must pick the fastest verified one per bucket, must not tune while a CUDA graph
+is captured, and must fall back to the Triton kernel wherever an algorithm cannot run.
 """
+import ctypes
 import logging
 import sys
 from unittest import mock
@@ -24,9 +27,16 @@ def _ref(x, w):
     return (x.float() @ w.float().t()).to(x.dtype)
 
 
+def _split_order(x, w):
+    """The same dot products with K summed as two halves (split-K's order), rounded once."""
+    h = x.shape[1] // 2
+    return (x[:, :h].float() @ w[:, :h].float().t() + x[:, h:].float() @ w[:, h:].float().t()).to(x.dtype)
+
+
 class FakeAlgo:
-    def __init__(self, name, cost, good=True, max_m=1 << 30, raises=False):
+    def __init__(self, name, cost, good=True, max_m=1 << 30, raises=False, kind="nudge"):
         self.name, self.cost, self.good, self.max_m, self.raises = name, cost, good, max_m, raises
+        self.kind = kind  # how a bad algorithm differs: "nudge", "split" or "tail"
 
 
 class FakeLt:
@@ -51,9 +61,14 @@ class FakeLt:
         self.runs.append((a.name, x.shape[0]))
         if a.raises:
             raise RuntimeError("cuBLASLt Matmul failed with status 15")
-        out.copy_(_ref(x, w))
-        if not a.good:
-            out.view(-1)[0] = out.view(-1)[0] * 1.5 + 1
+        if a.good:
+            out.copy_(_ref(x, w))
+        elif a.kind == "split":
+            out.copy_(_split_order(x, w))
+        elif a.kind == "tail":
+            out[:, :-1] = _ref(x, w)[:, :-1]  # the last column left as it was
+        else:
+            out.copy_(_ref(x, w) * 1.01)  # zero inputs would hide this one
         self.last_cost = a.cost
         return out
 
@@ -70,7 +85,7 @@ def _chooser(lt, capturing=lambda: False):
             costs.append(lt.last_cost)
         return costs
 
-    return C.Chooser(lt, lt.triton, timer=timer, capturing=capturing)
+    return C.Chooser(lt, lt.triton, timer=timer, capturing=capturing, timing_weights=lambda w, gen: [w])
 
 
 def _aligned(t):
@@ -98,12 +113,15 @@ def test_fastest_verified_algorithm_wins_and_a_fast_bad_one_never_runs(caplog):
         assert ch.pick(x, w, out) is fast
     assert "other bits" in caplog.text and "cuBLASLt bad" in caplog.text
     assert ch.label(x, w) == "cuBLASLt fast"
-    # the bad algorithm ran once (its check) and was then remembered as unverified
-    n_bad = sum(1 for name, _ in lt.runs if name == "bad")
-    x2, _, out2 = _operands(M=7, seed=1)  # another M of another bucket: tuned again, bad not re-run
+    # the bad algorithm failed its first verification probe and was remembered as such
+    assert [m for name, m in lt.runs if name == "bad"] == [C.bucket(5)]
+    x3, _, out3 = _operands(M=5, seed=2)
+    ch.exact.clear()
+    assert ch.pick(x3, w, out3) is fast and [n for n, _ in lt.runs].count("bad") == 1  # bucket cached
+    x2, _, out2 = _operands(M=7, seed=1)  # another bucket: every candidate verified again, at its M
     assert C.bucket(7) != C.bucket(5)
     assert ch.pick(x2, w, out2) is fast
-    assert sum(1 for name, _ in lt.runs if name == "bad") == n_bad == 1
+    assert [m for name, m in lt.runs if name == "bad"] == [C.bucket(5), C.bucket(7)]
 
 
 def test_triton_kept_where_it_is_fastest_or_no_candidate_verifies():
@@ -116,24 +134,68 @@ def test_triton_kept_where_it_is_fastest_or_no_candidate_verifies():
     assert _chooser(lt2).pick(x, w, out) is None
 
 
-def test_verification_uses_random_rows_at_the_buckets_upper_m():
-    """Warm-up calls run on zeros; zeros would make any algorithm look bit-equal."""
-    lt = FakeLt([FakeAlgo("bad", cost=0.1, good=False)], triton_cost=1.0)
+def test_verification_uses_seeded_operands_at_the_buckets_upper_m_not_the_callers():
+    """Warm-up calls run on zeros, and a weight may be zero or sparse: either would make any
+    algorithm look bit-equal. Verification runs on its own random operands."""
+    lt = FakeLt([FakeAlgo("bad", cost=0.1, good=False), FakeAlgo("good", cost=0.2)], triton_cost=1.0)
     ch = _chooser(lt)
     x, w, out = _operands(M=100)
     x.zero_()
-    assert ch.pick(x, w, out) is None  # the bad algorithm was caught on the random probe
+    w.zero_()
+    assert ch.pick(x, w, out).name == "good"  # the bad algorithm was caught on the seeded probe
     assert {m for _, m in lt.runs} == {C.bucket(100)} == {128}
 
 
-def test_zero_weight_proves_nothing():
-    lt = FakeLt([FakeAlgo("bad", cost=0.1, good=False)], triton_cost=1.0)
+@pytest.mark.parametrize("K", [64, 2048])
+def test_another_summation_order_is_caught(K):
+    """Split-K's order changes a bf16 output only rarely on plain random data; the planted
+    cancelling pair makes it show. Both checks below must hold for the test to mean anything."""
+    gen = torch.Generator().manual_seed(0)
+    wv, probes = C.verification_operands(24, K, 4, torch.bfloat16, "cpu", gen, plant=False)
+    assert all(torch.equal(_split_order(x, wv), _ref(x, wv)) for x in probes[:1]), "plain data already shows it"
+    gen = torch.Generator().manual_seed(0)
+    wv, probes = C.verification_operands(24, K, 4, torch.bfloat16, "cpu", gen)
+    assert not torch.equal(_split_order(probes[0], wv), _ref(probes[0], wv))
+    lt = FakeLt([FakeAlgo("split", cost=0.1, good=False, kind="split")], triton_cost=1.0)
+    x, w, out = _operands(M=3, K=K)
+    assert _chooser(lt).pick(x, w, out) is None
+
+
+def test_an_output_left_unwritten_is_caught():
+    lt = FakeLt([FakeAlgo("good", cost=0.5), FakeAlgo("tail", cost=0.1, good=False, kind="tail")], triton_cost=1.0)
     ch = _chooser(lt)
     x, w, out = _operands()
-    w.zero_()
-    assert ch.pick(x, w, out) is None
-    assert "zero weight" in ch.label(x, w)
-    assert lt.runs == []
+    assert ch.pick(x, w, out).name == "good"  # "tail" ran after "good" on the same shapes, and still failed
+
+
+def test_planted_probes_cancel_exactly_and_fit_fp16():
+    gen = torch.Generator().manual_seed(0)
+    wv, probes = C.verification_operands(8, 32, 3, torch.float16, "cpu", gen)
+    assert len(probes) == 16 and all(p.shape == (3, 32) for p in probes)
+    x = probes[0]
+    assert x[0, 0] == C.PLANT and x[0, -1] == -C.PLANT and x[1, 0] != C.PLANT
+    assert torch.isfinite(x).all() and torch.isfinite(wv).all()
+    planted = x[0::2].double()
+    pair = planted[:, :1] * wv[:, 0].double() + planted[:, -1:] * wv[:, -1].double()
+    assert (pair == 0).all() and (planted[:, :1] * wv[:, 0].double()).abs().min() == 2.0**20  # cancels exactly
+
+
+def test_a_tuning_failure_is_remembered_and_triton_serves(caplog):
+    lt = FakeLt([FakeAlgo("fast", cost=0.1)], triton_cost=1.0)
+    calls = []
+
+    def broken(x, w, out):
+        calls.append(1)
+        raise RuntimeError("cuBLASLt AlgoGetHeuristic failed with status 7")
+
+    lt.candidates = broken
+    ch = _chooser(lt)
+    x, w, out = _operands()
+    with caplog.at_level(logging.WARNING, logger="onpolicy_kernels"):
+        assert ch.pick(x, w, out) is None
+    assert "tuning the linear" in caplog.text and "tuning failed" in ch.label(x, w)
+    x2, _, out2 = _operands(M=6, seed=5)
+    assert ch.pick(x2, w, out2) is None and len(calls) == 1
 
 
 def test_no_tuning_while_a_cuda_graph_is_captured():
@@ -178,6 +240,7 @@ def test_eligibility():
     assert not ch.eligible(x[:, 1:], w[:, 1:], None)  # misaligned rows
     assert not ch.eligible(_aligned(torch.ones(3, 68).bfloat16())[:, :64], w, None)  # row stride 136 B: not 16-aligned
     assert not ch.eligible(x.t().contiguous().t(), w, None)  # column-major x
+    assert not ch.eligible(_aligned(torch.ones(1, 64).bfloat16()).expand(4, 64), w, None)  # row stride 0
 
 
 @pytest.mark.parametrize("flag,hopper,expect", [
@@ -221,3 +284,17 @@ def test_engine_warm_up_adds_the_buckets_when_the_chooser_serves():
         both = L.warm_up_rows(6144, 600, cuda, buckets=True)
     assert set(tiles_only) < set(both)
     assert set(C.warm_up_rows(600)) <= set(both)
+
+
+def test_ctypes_layouts_match_cublaslt_h():
+    """cublasLtMatmulAlgo_t is uint64_t[8]; cublasLtMatmulHeuristicResult_t is that, a size_t,
+    a status, a float and int[4] (cublasLt.h). No library needed to check the layouts."""
+    from onpolicy_kernels import _cublaslt as lt
+
+    assert ctypes.sizeof(lt.Algo) == 64
+    assert ctypes.sizeof(lt._Heuristic) == 96
+    assert lt._Heuristic.workspace.offset == 64 and lt._Heuristic.state.offset == 72
+    assert lt._Heuristic.waves.offset == 76 and lt._Heuristic.reserved.offset == 80
+    assert (lt._DESC_TRANSA, lt._PREF_MAX_WORKSPACE_BYTES, lt._PREF_REDUCTION_SCHEME_MASK) == (3, 1, 3)
+    assert lt._PREF_MIN_ALIGNMENT == (5, 6, 7, 8) and lt._COMPUTE_32F == 68
+    assert {k: v[0] for k, v in lt._CFG.items()}["splitk"] == 2 and lt._CFG["reduction"][0] == 3
