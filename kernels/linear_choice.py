@@ -216,15 +216,18 @@ class Chooser:
                            "the Triton kernel serves that bucket", w.shape[0], w.shape[1], m, e)
             return Choice(None, f"triton (tuning failed: {e})")
 
-    def _verified(self, algo, w: torch.Tensor, m: int, gen: torch.Generator) -> bool:
+    def _verified(self, algo, w: torch.Tensor, m: int, gen: torch.Generator, operands: list) -> bool:
+        """Whether `algo` gives the Triton bits at M = m. `operands`: the bucket's (probe, weight,
+        Triton reference) triples, built by the first algorithm that needs them and shared by the rest."""
         N, K = w.shape
         vkey = (w.device, w.dtype, N, K, m, self.lt.identity(algo))
         ok = self.verified.get(vkey)
         if ok is None:
-            wv, probes = verification_operands(N, K, m, w.dtype, w.device, gen)
+            if not operands:
+                wv, probes = verification_operands(N, K, m, w.dtype, w.device, gen)
+                operands.extend((x, wv, self.triton(x, wv)) for x in probes)
             ok = True
-            for x in probes:
-                ref = self.triton(x, wv)
+            for x, wv, ref in operands:
                 out = torch.full_like(ref, float("nan"))  # an output the algorithm leaves unwritten fails
                 try:
                     self.lt.run(x, wv, out, algo)
@@ -243,7 +246,9 @@ class Chooser:
         gen = torch.Generator(device=w.device).manual_seed(0)
         probe = torch.randn(m, w.shape[1], generator=gen, device=w.device, dtype=torch.float32).to(w.dtype)
         out = torch.empty(m, w.shape[0], dtype=w.dtype, device=w.device)
-        algos = [a for a, _waves in self.lt.candidates(probe, w, out)[:CANDIDATES] if self._verified(a, w, m, gen)]
+        operands: list = []
+        algos = [a for a, _waves in self.lt.candidates(probe, w, out)[:CANDIDATES]
+                 if self._verified(a, w, m, gen, operands)]
         if not algos:
             return Choice(None, "triton")
         fns = [lambda wc: self.triton(probe, wc)]

@@ -74,6 +74,7 @@ class FakeLt:
 
     def triton(self, x, w):
         self.last_cost = self.triton_cost
+        self.triton_calls = getattr(self, "triton_calls", 0) + 1
         return _ref(x, w)
 
 
@@ -159,6 +160,17 @@ def test_another_summation_order_is_caught(K):
     lt = FakeLt([FakeAlgo("split", cost=0.1, good=False, kind="split")], triton_cost=1.0)
     x, w, out = _operands(M=3, K=K)
     assert _chooser(lt).pick(x, w, out) is None
+
+
+def test_a_bucket_builds_its_verification_operands_once_for_all_candidates():
+    lt = FakeLt([FakeAlgo(f"good{i}", cost=0.5 + i) for i in range(3)], triton_cost=1.0)
+    ch = _chooser(lt)
+    x, w, out = _operands()
+    assert ch.pick(x, w, out).name == "good0"
+    probes = min(16, -(-C.VERIFY_OUTPUTS // (C.bucket(5) * w.shape[0])))
+    assert probes == 16  # the cap: 6 x 24 outputs per probe
+    assert sum(1 for name, _ in lt.runs if name == "good1") == probes + 1  # every probe, then timing
+    assert lt.triton_calls == probes + 1  # one reference per probe, shared; then timing
 
 
 def test_an_output_left_unwritten_is_caught():
