@@ -26,8 +26,8 @@ def copies_for(nbytes: int, cap: int = 16) -> int:
     return max(1, min(cap, -(-3 * L2_BYTES // max(nbytes, 1))))
 
 
-def time_calls(fns, target_ms: float = 3.0, replays: int = 7) -> float:
-    """Median microseconds per call of `fns` (callables, called round-robin), by CUDA-graph replay."""
+def _graph_timer(fns, target_ms: float):
+    """A CUDA graph of `fns` (round-robin, enough repetitions for ~target_ms) and its per-call ms timer."""
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
@@ -60,10 +60,30 @@ def time_calls(fns, target_ms: float = 3.0, replays: int = 7) -> float:
     del g
     g = capture(reps)
     run(g)
-    times = [run(g) / (reps * len(fns)) for _ in range(replays)]
-    del g
+    return g, lambda: run(g) / (reps * len(fns))
+
+
+def time_calls(fns, target_ms: float = 3.0, replays: int = 7) -> float:
+    """Median microseconds per call of `fns` (callables, called round-robin), by CUDA-graph replay."""
+    return time_interleaved([fns], target_ms, replays)[0]
+
+
+def time_interleaved(fn_sets, target_ms: float = 3.0, replays: int = 7) -> list[float]:
+    """Median microseconds per call of each list of callables in `fn_sets`, measured side by side.
+
+    One CUDA graph per set; the replays alternate between the sets (set order reversed every
+    other round), so a drift of the GPU's clock or power state over the run (sustained
+    tensor-core load lowers the clock) weighs on every set alike instead of on whichever was
+    timed last."""
+    timers = [_graph_timer(fns, target_ms) for fns in fn_sets]
+    times: list[list[float]] = [[] for _ in timers]
+    for r in range(replays):
+        order = range(len(timers)) if r % 2 == 0 else reversed(range(len(timers)))
+        for i in order:
+            times[i].append(timers[i][1]())
+    del timers
     torch.cuda.synchronize()
-    return statistics.median(times) * 1e3
+    return [statistics.median(t) * 1e3 for t in times]
 
 
 def copy_bandwidth(nbytes: int = 2**30) -> dict[str, float]:

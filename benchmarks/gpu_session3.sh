@@ -5,6 +5,8 @@
 #   PARTS=throughput LOADS="256x512,8x2500" CONFS="default batch_invariant onpolicy default" bash benchmarks/gpu_session3.sh
 #     (MP=1: the engine core in its own process, vLLM's default, instead of in-process; TP_ROUNDS=N: the
 #     CONFS sequence N times over, interleaved)
+#   PARTS=pairs PAIRS="default:onpolicy onpolicy:default batch_invariant:default" bash benchmarks/gpu_session3.sh
+#     (two GPUs: each pair's two configurations at once, one process each, on its own GPU and half the CPUs)
 #   PARTS=trainer ROUTES=triton,fa3 ROUNDS=15 bash benchmarks/gpu_session3.sh      # issue 12's trainer step
 #   PARTS="hostcost timeline" LOAD=8x512 CONFS="onpolicy default" bash benchmarks/gpu_session3.sh  # issue 12: host vs GPU
 #   PARTS=experiments bash benchmarks/gpu_session3.sh     # issue 12: warp-specialized linear (EXPERIMENTS="ws kchunk")
@@ -39,8 +41,28 @@ for part in ${PARTS-check recipe}; do
         for c in ${CONFS:-default batch_invariant onpolicy default}; do  # MP=1: engine core in a child process
           VLLM_ENABLE_V1_MULTIPROCESSING=${MP:-0} timeout 400 python3 benchmarks/gpu_vllm.py throughput $M $c $l \
             > "$OUT/tp_$c.log" 2>&1
-          grep -aE "THROUGHPUT|Error|cudagraph_mode|CUDAGraphMode|Capturing CUDA graphs" "$OUT/tp_$c.log" | grep -v Warning | tail -5
+          grep -aE "THROUGHPUT|Error|cudagraph_mode|CUDAGraphMode|Capturing CUDA graphs|warmed up" "$OUT/tp_$c.log" | grep -v Warning | tail -5
           mv "$OUT/tp_$c.log" "$OUT/tp_${c}_$(date +%H%M%S).log"
+        done
+      done ;;
+    pairs)  # two GPUs: two configurations at once, one process each, GPU 0 on CPUs 0..n/2-1 and GPU 1 on
+      # the rest; PAIRS="default:onpolicy onpolicy:default ..." (GPU0conf:GPU1conf), so both see the same
+      # moment of the host and a swap of GPUs cancels a difference between them
+      l=${LOADS:-256x512,8x2500}; h=$(( $(nproc) / 2 ))
+      echo "host: $(nproc) CPUs, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2), load $(cut -d' ' -f1-3 /proc/loadavg)"
+      for p in ${PAIRS:-default:onpolicy onpolicy:default}; do
+        c0=${p%%:*}; c1=${p##*:}; t=$(date +%H%M%S)
+        for g in 0 1; do
+          c=$c0; [ $g = 1 ] && c=$c1
+          pin=""; command -v taskset > /dev/null && pin="taskset -c $((g*h))-$((g*h+h-1))"
+          # a compile cache per GPU: two processes never write one cache at once
+          CUDA_VISIBLE_DEVICES=$g VLLM_CACHE_ROOT=/tmp/vllm-cache-gpu$g VLLM_ENABLE_V1_MULTIPROCESSING=${MP:-0} \
+            $pin timeout 450 python3 benchmarks/gpu_vllm.py throughput $M $c $l > "$OUT/pair_${t}_gpu${g}_$c.log" 2>&1 &
+        done
+        wait
+        for g in 0 1; do
+          f=$(ls "$OUT"/pair_${t}_gpu${g}_*.log)
+          grep -aE "THROUGHPUT|Error|warmed up" "$f" | grep -v Warning | sed "s/^/gpu$g /" | tail -8
         done
       done ;;
     timeline)  # where a decode step's time goes, per configuration (CONFS, LOAD; issue 12)
