@@ -79,7 +79,7 @@ import torch
 
 from . import attention_fa3 as fa3
 from ._cpu import ROW_TILE, chunked, next_pow2, round_up
-from ._dispatch import check_float, custom_op, use_triton
+from ._dispatch import call, check_float, custom_op, use_triton
 from ._triton import HAS_TRITON, num_sms, require_triton, tl, triton
 
 KV_TILE = 64  # key positions per online-softmax step: fixed, part of the bits.
@@ -917,7 +917,7 @@ def attention_contiguous(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_s
         longest = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
         if longest > max_seqlen:
             raise ValueError(f"max_seqlen={max_seqlen} is below the longest sequence ({longest} tokens)")
-    return _attention_contiguous_op(q, k, v, cu_seqlens, float(scale), int(max_seqlen))
+    return call(_attention_contiguous_op, q, k, v, cu_seqlens, float(scale), int(max_seqlen))
 
 
 def reshape_and_cache(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,

@@ -40,7 +40,7 @@ from typing import Union
 import torch
 
 from ._cpu import chunked, tree_max, tree_sum
-from ._dispatch import check_float, custom_op, use_triton
+from ._dispatch import call, check_float, custom_op, use_triton
 from ._triton import HAS_TRITON, require_triton, tl, triton
 
 ROWS_PER_CALL = 64  # CPU: bound the fp32 temporaries; rows are independent anyway.
@@ -306,7 +306,7 @@ def log_softmax(logits: torch.Tensor, temperature: Union[float, torch.Tensor] = 
     lead, V = logits.shape[:-1], logits.shape[-1]
     x = logits.reshape(-1, V)
     t = _temperature_rows(temperature, x.shape[0], logits.device)
-    return _log_softmax_op(x, t).view(*lead, V)
+    return call(_log_softmax_op, x, t).view(*lead, V)
 
 
 def token_logprobs(logits: torch.Tensor, token_ids: torch.Tensor, temperature: Union[float, torch.Tensor] = 1.0) -> torch.Tensor:
@@ -320,4 +320,4 @@ def token_logprobs(logits: torch.Tensor, token_ids: torch.Tensor, temperature: U
     x = logits.reshape(-1, V)
     ids = token_ids.reshape(-1).to(logits.device)
     t = _temperature_rows(temperature, x.shape[0], logits.device)
-    return _token_logprobs_op(x, ids.contiguous(), t).view(token_ids.shape)
+    return call(_token_logprobs_op, x, ids.contiguous(), t).view(token_ids.shape)
