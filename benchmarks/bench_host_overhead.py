@@ -49,11 +49,37 @@ def host_us(fn, calls: int, sync) -> float:
     return statistics.median(times) * 1e6
 
 
+def profile(title: str, fn, calls: int, sync, top: int = 14) -> None:
+    """cProfile over `calls` calls of fn (the device idle before each): microseconds per call by function."""
+    import cProfile
+    import pstats
+
+    for _ in range(5):
+        fn()
+    pr = cProfile.Profile()
+    for _ in range(calls):
+        sync()
+        pr.enable()
+        fn()
+        pr.disable()
+    sync()
+    st = pstats.Stats(pr)
+    print(f"\n{title}: host us per call by function (cProfile adds its own overhead; compare rows, not totals)")
+    print("| function | own us | with callees us |")
+    print("|---|---|---|")
+    rows = sorted(st.stats.items(), key=lambda kv: -kv[1][2])[:top]  # by own time
+    for (file, line, func), (_cc, _nc, tt, ct, _callers) in rows:
+        where = f"{os.path.basename(file)}:{line}" if line else file
+        print(f"| {func} ({where}) | {tt / calls * 1e6:.1f} | {ct / calls * 1e6:.1f} |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", default="8,256", help="decode batch sizes (rows of the LM head and sampler)")
     ap.add_argument("--calls", type=int, default=200)
     ap.add_argument("--vocab", type=int, default=VOCAB, help="smaller on a CPU")
+    ap.add_argument("--profile", action="store_true",
+                    help="also cProfile the API calls (LM head, log-softmax): where their host time goes, by function")
     a = ap.parse_args()
     cuda = torch.cuda.is_available()
     dev = "cuda" if cuda else "cpu"
@@ -86,6 +112,10 @@ def main() -> None:
             ]
             for name, fn in rows:
                 print(f"| {m} | {name} | {host_us(fn, a.calls, sync):.1f} |", flush=True)
+            if a.profile:
+                for name, fn in (("LM head: onpolicy_kernels.linear", lambda: K.linear(x, w)),
+                                 ("log_softmax(logits, 1.0): onpolicy_kernels", lambda: K.log_softmax(logits, 1.0))):
+                    profile(f"{name}, {m} rows", fn, a.calls, sync)
 
 
 if __name__ == "__main__":
