@@ -169,8 +169,10 @@ def test_a_bucket_builds_its_verification_operands_once_for_all_candidates():
     assert ch.pick(x, w, out).name == "good0"
     probes = min(16, -(-C.VERIFY_OUTPUTS // (C.bucket(5) * w.shape[0])))
     assert probes == 16  # the cap: 6 x 24 outputs per probe
-    assert sum(1 for name, _ in lt.runs if name == "good1") == probes + 1  # every probe, then timing
-    assert lt.triton_calls == probes + 1  # one reference per probe, shared; then timing
+    # every probe, then two timing rounds (good0, Triton and good1 are the finalists; good2 is not)
+    assert sum(1 for name, _ in lt.runs if name == "good1") == probes + 2
+    assert sum(1 for name, _ in lt.runs if name == "good2") == probes + 1
+    assert lt.triton_calls == probes + 2  # one reference per probe, shared; then two timing rounds
 
 
 def test_an_output_left_unwritten_is_caught():
@@ -310,3 +312,27 @@ def test_ctypes_layouts_match_cublaslt_h():
     assert (lt._DESC_TRANSA, lt._PREF_MAX_WORKSPACE_BYTES, lt._PREF_REDUCTION_SCHEME_MASK) == (3, 1, 3)
     assert lt._PREF_MIN_ALIGNMENT == (5, 6, 7, 8) and lt._COMPUTE_32F == 68
     assert {k: v[0] for k, v in lt._CFG.items()}["splitk"] == 2 and lt._CFG["reduction"][0] == 3
+
+
+def test_a_first_round_lead_by_noise_does_not_decide_the_pick():
+    """The first timing round flatters one algorithm (noise); the second round, of the
+    fastest few only, shows it slower, and the sum of both rounds picks the other."""
+    lucky, steady = FakeAlgo("lucky", cost=1.0), FakeAlgo("steady", cost=0.9)
+    lt = FakeLt([lucky, steady, FakeAlgo("slow", cost=5.0)], triton_cost=1.2)
+    rounds = []
+
+    def timer(fns, weights):
+        costs = []
+        for fn in fns:
+            fn(weights[0])
+            cost = lt.last_cost
+            if not rounds and cost == lucky.cost:
+                cost = 0.85  # the first round's noise: lucky leads it
+            costs.append(cost)
+        rounds.append(len(fns))
+        return costs
+
+    ch = C.Chooser(lt, lt.triton, timer=timer, capturing=lambda: False, timing_weights=lambda w, gen: [w])
+    x, w, out = _operands()
+    assert ch.pick(x, w, out) is steady  # sums: lucky 0.85 + 1.0, steady 0.9 + 0.9
+    assert rounds == [4, C.FINALISTS]  # every candidate and Triton, then the fastest few again
