@@ -210,3 +210,60 @@ def test_v2_row_temperatures_skip_the_tensor_only_for_unit_batches_and_keep_the_
     per_row = torch.tensor([temps[r] if temps[r] != 0.0 else 1.0 for r in rows], dtype=torch.float32)
     logits = _logits(len(rows), seed=11)
     assert torch.equal(K.log_softmax(logits, t), K.log_softmax(logits, per_row))
+
+
+def test_unit_rows_are_ones_from_one_kept_buffer_with_the_float_paths_bits():
+    import onpolicy_kernels as K
+    from onpolicy.vllm_plugin.sampler import unit_rows
+
+    owner = SimpleNamespace()
+    with torch.inference_mode():
+        a = unit_rows(owner, 8, "cpu")
+        b = unit_rows(owner, 3, "cpu")
+        assert torch.equal(a, torch.ones(8)) and b.data_ptr() == a.data_ptr()  # one buffer, sliced
+        big = unit_rows(owner, 1000, "cpu")  # more rows than the buffer holds: a larger one
+        assert big.numel() == 1000 and torch.equal(big, torch.ones(1000))
+        logits = _logits(5, seed=3)
+        assert torch.equal(K.log_softmax(logits, unit_rows(owner, 5, "cpu")), K.log_softmax(logits, 1.0))
+    assert not owner._onpolicy_unit_rows.is_inference()  # made outside inference mode: any caller may use it
+
+
+@pytest.mark.parametrize("temps", [[1.0, 0.0, 1.0], [0.7, 1.0, 0.0]], ids=["unit", "per-row"])
+def test_v2_sample_divides_each_row_by_its_temperature(monkeypatch, temps):
+    """Model runner V2 (0.26's layout, GPU only in practice) with fake states: the returned
+    logprobs are log_softmax(logits / t) per row, greedy rows at 1, whichever way t is built
+    (the kept buffer of ones for a unit step, the per-row tensor otherwise), and vLLM's Gumbel
+    sampler is handed those logprobs with its temperature step off."""
+    import numpy as np
+
+    import onpolicy_kernels as K
+    from onpolicy.vllm_plugin.sampler import V2SamplerMixin026
+    import vllm.v1.worker.gpu.sample.gumbel as gumbel
+
+    seen = {}
+
+    def fake_gumbel(x, idx, temp, seeds, pos, apply_temperature, use_fp64=False):
+        seen.update(x=x, apply_temperature=apply_temperature)
+        return x.argmax(-1)
+
+    monkeypatch.setattr(gumbel, "gumbel_sample", fake_gumbel)
+    n = len(temps)
+    t = np.asarray(temps, dtype=np.float32)
+    noop = SimpleNamespace(apply_logit_bias=lambda *a: None, apply_penalties=lambda *a: None,
+                           apply_bad_words=lambda *a: None)
+    states = SimpleNamespace(temperature=SimpleNamespace(np=t, gpu=torch.from_numpy(t.copy())), vocab_size=V,
+                             top_k=SimpleNamespace(np=np.full(n, V)), top_p=SimpleNamespace(np=np.ones(n)),
+                             min_p=SimpleNamespace(np=np.zeros(n)), num_logprobs=np.full(n, -1),
+                             seeds=SimpleNamespace(gpu=torch.zeros(n, dtype=torch.int64)))
+    s = SimpleNamespace(logit_bias_state=noop, penalties_state=noop, bad_words_state=noop, sampling_states=states,
+                        _onpolicy_mode="processed_logprobs", _onpolicy_warmup=False)
+    logits = _logits(n, seed=5)
+    idx = np.arange(n)
+    with torch.inference_mode():
+        sampled, lp = V2SamplerMixin026.sample(s, logits.clone(), torch.arange(n), idx, torch.zeros(n), None, None,
+                                               return_logprobs=True)
+    per_row = torch.tensor([x if x != 0.0 else 1.0 for x in temps], dtype=torch.float32)
+    assert torch.equal(lp, K.log_softmax(logits, per_row))
+    assert seen["x"] is lp and seen["apply_temperature"] is False
+    assert torch.equal(sampled, lp.argmax(-1))
+    assert hasattr(s, "_onpolicy_unit_rows") == (temps == [1.0, 0.0, 1.0])
