@@ -76,8 +76,8 @@ def custom_op(name: str, *, mutates_args):
 
     def define(fn):
         opdef = OPDEFS.get(name)
-        if opdef is not None:
-            return _Defined(opdef, fn)
+        if opdef is not None:  # the first definition's body too: one implementation (and chooser) per process
+            return _Defined(opdef, getattr(opdef, "body", fn))
         op = torch.library.custom_op(name, mutates_args=mutates_args)(fn)
         op.body = fn
         return op
@@ -95,8 +95,9 @@ def direct(args) -> bool:
     a dispatch or function mode, FX proxies, fake or meta tensors), and no tensor argument
     requires grad while grad is on. The body is the very function the registered op runs,
     so the result is the same bits; what is saved is the dispatcher's host time per call
-    (10-20 us on this project's CPU machine), paid at every step by the ops a vLLM decode
-    step runs eagerly (the LM head, the sampler's log-softmax)."""
+    (10-20 us on this project's CPU machine; on the H200's host the difference was inside
+    the timer's spread), paid at every step by the ops a vLLM decode step runs eagerly (the
+    LM head, the sampler's log-softmax)."""
     if (torch.compiler.is_compiling() or torch._C._is_torch_function_mode_enabled()
             or _get_current_dispatch_mode() is not None):
         return False

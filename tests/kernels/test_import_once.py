@@ -56,9 +56,12 @@ alias = importlib.import_module("kernels")  # what transformers' probe does, fro
 assert alias.__name__ == "kernels" and "kernels.linear" in sys.modules
 assert_same(before, snapshot())
 assert torch.equal(K.linear(x, w, b), ref) and torch.equal(alias.linear(x, w, b), ref)
+first = sys.modules["onpolicy_kernels.linear"]._linear_op.body
+assert sys.modules["kernels.linear"]._linear_op.body is first  # eager direct calls: one implementation
 importlib.reload(sys.modules["onpolicy_kernels.linear"])
 assert_same(before, snapshot())
 assert torch.equal(K.linear(x, w, b), ref)
+assert sys.modules["onpolicy_kernels.linear"]._linear_op.body is first
 print("ok")
 """)
 
