@@ -260,13 +260,10 @@ class Chooser:
         # A second, separate round for the fastest few: a candidate that led the first round
         # by noise alone (one did on an H200: picked, it then ran 8% slower than its rivals)
         # rarely leads both. The pick is the least sum of the two rounds' medians.
-        finalists = sorted(range(len(fns)), key=times.__getitem__)[:FINALISTS]
-        if len(finalists) > 1:
-            again = self.timer([fns[j] for j in finalists], weights)
-            score = {j: times[j] + t for j, t in zip(finalists, again)}
-            i = min(finalists, key=score.__getitem__)
-        else:
-            i = finalists[0]
+        finalists = sorted(range(len(fns)), key=times.__getitem__)[:FINALISTS]  # at least Triton and one algo
+        again = self.timer([fns[j] for j in finalists], weights)
+        score = {j: times[j] + t for j, t in zip(finalists, again)}
+        i = min(finalists, key=score.__getitem__)
         return Choice(None, "triton") if i == 0 else Choice(algos[i - 1], self.lt.describe(algos[i - 1]))
 
 

@@ -78,12 +78,17 @@ class FakeLt:
         return _ref(x, w)
 
 
-def _chooser(lt, capturing=lambda: False):
+def _chooser(lt, capturing=lambda: False, rounds=None, first_round=lambda cost: cost):
+    """A chooser on the fake; its timer reports each call's cost (`first_round` may skew the first
+    timing round's, as noise would) and appends each round's number of calls to `rounds`."""
+    rounds = [] if rounds is None else rounds
+
     def timer(fns, weights):
         costs = []
         for fn in fns:
             fn(weights[0])
-            costs.append(lt.last_cost)
+            costs.append(lt.last_cost if rounds else first_round(lt.last_cost))
+        rounds.append(len(fns))
         return costs
 
     return C.Chooser(lt, lt.triton, timer=timer, capturing=capturing, timing_weights=lambda w, gen: [w])
@@ -320,19 +325,8 @@ def test_a_first_round_lead_by_noise_does_not_decide_the_pick():
     lucky, steady = FakeAlgo("lucky", cost=1.0), FakeAlgo("steady", cost=0.9)
     lt = FakeLt([lucky, steady, FakeAlgo("slow", cost=5.0)], triton_cost=1.2)
     rounds = []
-
-    def timer(fns, weights):
-        costs = []
-        for fn in fns:
-            fn(weights[0])
-            cost = lt.last_cost
-            if not rounds and cost == lucky.cost:
-                cost = 0.85  # the first round's noise: lucky leads it
-            costs.append(cost)
-        rounds.append(len(fns))
-        return costs
-
-    ch = C.Chooser(lt, lt.triton, timer=timer, capturing=lambda: False, timing_weights=lambda w, gen: [w])
+    # the first round's noise: lucky (really 1.0) measures 0.85 and leads it
+    ch = _chooser(lt, rounds=rounds, first_round=lambda cost: 0.85 if cost == lucky.cost else cost)
     x, w, out = _operands()
     assert ch.pick(x, w, out) is steady  # sums: lucky 0.85 + 1.0, steady 0.9 + 0.9
     assert rounds == [4, C.FINALISTS]  # every candidate and Triton, then the fastest few again
