@@ -248,13 +248,12 @@ def test_v2_sample_divides_each_row_by_its_temperature(monkeypatch, temps):
 
     monkeypatch.setattr(gumbel, "gumbel_sample", fake_gumbel)
     n = len(temps)
-    t = np.asarray(temps, dtype=np.float32)
     noop = SimpleNamespace(apply_logit_bias=lambda *a: None, apply_penalties=lambda *a: None,
                            apply_bad_words=lambda *a: None)
-    states = SimpleNamespace(temperature=SimpleNamespace(np=t, gpu=torch.from_numpy(t.copy())), vocab_size=V,
-                             top_k=SimpleNamespace(np=np.full(n, V)), top_p=SimpleNamespace(np=np.ones(n)),
-                             min_p=SimpleNamespace(np=np.zeros(n)), num_logprobs=np.full(n, -1),
-                             seeds=SimpleNamespace(gpu=torch.zeros(n, dtype=torch.int64)))
+    states = _v2_temperature_states(temps)
+    vars(states).update(vocab_size=V, top_k=SimpleNamespace(np=np.full(n, V)), top_p=SimpleNamespace(np=np.ones(n)),
+                        min_p=SimpleNamespace(np=np.zeros(n)), num_logprobs=np.full(n, -1),
+                        seeds=SimpleNamespace(gpu=torch.zeros(n, dtype=torch.int64)))
     s = SimpleNamespace(logit_bias_state=noop, penalties_state=noop, bad_words_state=noop, sampling_states=states,
                         _onpolicy_mode="processed_logprobs", _onpolicy_warmup=False)
     logits = _logits(n, seed=5)
