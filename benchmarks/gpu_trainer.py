@@ -12,6 +12,10 @@ times, the fastest/slowest step and peak memory, with their ratios. --routes
 times the patched model once per attention route (ONPOLICY_ATTENTION), all
 interleaved in the same rounds.
 --profile adds, for one step of each, the GPU kernels that take the most time.
+--timeline adds, for one step of each: the GPU's busy time against the step's span, its
+idle gaps and what the host did meanwhile (gpu_vllm.py's analysis), the host time to
+enqueue the forward and the backward (no sync), and the host syncs the patched step makes
+(torch.cuda sync debug mode) with the line of ours that made each.
 """
 from __future__ import annotations
 
@@ -165,6 +169,92 @@ def profile_step(model, ids, mask, patched, top=22):
         print(f"  {e.device_time_total / 1e3:8.2f} ms {e.count:6d}x  {e.key[:110]}")
 
 
+def timeline_step(model, ids, mask, patched, top=10):
+    """One step under torch.profiler, analysed as gpu_vllm.py's timeline; then enqueue times."""
+    import json
+    import os
+    import sys
+    import tempfile
+
+    from torch.profiler import ProfilerActivity, profile
+
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from gpu_vllm import print_timeline
+
+    for p in model.parameters():
+        p.grad = None
+    step_fn(model, ids, mask, patched)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+        step_fn(model, ids, mask, patched)
+        torch.cuda.synchronize()
+    with tempfile.TemporaryDirectory() as d:
+        trace = os.path.join(d, "trace.json")
+        prof.export_chrome_trace(trace)
+        with open(trace) as f:
+            events = [e for e in json.load(f)["traceEvents"] if e.get("ph") == "X" and "dur" in e]
+    print(f"TIMELINE {'onpolicy' if patched else 'unpatched'} (one step under the profiler)")
+    print_timeline(events, top)
+    # host time to enqueue forward / backward (no sync in between unless the code makes one)
+    import onpolicy
+    for p in model.parameters():
+        p.grad = None
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    if patched:
+        lp = onpolicy.token_logprobs(model, ids, mask)
+    else:
+        logits = model(ids, attention_mask=mask).logits[:, :-1].float()
+        lp = torch.log_softmax(logits, -1).gather(-1, ids[:, 1:, None])[..., 0]
+    loss = -(lp * mask[:, 1:]).sum() / mask[:, 1:].sum()
+    t1 = time.perf_counter()
+    loss.backward()
+    t2 = time.perf_counter()
+    torch.cuda.synchronize()
+    t3 = time.perf_counter()
+    print(f"  enqueue: forward {1e3 * (t1 - t0):.1f} ms, backward {1e3 * (t2 - t1):.1f} ms, "
+          f"then waiting for the GPU {1e3 * (t3 - t2):.1f} ms (step {1e3 * (t3 - t0):.1f} ms)")
+
+
+def count_syncs(model, ids, mask):
+    """The host syncs of one patched step, by the innermost line of onpolicy's code that made them."""
+    import traceback
+    import warnings
+    from collections import Counter
+
+    import onpolicy
+
+    for p in model.parameters():
+        p.grad = None
+    where = Counter()
+    onpolicy.patch_model(model)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            old = warnings.showwarning
+
+            def record(message, category, filename, lineno, file=None, line=None):
+                frames = [f for f in traceback.extract_stack()[:-1]
+                          if "onpolicy" in f.filename or "/kernels/" in f.filename]
+                where[f"{frames[-1].filename.split('/')[-1]}:{frames[-1].lineno} {frames[-1].line}"
+                      if frames else "(not in onpolicy)"] += 1
+
+            warnings.showwarning = record
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                step_fn(model, ids, mask, True)
+            finally:
+                torch.cuda.set_sync_debug_mode(0)
+                warnings.showwarning = old
+            for w in caught:
+                record(w.message, w.category, w.filename, w.lineno)
+    finally:
+        onpolicy.unpatch_model(model)
+    print(f"host syncs in one patched step: {sum(where.values())}")
+    for k, n in where.most_common(12):
+        print(f"  {n:4d}  {k[:140]}")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--layers", type=int, default=28)
@@ -172,6 +262,7 @@ def main():
     ap.add_argument("--seq", type=int, default=512)
     ap.add_argument("--rounds", type=int, default=10)
     ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--timeline", action="store_true")
     ap.add_argument("--skip-checks", action="store_true")
     ap.add_argument("--routes", default="", help="attention routes to time side by side, e.g. triton,fa3 "
                     "(default: one onpolicy column with ONPOLICY_ATTENTION as set)")
@@ -204,12 +295,23 @@ def main():
                        f"{min(r[n][1]) / min(ts_ref):.3f}x (fastest)" for n in names) + " |")
     print(f"| peak memory | {m_ref:.2f} GiB | "
           + " | ".join(f"{r[n][2]:.2f} GiB | {r[n][2] / m_ref:.3f}x" for n in names) + " |")
+    for n in ["unpatched"] + names:
+        ts = ts_ref if n == "unpatched" else r[n][1]
+        print(f"steps, {n} (ms, in order): " + " ".join(f"{t * 1e3:.0f}" for t in ts))
     print(f"device: {torch.cuda.get_device_name()}")
     if a.profile:
         profile_step(model, ids, mask, patched=False)
         onpolicy.patch_model(model)
         profile_step(model, ids, mask, patched=True)
         onpolicy.unpatch_model(model)
+    if a.timeline:
+        timeline_step(model, ids, mask, patched=False)
+        onpolicy.patch_model(model)
+        try:
+            timeline_step(model, ids, mask, patched=True)
+        finally:
+            onpolicy.unpatch_model(model)
+        count_syncs(model, ids, mask)
 
 
 if __name__ == "__main__":
