@@ -90,13 +90,15 @@ def install():
     init_args = I.GridExecutor._init_args_hst
     call = I.GridExecutor.__call__
 
-    def checked_load(ptrs, mask, other, cache_policy, is_volatile):
+    # (ptrs, mask, ...) and (ptrs, value, mask, ...): the trailing arguments differ between
+    # Triton releases and are passed through as they come
+    def checked_load(ptrs, mask, *rest, **kw):
         _check("load", ptrs, mask)
-        return load(ptrs, mask, other, cache_policy, is_volatile)
+        return load(ptrs, mask, *rest, **kw)
 
-    def checked_store(ptrs, value, mask, cache_policy):
+    def checked_store(ptrs, value, mask, *rest, **kw):
         _check("store", ptrs, mask)
-        return store(ptrs, value, mask, cache_policy)
+        return store(ptrs, value, mask, *rest, **kw)
 
     def init_args_hst(self, args_dev, kwargs):
         args_hst, kwargs_hst = init_args(self, args_dev, kwargs)
