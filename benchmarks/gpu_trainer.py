@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import os
 import time
 
 import torch
@@ -216,6 +217,33 @@ def timeline_step(model, ids, mask, patched, top=10):
           f"then waiting for the GPU {1e3 * (t3 - t2):.1f} ms (step {1e3 * (t3 - t0):.1f} ms)")
 
 
+def host_profile(model, ids, mask, top=30):
+    """cProfile of one patched forward (grad on, the trainer's case): where the host's time goes."""
+    import cProfile
+    import pstats
+
+    import onpolicy
+
+    onpolicy.patch_model(model)
+    try:
+        for p in model.parameters():
+            p.grad = None
+        onpolicy.token_logprobs(model, ids, mask).sum().backward()  # warm
+        torch.cuda.synchronize()
+        pr = cProfile.Profile()
+        pr.enable()
+        lp = onpolicy.token_logprobs(model, ids, mask)
+        pr.disable()
+        lp.sum().backward()
+        torch.cuda.synchronize()
+    finally:
+        onpolicy.unpatch_model(model)
+    print("host profile of one patched forward (cProfile inflates every row; compare rows):")
+    st = pstats.Stats(pr)
+    st.sort_stats("tottime").print_stats(top)
+    st.sort_stats("cumulative").print_stats(top)
+
+
 def count_syncs(model, ids, mask):
     """The host syncs of one patched step, by the innermost line of onpolicy's code that made them."""
     import traceback
@@ -260,7 +288,7 @@ def main():
     ap.add_argument("--layers", type=int, default=28)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=512)
-    ap.add_argument("--rounds", type=int, default=10)
+    ap.add_argument("--rounds", type=int, default=10)  # 0: no timing (e.g. with --timeline)
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--timeline", action="store_true")
     ap.add_argument("--skip-checks", action="store_true")
@@ -304,14 +332,20 @@ def main():
         onpolicy.patch_model(model)
         profile_step(model, ids, mask, patched=True)
         onpolicy.unpatch_model(model)
-    if a.timeline:
+    if a.timeline:  # on the first route of --routes
         timeline_step(model, ids, mask, patched=False)
+        before = os.environ.get("ONPOLICY_ATTENTION")
+        _set_route(routes[0] or before)
         onpolicy.patch_model(model)
         try:
             timeline_step(model, ids, mask, patched=True)
         finally:
             onpolicy.unpatch_model(model)
-        count_syncs(model, ids, mask)
+        try:
+            count_syncs(model, ids, mask)
+            host_profile(model, ids, mask)
+        finally:
+            _set_route(before)
 
 
 if __name__ == "__main__":

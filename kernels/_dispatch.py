@@ -64,7 +64,8 @@ class _Defined:
 
 def custom_op(name: str, *, mutates_args):
     """`torch.library.custom_op`, defined at most once per process; the op keeps its Python
-    body as `.body` (see `call`).
+    body as `.body` and, once its autograd formula is registered, the same body and formula
+    as an autograd.Function, `.function` (see `call`).
 
     Defining an op again (these modules run a second time when the package is also
     imported as `kernels`, see above, or on a reload) makes torch destroy the first
@@ -80,12 +81,60 @@ def custom_op(name: str, *, mutates_args):
             return _Defined(opdef, getattr(opdef, "body", fn))
         op = torch.library.custom_op(name, mutates_args=mutates_args)(fn)
         op.body = fn
+        op.function = None
+        register = op.register_autograd
+
+        def register_autograd(backward, /, *, setup_context=None):
+            op.function = _eager_function(name, op, backward, setup_context)
+            return register(backward, setup_context=setup_context)
+
+        op.register_autograd = register_autograd
         return op
 
     return define
 
 
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
+def _eager_function(name: str, op, backward, setup_context):
+    """The op's body (`op.body`) and registered autograd formula as a torch.autograd.Function.
+
+    forward(ctx, *args) runs the body (autograd off inside, as in the op) and then the
+    registered setup_context on (inputs, output); backward is the registered one. So a
+    call computes what the op computes and differentiates the same way, without the
+    dispatcher's custom-op layers (autograd wrapper, redispatch, torch.compile guard,
+    alias checks) that an eager training step otherwise pays per call, forward and backward.
+    """
+
+    def forward(ctx, *args):
+        out = op.body(*args)
+        if setup_context is not None:
+            setup_context(ctx, args, out)
+        return out
+
+    cls = type(f"{name.replace('::', '_')}_eager", (torch.autograd.Function,),
+               {"forward": staticmethod(forward), "backward": staticmethod(backward)})
+    return cls
+
+
+def _plain_eager(args) -> bool:
+    """An eager call on plain tensors: nothing traces it (torch.compile, a dispatch or
+    function mode, FX proxies, fake or meta tensors)."""
+    if (torch.compiler.is_compiling() or torch._C._is_torch_function_mode_enabled()
+            or _get_current_dispatch_mode() is not None):
+        return False
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            if type(a) not in _PLAIN or a.device.type == "meta":
+                return False
+        elif a is not None and not isinstance(a, (bool, int, float)):
+            return False
+    return True
+
+
+def _needs_grad(args) -> bool:
+    return torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args)
 
 
 def direct(args) -> bool:
@@ -98,22 +147,26 @@ def direct(args) -> bool:
     (10-20 us on this project's CPU machine; on the H200's host the difference was inside
     the timer's spread), paid at every step by the ops a vLLM decode step runs eagerly (the
     LM head, the sampler's log-softmax)."""
-    if (torch.compiler.is_compiling() or torch._C._is_torch_function_mode_enabled()
-            or _get_current_dispatch_mode() is not None):
-        return False
-    grad = torch.is_grad_enabled()
-    for a in args:
-        if isinstance(a, torch.Tensor):
-            if type(a) not in _PLAIN or (grad and a.requires_grad) or a.device.type == "meta":
-                return False
-        elif a is not None and not isinstance(a, (bool, int, float)):
-            return False
-    return True
+    return _plain_eager(args) and not _needs_grad(args)
 
 
 def call(op, *args):
-    """`op(*args)`, or its body directly where `direct(args)` (same function, same bits)."""
-    return op.body(*args) if direct(args) else op(*args)
+    """`op(*args)`, run the cheapest way that computes the same thing:
+
+    * a plain eager call needing no autograd (`direct`): the op's body itself;
+    * a plain eager call needing autograd (a training step): `op.function`, the body and
+      the op's registered autograd formula as an autograd.Function -- the same forward
+      bits and the same backward;
+    * anything traced (torch.compile, modes, fake tensors) or an op without an autograd
+      formula: the registered op, through the dispatcher.
+    """
+    if _plain_eager(args):
+        if not _needs_grad(args):
+            return op.body(*args)
+        fn = getattr(op, "function", None)
+        if fn is not None:
+            return fn.apply(*args)
+    return op(*args)
 
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)

@@ -1,7 +1,10 @@
-"""Eager calls that need no autograd run an op's body directly (kernels/_dispatch.py `call`).
+"""Eager calls run an op's body directly (kernels/_dispatch.py `call`): as is where no
+autograd is needed, inside an autograd.Function built from the op's registered autograd
+formula where it is (a training step).
 
-The promise: the same bits as the registered op, which still serves every call that
-autograd, torch.compile, a dispatch or function mode, or fake tensors must see.
+The promise: the same bits as the registered op, forward and backward; the registered op
+still serves every call that torch.compile, a dispatch or function mode, or fake tensors
+must see.
 """
 from __future__ import annotations
 
@@ -16,8 +19,8 @@ import onpolicy_kernels as K
 from onpolicy_kernels import _dispatch
 
 # the modules (the package's attributes of these names are the functions)
-activation, linear, logprobs, rms_norm, rotary = (importlib.import_module(f"onpolicy_kernels.{m}") for m in (
-    "activation", "linear", "logprobs", "rms_norm", "rotary"))
+activation, attention, linear, logprobs, rms_norm, rotary = (importlib.import_module(f"onpolicy_kernels.{m}") for m in (
+    "activation", "attention", "linear", "logprobs", "rms_norm", "rotary"))
 
 CACHE = K.build_cos_sin_cache(32, 32, 64, 1e4)
 
@@ -46,6 +49,10 @@ def _cases(grad: bool = False):
         lambda: torch.ops.onpolicy.log_softmax(lg, t)
     yield "token_logprobs", logprobs._token_logprobs_op, lambda: K.token_logprobs(lg, ids, 0.8), \
         lambda: torch.ops.onpolicy.token_logprobs(lg, ids, t)
+    qa, ka, va, cu = r(7, 4, 16), r(7, 2, 16), r(7, 2, 16), torch.tensor([0, 3, 7], dtype=torch.int32)
+    yield "attention_contiguous", attention._attention_contiguous_op, \
+        lambda: attention.attention_contiguous(qa, ka, va, cu, 0.25), \
+        lambda: torch.ops.onpolicy.attention_contiguous(qa, ka, va, cu, 0.25, 0)
 
 
 CASES = list(_cases())
@@ -82,13 +89,76 @@ def test_eager_inference_runs_the_body_with_the_ops_bits(monkeypatch, ctx, name,
         assert torch.equal(a, b)
 
 
+def _leaves(api):
+    """The tensors requiring grad that `api` closes over (its inputs)."""
+    cells = [c.cell_contents for c in (api.__closure__ or ())]
+    return [t for t in cells if isinstance(t, torch.Tensor) and t.requires_grad]
+
+
+def _graph_names(t, depth=3):
+    """Names of the autograd nodes within `depth` steps of t's grad_fn (the API may view the op's output)."""
+    names, frontier = set(), [t.grad_fn]
+    for _ in range(depth):
+        nxt = []
+        for f in frontier:
+            if f is not None:
+                names.add(type(f).__name__)
+                nxt += [n for n, _ in f.next_functions]
+        frontier = nxt
+    return names
+
+
+def _loss(outs):
+    g = torch.Generator().manual_seed(7)
+    return sum((o.float() * torch.randn(o.shape, generator=g)).sum() for o in outs)
+
+
 @pytest.mark.parametrize("name,op,api,registered", list(_cases(grad=True)), ids=IDS)
-def test_grad_goes_through_the_op_and_its_autograd(monkeypatch, name, op, api, registered):
+def test_grad_runs_the_body_and_formula_with_the_ops_bits_and_grads(monkeypatch, name, op, api, registered):
     calls = _spy(monkeypatch, op)
-    out = _flat(api())
-    assert not calls
-    assert out[0].requires_grad
-    sum(o.float().sum() for o in out).backward()
+    ours = _flat(api())
+    assert len(calls) == 1, "the training call went through the dispatcher"
+    assert all(o.requires_grad for o in ours)
+    assert all(any(n.endswith("_eagerBackward") for n in _graph_names(o)) for o in ours)
+    leaves = _leaves(registered)
+    assert leaves
+    got = torch.autograd.grad(_loss(ours), leaves)
+    ref = _flat(registered())
+    assert len(calls) == 1, "torch.ops.onpolicy.* must not take the shortcut"
+    assert all(any(n.startswith("GeneratedBackwardFor_onpolicy") for n in _graph_names(o)) for o in ref)
+    want = torch.autograd.grad(_loss(ref), leaves)
+    for a, b in zip(ours, ref):
+        assert torch.equal(a, b)
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
+
+
+def test_grad_through_a_function_mode_uses_the_op(monkeypatch):
+    calls = _spy(monkeypatch, linear._linear_op)
+    x, w = torch.randn(3, 16, requires_grad=True), torch.randn(8, 16, requires_grad=True)
+    with torch.device("cpu"):
+        y = K.linear(x, w)
+    assert not calls and any(n.startswith("GeneratedBackwardFor_onpolicy") for n in _graph_names(y))
+    y.sum().backward()
+    assert x.grad is not None and w.grad is not None
+
+
+def test_an_op_without_autograd_formula_keeps_the_dispatcher():
+    class Op:
+        function = None
+        seen = []
+
+        def body(self, *a):
+            raise AssertionError("body called directly")
+
+        def __call__(self, *a):
+            self.seen.append(a)
+            return a[0] * 2
+
+    op = Op()
+    x = torch.randn(3, requires_grad=True)
+    y = _dispatch.call(op, x)
+    assert len(op.seen) == 1 and torch.equal(y, x * 2)
 
 
 def test_no_grad_with_parameters_takes_the_body(monkeypatch):
