@@ -169,6 +169,17 @@ def call(op, *args):
     return op(*args)
 
 
+def rows(x: torch.Tensor) -> torch.Tensor:
+    """x [..., N] as 2-D rows [-1, N]; x itself when it is 2-D already (no view op: in a
+    training step every view is one more autograd node for the backward to walk)."""
+    return x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+
+
+def shaped(t: torch.Tensor, shape) -> torch.Tensor:
+    """t viewed as `shape`; t itself when it has that shape already (see `rows`)."""
+    return t if t.shape == shape else t.view(shape)
+
+
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from ._cpu import chunked
-from ._dispatch import call, check_float, custom_op, use_triton
+from ._dispatch import call, check_float, custom_op, rows, shaped, use_triton
 from ._triton import HAS_TRITON, require_triton, tl, triton
 
 if HAS_TRITON:
@@ -110,4 +110,4 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     if x.dim() < 1 or x.shape[-1] % 2:
         raise ValueError(f"silu_and_mul needs an even last dim (gate | up), got shape {tuple(x.shape)}")
     lead = x.shape[:-1]
-    return call(_silu_and_mul_op, x.reshape(-1, x.shape[-1])).view(*lead, x.shape[-1] // 2)
+    return shaped(call(_silu_and_mul_op, rows(x)), lead + (x.shape[-1] // 2,))

@@ -30,7 +30,7 @@ import torch
 
 from . import linear_choice
 from ._cpu import tiled_matmul
-from ._dispatch import call, check_float, check_same, custom_op, use_triton
+from ._dispatch import call, check_float, check_same, custom_op, rows, shaped, use_triton
 from ._triton import HAS_TRITON, num_sms, require_triton, tl, triton
 
 # A tile configuration is (max M, BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)
@@ -416,6 +416,5 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
         check_same("x", x, "bias", bias)
         if bias.shape != (weight.shape[0],):
             raise ValueError(f"bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
-    lead = x.shape[:-1]
-    out = call(_linear_op, x.reshape(-1, x.shape[-1]), weight, bias)
-    return out.view(*lead, weight.shape[0])
+    out = call(_linear_op, rows(x), weight, bias)
+    return shaped(out, x.shape[:-1] + (weight.shape[0],))

@@ -40,7 +40,7 @@ from typing import Union
 import torch
 
 from ._cpu import chunked, tree_max, tree_sum
-from ._dispatch import call, check_float, custom_op, use_triton
+from ._dispatch import call, check_float, custom_op, rows, shaped, use_triton
 from ._triton import HAS_TRITON, require_triton, tl, triton
 
 ROWS_PER_CALL = 64  # CPU: bound the fp32 temporaries; rows are independent anyway.
@@ -303,10 +303,9 @@ def _temperature_rows(temperature: Union[float, torch.Tensor], rows: int, device
 def log_softmax(logits: torch.Tensor, temperature: Union[float, torch.Tensor] = 1.0) -> torch.Tensor:
     """fp32 log_softmax(fp32(logits) / temperature) over the last dim (see module docstring)."""
     check_float("logits", logits)
-    lead, V = logits.shape[:-1], logits.shape[-1]
-    x = logits.reshape(-1, V)
+    x = rows(logits)
     t = _temperature_rows(temperature, x.shape[0], logits.device)
-    return call(_log_softmax_op, x, t).view(*lead, V)
+    return shaped(call(_log_softmax_op, x, t), logits.shape)
 
 
 def token_logprobs(logits: torch.Tensor, token_ids: torch.Tensor, temperature: Union[float, torch.Tensor] = 1.0) -> torch.Tensor:
@@ -316,8 +315,7 @@ def token_logprobs(logits: torch.Tensor, token_ids: torch.Tensor, temperature: U
         raise ValueError(f"token_ids shape {tuple(token_ids.shape)} must equal logits' leading shape {tuple(logits.shape[:-1])}")
     if token_ids.dtype not in (torch.int32, torch.int64):
         raise TypeError(f"token_ids must be int32/int64, got {token_ids.dtype}")
-    V = logits.shape[-1]
-    x = logits.reshape(-1, V)
+    x = rows(logits)
     ids = token_ids.reshape(-1).to(logits.device)
     t = _temperature_rows(temperature, x.shape[0], logits.device)
-    return call(_token_logprobs_op, x, ids.contiguous(), t).view(token_ids.shape)
+    return shaped(call(_token_logprobs_op, x, ids.contiguous(), t), token_ids.shape)

@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 
 from ._cpu import tree_sum
-from ._dispatch import call, check_float, check_same, custom_op, use_triton
+from ._dispatch import call, check_float, check_same, custom_op, rows, shaped, use_triton
 from ._triton import HAS_TRITON, num_sms, require_triton, tl, triton
 
 if HAS_TRITON:
@@ -245,12 +245,12 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     shape = x.shape
     if x.dim() == 3 and x.stride(-1) == 1:  # e.g. per-head q/k views of a fused QKV output: read in place
         return call(_rms_norm_op, x, weight, float(eps))
-    return call(_rms_norm_op, x.reshape(-1, shape[-1]), weight, float(eps)).view(shape)
+    return shaped(call(_rms_norm_op, rows(x), weight, float(eps)), shape)
 
 
 def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float):
     """(rms_norm(x + residual), x + residual), the sum rounded to x.dtype before the norm."""
     _check(x, weight, residual)
     shape = x.shape
-    out, h = call(_fused_op, x.reshape(-1, shape[-1]), residual.reshape(-1, shape[-1]), weight, float(eps))
-    return out.view(shape), h.view(shape)
+    out, h = call(_fused_op, rows(x), rows(residual), weight, float(eps))
+    return shaped(out, shape), shaped(h, shape)

@@ -22,7 +22,7 @@ from typing import Optional
 import torch
 
 from ._cpu import chunked
-from ._dispatch import call, check_float, check_same, custom_op, use_triton
+from ._dispatch import call, check_float, check_same, custom_op, shaped, use_triton
 from ._triton import HAS_TRITON, require_triton, tl, triton
 
 SUPPORTED_ROPE_TYPES = ("default", "llama3")
@@ -231,4 +231,4 @@ def rotary_embedding(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, 
     if q3.shape[-1] != k3.shape[-1] or cos_sin_cache.shape[1] > q3.shape[-1]:
         raise ValueError("q and k must share a head size no smaller than the cache's rotary dim")
     qo, ko = call(_rotary_op, positions, q3, k3, cos_sin_cache, bool(is_neox))
-    return qo.view(q.shape), ko.view(k.shape)
+    return shaped(qo, q.shape), shaped(ko, k.shape)

@@ -5,12 +5,13 @@ same bits on both sides: tokens are packed into one [T, hidden] stream (padding
 removed, like vLLM's flattened batch), every layer is
 
     x, residual = rms_norm(h) | fused_add_rms_norm(h, residual)
-    q, k, v     = linear(x, Wq|Wk|Wv) [-> q/k rms_norm per head] -> rotary
+    q, k, v     = linear(x, [Wq; Wk; Wv]) [-> q/k rms_norm per head] -> rotary
     a           = attention (one paged kernel for prefill, decode and training)
     x, residual = fused_add_rms_norm(linear(a, Wo), residual)
-    h           = linear(silu_and_mul(linear(x, Wgate) | linear(x, Wup)), Wdown)
+    h           = linear(silu_and_mul(linear(x, [Wgate; Wup])), Wdown)
 
-and the final norm is fused with the last residual. Only views, splits and
+(q/k/v and gate/up each one call on the concatenated weights, as vLLM runs them;
+trainer/merged.py) and the final norm is fused with the last residual. Only views, splits and
 copies happen between the kernels, so no other rounding can creep in.
 
 Tensor parallelism: a vLLM engine with tensor_parallel_size=2 computes each
@@ -31,6 +32,8 @@ from typing import Callable, Optional
 import torch
 
 import onpolicy_kernels as K
+
+from .merged import merged_linear
 
 PAGE = 16  # page size used to view contiguous K/V as a paged cache (decode with an HF cache)
 SUPPORTED_TP = (1, 2)
@@ -165,11 +168,9 @@ def attention_forward(self, x: torch.Tensor, plan: TokenPlan) -> torch.Tensor:
     T = x.shape[0]
     hd = self.head_dim
     name = f"layers.{self.layer_idx}.self_attn"
-    q = K.linear(x, self.q_proj.weight, self.q_proj.bias)
-    k = K.linear(x, self.k_proj.weight, self.k_proj.bias)
-    v = K.linear(x, self.v_proj.weight, self.v_proj.bias)
-    if plan.tap is not None:
-        plan.record(f"{name}.qkv_proj", torch.cat([q, k, v], dim=-1))
+    projections = (self.q_proj, self.k_proj, self.v_proj)
+    qkv = plan.record(f"{name}.qkv_proj", merged_linear(x, projections))
+    q, k, v = qkv.split([p.weight.shape[0] for p in projections], dim=-1)
     q, k, v = q.view(T, -1, hd), k.view(T, -1, hd), v.view(T, -1, hd)
     if getattr(self, "q_norm", None) is not None:
         q = K.rms_norm(q, self.q_norm.weight, self.q_norm.variance_epsilon)
@@ -197,9 +198,7 @@ def attention_forward(self, x: torch.Tensor, plan: TokenPlan) -> torch.Tensor:
 
 
 def mlp_forward(self, x: torch.Tensor, plan: Optional[TokenPlan] = None, name: str = "mlp") -> torch.Tensor:
-    gate = K.linear(x, self.gate_proj.weight, self.gate_proj.bias)
-    up = K.linear(x, self.up_proj.weight, self.up_proj.bias)
-    gate_up = torch.cat([gate, up], dim=-1)
+    gate_up = merged_linear(x, (self.gate_proj, self.up_proj))
     act = K.silu_and_mul(gate_up)
     out = row_parallel_linear(act, self.down_proj.weight, self.down_proj.bias, plan.tp if plan is not None else 1)
     if plan is not None and plan.tap is not None:
