@@ -81,7 +81,7 @@ def check_bitwise(model, seq: int):
     return res
 
 
-def step_fn(model, ids, mask, patched: bool):
+def forward_loss(model, ids, mask, patched: bool):
     import onpolicy
 
     if patched:
@@ -89,7 +89,11 @@ def step_fn(model, ids, mask, patched: bool):
     else:
         logits = model(ids, attention_mask=mask).logits[:, :-1].float()
         lp = torch.log_softmax(logits, -1).gather(-1, ids[:, 1:, None])[..., 0]
-    loss = -(lp * mask[:, 1:]).sum() / mask[:, 1:].sum()
+    return -(lp * mask[:, 1:]).sum() / mask[:, 1:].sum()
+
+
+def step_fn(model, ids, mask, patched: bool):
+    loss = forward_loss(model, ids, mask, patched)
     loss.backward()
     return loss
 
@@ -153,7 +157,8 @@ def bench_steps(model, ids, mask, rounds=10, routes=(None,)):
     return {name: (sorted(times)[len(times) // 2], times, mem) for name, (times, mem) in res.items()}
 
 
-def profile_step(model, ids, mask, patched, top=22):
+def _profiled_step(model, ids, mask, patched):
+    """One warm-up step, then one step under torch.profiler (CPU and CUDA); returns the profile."""
     from torch.profiler import ProfilerActivity, profile
 
     for p in model.parameters():
@@ -163,6 +168,11 @@ def profile_step(model, ids, mask, patched, top=22):
     with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
         step_fn(model, ids, mask, patched)
         torch.cuda.synchronize()
+    return prof
+
+
+def profile_step(model, ids, mask, patched, top=22):
+    prof = _profiled_step(model, ids, mask, patched)
     ev = [e for e in prof.key_averages() if e.device_time_total > 0 and not e.key.startswith(("aten::", "onpolicy::"))]
     total = sum(e.device_time_total for e in ev)
     print(f"profile ({'onpolicy' if patched else 'unpatched'}): GPU kernel time {total / 1e3:.1f} ms")
@@ -177,18 +187,10 @@ def timeline_step(model, ids, mask, patched, top=10):
     import sys
     import tempfile
 
-    from torch.profiler import ProfilerActivity, profile
-
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from gpu_vllm import print_timeline
 
-    for p in model.parameters():
-        p.grad = None
-    step_fn(model, ids, mask, patched)
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
-        step_fn(model, ids, mask, patched)
-        torch.cuda.synchronize()
+    prof = _profiled_step(model, ids, mask, patched)
     with tempfile.TemporaryDirectory() as d:
         trace = os.path.join(d, "trace.json")
         prof.export_chrome_trace(trace)
@@ -197,17 +199,11 @@ def timeline_step(model, ids, mask, patched, top=10):
     print(f"TIMELINE {'onpolicy' if patched else 'unpatched'} (one step under the profiler)")
     print_timeline(events, top)
     # host time to enqueue forward / backward (no sync in between unless the code makes one)
-    import onpolicy
     for p in model.parameters():
         p.grad = None
     torch.cuda.synchronize()
     t0 = time.perf_counter()
-    if patched:
-        lp = onpolicy.token_logprobs(model, ids, mask)
-    else:
-        logits = model(ids, attention_mask=mask).logits[:, :-1].float()
-        lp = torch.log_softmax(logits, -1).gather(-1, ids[:, 1:, None])[..., 0]
-    loss = -(lp * mask[:, 1:]).sum() / mask[:, 1:].sum()
+    loss = forward_loss(model, ids, mask, patched)
     t1 = time.perf_counter()
     loss.backward()
     t2 = time.perf_counter()

@@ -77,14 +77,21 @@ def _check(kind, ptrs, mask):
                           f"argument, e.g. at {[hex(int(a)) for a in bad]}; arguments span {spans}")
 
 
-def install():
-    """Patch the interpreter (idempotent). Returns False where there is nothing to patch."""
+def unpatched_interpreter(flag: str):
+    """Triton's interpreter module if it still lacks the patch named `flag` (which is then set
+    once the caller patches it), else None: no triton, or patched already (idempotence)."""
     try:
         from triton.runtime import interpreter as I
     except Exception:  # noqa: BLE001 - no triton: nothing is interpreted
-        return False
-    if getattr(I, "_onpolicy_bounds", False):
-        return True
+        return None
+    return None if getattr(I, flag, False) else I
+
+
+def install() -> None:
+    """Patch the interpreter (idempotent; nothing to do without triton)."""
+    I = unpatched_interpreter("_onpolicy_bounds")
+    if I is None:
+        return
     builder = I.interpreter_builder
     load, store = builder.create_masked_load, builder.create_masked_store
     init_args = I.GridExecutor._init_args_hst
@@ -117,7 +124,6 @@ def install():
     I.GridExecutor._init_args_hst = init_args_hst
     I.GridExecutor.__call__ = run
     I._onpolicy_bounds = True
-    return True
 
 
 def elements_checked() -> int:

@@ -25,14 +25,13 @@ def dot_in_order(a: np.ndarray, b: np.ndarray, acc: np.ndarray) -> np.ndarray:
     return out
 
 
-def install() -> bool:
-    """Patch the interpreter (idempotent). Returns False where there is nothing to patch."""
-    try:
-        from triton.runtime import interpreter as I
-    except Exception:  # noqa: BLE001 - no triton: nothing is interpreted
-        return False
-    if getattr(I, "_onpolicy_dot", False):
-        return True
+def install() -> None:
+    """Patch the interpreter (idempotent; nothing to do without triton)."""
+    from _bounds import unpatched_interpreter
+
+    I = unpatched_interpreter("_onpolicy_dot")
+    if I is None:
+        return
     builder = I.interpreter_builder
     original = builder.create_dot
 
@@ -43,4 +42,3 @@ def install() -> bool:
 
     builder.create_dot = create_dot
     I._onpolicy_dot = True
-    return True
