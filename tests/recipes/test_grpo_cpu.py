@@ -134,7 +134,7 @@ def test_recipe_two_ranks_with_vllm_tensor_parallel_2_is_bitwise(tmp_path):
            "--config", "recipes/cpu_demo.yaml", "--max_steps", "3", "--sft_warmup_steps", "40",
            "--per_device_train_batch_size", "8", "--warmup_steps", "0", "--vllm_tensor_parallel_size", "2",
            "--control", "false",
-           "--vllm_gpu_memory_utilization", "0.05", "--run_dir", str(tmp_path), "--report_to", "none"]
+           "--vllm_gpu_memory_utilization", "0.2", "--run_dir", str(tmp_path), "--report_to", "none"]
     r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
     assert r.returncode == 0, (r.stdout[-3000:], r.stderr[-5000:])
     on = _rows(tmp_path / "onpolicy" / "metrics.jsonl")
