@@ -1,0 +1,48 @@
+"""Run by test_fsdp2.py under `torch.distributed.run --nproc_per_node 2` (gloo, CPU).
+
+A tiny patched Qwen3 sharded with FSDP2 (each layer, then the root) against the same
+model unsharded in the same process: prints one line per rank, "RESULT {json}", with
+whether the token logprobs are bitwise equal and the largest gradient difference.
+"""
+import json
+
+import torch
+import torch.distributed as dist
+from torch.distributed.fsdp import fully_shard
+from transformers import Qwen3Config, Qwen3ForCausalLM
+
+import onpolicy
+
+
+def main():
+    dist.init_process_group("gloo")
+    ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    weights = torch.randn(2, 15, generator=torch.Generator().manual_seed(2))
+    models = []
+    for shard in (False, True):
+        torch.manual_seed(0)
+        cfg = Qwen3Config(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, head_dim=16)
+        m = Qwen3ForCausalLM(cfg)
+        onpolicy.patch_model(m)
+        if shard:
+            for layer in m.model.layers:
+                fully_shard(layer)
+            fully_shard(m)
+        lp = onpolicy.token_logprobs(m, ids, mask)
+        (lp * weights).sum().backward()
+        models.append((m, lp.detach()))
+    (ref, lp_ref), (sharded, lp) = models
+    diff = 0.0
+    for p, q in zip(sharded.parameters(), ref.parameters()):
+        g = p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad
+        diff = max(diff, (g - q.grad).abs().max().item())
+    print("RESULT " + json.dumps({"rank": dist.get_rank(), "bitwise": torch.equal(lp, lp_ref), "grad_diff": diff}),
+          flush=True)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
