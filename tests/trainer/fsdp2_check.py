@@ -1,10 +1,13 @@
 """Run by test_fsdp2.py under `torch.distributed.run --nproc_per_node 2` (gloo, CPU).
 
 A tiny patched Qwen3 sharded with FSDP2 (each layer, then the root) against the same
-model unsharded in the same process: prints one line per rank, "RESULT {json}", with
-whether the token logprobs are bitwise equal and the largest gradient difference.
+model unsharded in the same process: each rank writes OUT_DIR/rank{r}.json (the ranks'
+stdout shares one pipe, where two prints can interleave) with whether the token logprobs
+are bitwise equal and the largest gradient difference.
 """
 import json
+import os
+import sys
 
 import torch
 import torch.distributed as dist
@@ -39,8 +42,9 @@ def main():
     for p, q in zip(sharded.parameters(), ref.parameters()):
         g = p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad
         diff = max(diff, (g - q.grad).abs().max().item())
-    print("RESULT " + json.dumps({"rank": dist.get_rank(), "bitwise": torch.equal(lp, lp_ref), "grad_diff": diff}),
-          flush=True)
+    rank = dist.get_rank()
+    with open(os.path.join(sys.argv[1], f"rank{rank}.json"), "w") as f:
+        json.dump({"rank": rank, "bitwise": torch.equal(lp, lp_ref), "grad_diff": diff}, f)
     dist.destroy_process_group()
 
 
