@@ -253,9 +253,8 @@ def count_syncs(model, ids, mask):
     where = Counter()
     onpolicy.patch_model(model)
     try:
-        with warnings.catch_warnings(record=True) as caught:
+        with warnings.catch_warnings():  # restores the filters and showwarning on exit
             warnings.simplefilter("always")
-            old = warnings.showwarning
 
             def record(message, category, filename, lineno, file=None, line=None):
                 frames = [f for f in traceback.extract_stack()[:-1]
@@ -269,9 +268,6 @@ def count_syncs(model, ids, mask):
                 step_fn(model, ids, mask, True)
             finally:
                 torch.cuda.set_sync_debug_mode(0)
-                warnings.showwarning = old
-            for w in caught:
-                record(w.message, w.category, w.filename, w.lineno)
     finally:
         onpolicy.unpatch_model(model)
     print(f"host syncs in one patched step: {sum(where.values())}")

@@ -118,23 +118,24 @@ def _eager_function(name: str, op, backward, setup_context):
     return cls
 
 
-def _plain_eager(args) -> bool:
-    """An eager call on plain tensors: nothing traces it (torch.compile, a dispatch or
-    function mode, FX proxies, fake or meta tensors)."""
+def _eager_grad(args):
+    """None where the call must go through the op: something traces it (torch.compile, a
+    dispatch or function mode, FX proxies, fake or meta tensors). Else whether it needs
+    autograd: grad is on and some tensor argument requires it. One pass over the arguments
+    (every op call pays this)."""
     if (torch.compiler.is_compiling() or torch._C._is_torch_function_mode_enabled()
             or _get_current_dispatch_mode() is not None):
-        return False
+        return None
+    grad = torch.is_grad_enabled()
+    needs = False
     for a in args:
         if isinstance(a, torch.Tensor):
             if type(a) not in _PLAIN or a.device.type == "meta":
-                return False
+                return None
+            needs = needs or (grad and a.requires_grad)
         elif a is not None and not isinstance(a, (bool, int, float)):
-            return False
-    return True
-
-
-def _needs_grad(args) -> bool:
-    return torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args)
+            return None
+    return needs
 
 
 def direct(args) -> bool:
@@ -147,7 +148,7 @@ def direct(args) -> bool:
     (10-20 us on this project's CPU machine; on the H200's host the difference was inside
     the timer's spread), paid at every step by the ops a vLLM decode step runs eagerly (the
     LM head, the sampler's log-softmax)."""
-    return _plain_eager(args) and not _needs_grad(args)
+    return _eager_grad(args) is False
 
 
 def call(op, *args):
@@ -160,9 +161,10 @@ def call(op, *args):
     * anything traced (torch.compile, modes, fake tensors) or an op without an autograd
       formula: the registered op, through the dispatcher.
     """
-    if _plain_eager(args):
-        if not _needs_grad(args):
-            return op.body(*args)
+    needs = _eager_grad(args)
+    if needs is False:
+        return op.body(*args)
+    if needs:
         fn = getattr(op, "function", None)
         if fn is not None:
             return fn.apply(*args)
