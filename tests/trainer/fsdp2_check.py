@@ -45,7 +45,13 @@ def main():
     rank = dist.get_rank()
     with open(os.path.join(sys.argv[1], f"rank{rank}.json"), "w") as f:
         json.dump({"rank": rank, "bitwise": torch.equal(lp, lp_ref), "grad_diff": diff}, f)
+    dist.barrier()
     dist.destroy_process_group()
+    # Leave without the interpreter's teardown: there a rank aborted in about one run of
+    # eight ("terminate called without an active exception", after both results were
+    # written), failing the launch although every check had run.
+    sys.stdout.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":
