@@ -27,6 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import importlib  # noqa: E402
 
 import onpolicy_kernels as K  # noqa: E402
+from onpolicy.vllm_plugin.graphs import RowGraphs  # noqa: E402
 
 # the modules (the package's `linear` / `log_softmax` attributes are the functions)
 L = importlib.import_module("onpolicy_kernels.linear")
@@ -91,6 +92,9 @@ def main() -> None:
     print("| rows | op | host us |")
     print("|---|---|---|")
     impl = L.linear_triton if cuda else L.linear_cpu
+    # rows past the graphs' largest bucket run eagerly (the same as the API rows)
+    head_graphs = RowGraphs(lambda x, w: K.linear(x, w), "LM head")
+    soft_graphs = RowGraphs(lambda lg, t: K.log_softmax(lg, t), "log_softmax")
     with torch.inference_mode():
         for m in (int(r) for r in a.rows.split(",")):
             x = torch.randn(m, HIDDEN, device=dev, dtype=dt)
@@ -99,11 +103,14 @@ def main() -> None:
             idx = torch.arange(m, device=dev)  # the step's expanded_idx_mapping, already on the device
             rows = [
                 ("LM head: onpolicy_kernels.linear", lambda: K.linear(x, w)),
+                ("LM head: onpolicy's decode graph (vLLM plugin, graphs.py)", lambda: head_graphs(x, extra=(w,))),
                 ("LM head: the custom op (torch.ops.onpolicy.linear)", lambda: torch.ops.onpolicy.linear(x, w, None)),
                 ("LM head: the implementation, called directly", lambda: impl(x, w, None)),
                 ("LM head: F.linear (the default engine)", lambda: F.linear(x, w)),
                 ("log_softmax(logits, t): onpolicy_kernels, per-row t", lambda: K.log_softmax(logits, t)),
                 ("log_softmax(logits, 1.0): onpolicy_kernels, float t", lambda: K.log_softmax(logits, 1.0)),
+                ("log_softmax: onpolicy's decode graph, float t", lambda: soft_graphs(logits, extra=(1.0,))),
+                ("log_softmax: onpolicy's decode graph, per-row t", lambda: soft_graphs(logits, t)),
                 ("log_softmax: the custom op", lambda: torch.ops.onpolicy.log_softmax(logits, t)),
                 ("log_softmax: the implementation, called directly", lambda: P._log_softmax_impl(logits, t)),
                 ("torch.log_softmax (fp32)", lambda: torch.log_softmax(logits, dim=-1)),

@@ -5,7 +5,9 @@
 1. plugin on: `onpolicy check --model M --prompts 64 --max-tokens 32 --json` (must be 100%);
 2. plugin on, trainer perturbed (layer 13's post-attention norm epsilon) through run_check's
    trainer_hook: the divergence must name layers.13.post_attention_layernorm;
-3. plugin off (`--off`): plain vLLM vs plain transformers, the first diverging layer.
+3. plugin off (`--off`): plain vLLM vs plain transformers, the first diverging layer;
+4. plugin on with `--cuda-graphs` (the production engine: vLLM's graphs for the model, onpolicy's
+   for the LM head and sampler), at temperature 1 and 0.7 (the sampler's two graph kinds).
 Each runs in its own process (a vLLM plugin is process-global). Prints one RESULT line each.
 With --tp 2 only (1) runs, at tensor_parallel_size=2.
 """
@@ -32,12 +34,16 @@ def run(name, cmd, out):
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     with open(os.path.join(out, f"check_{name}.log"), "w") as f:
         f.write(r.stdout + "\n---- stderr\n" + r.stderr)
+    graphs = [ln.split("onpolicy: ", 1)[-1] for ln in (r.stdout + r.stderr).splitlines()
+              if "LM head and sampler" in ln or "graphs of the LM head" in ln]
     last = [ln for ln in r.stdout.splitlines() if ln.startswith("{")]
     res = json.loads(last[-1]) if last else {"error": r.stderr[-2000:]}
     m, d = res.get("metrics", {}), res.get("divergence")
     print(f"RESULT {name}: exit {r.returncode}, {time.time() - t:.0f} s, tokens {m.get('tokens')}, bitwise "
           f"{m.get('bitwise_equal_frac')}, mean |dlogp| {m.get('logp_abs_diff_mean')}, max {m.get('logp_abs_diff_max')}"
           f", divergence {json.dumps(d)}" + (f" ERROR {res['error'][-800:]}" if "error" in res else ""), flush=True)
+    for ln in graphs:
+        print(f"  {name}: {ln[-160:]}", flush=True)
 
 
 def main():
@@ -51,6 +57,8 @@ def main():
     run("on", cli, out)
     run("perturbed", [sys.executable, "-c", PERTURB, model], out)
     run("off", cli + ["--off"], out)
+    run("on_graphs", cli + ["--cuda-graphs"], out)
+    run("on_graphs_t07", cli + ["--cuda-graphs", "--temperature", "0.7"], out)
 
 
 if __name__ == "__main__":

@@ -157,6 +157,29 @@ def throughput(path: str, conf: str, loads: str = "1000x100"):
         dt = time.perf_counter() - t0
         n = sum(len(o.outputs[0].token_ids) for o in outs)
         print(f"THROUGHPUT {conf} {n_prompts}x{n_tokens}: {n / dt:.0f} tok/s ({n} tokens in {dt:.1f} s)", flush=True)
+    if conf == "onpolicy":
+        from onpolicy.vllm_plugin.worker import decode_graph_stats
+
+        print(f"DECODE GRAPHS {conf}: {llm.collective_rpc(decode_graph_stats)}", flush=True)
+        print(f"LINEAR CHOICES {conf}: {llm.collective_rpc(linear_choices)}", flush=True)
+
+
+def linear_choices(_worker=None) -> dict:
+    """{(N, K): {M bucket: what runs}} for every bucket the Hopper linear chooser tuned in this process:
+    "T" the Triton kernel, else the cuBLASLt algorithm's "tile/stages/cluster"."""
+    from onpolicy_kernels import linear_choice
+
+    ch = linear_choice._CHOOSER
+    out: dict = {}
+    for k, c in sorted((ch.buckets if ch is not None else {}).items(), key=lambda kv: kv[0][2:]):
+        lab = c.label
+        if lab.startswith("cuBLASLt"):
+            f = lab.split()
+            lab = f"{f[2]}/{f[4]}/{f[6]}"
+        else:
+            lab = "T"
+        out.setdefault(f"{k[2]}x{k[3]}", {})[k[4]] = lab
+    return out
 
 
 def profile(path: str, conf: str, load: str = "256x128"):

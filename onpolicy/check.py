@@ -10,7 +10,10 @@
    whose outputs differ is reported ("layer 3 post_attention_layernorm: max |Δ|
    2e-3; everything before identical").
 
-The engine runs eagerly (enforce_eager) so module hooks can see activations.
+The engine runs eagerly (enforce_eager) so module hooks can see activations; with
+--cuda-graphs it runs as a production engine does (vLLM's CUDA graphs for the model,
+onpolicy's for the LM head and sampler), and a mismatch is reported without locating it
+(rerun without the flag for that).
 """
 from __future__ import annotations
 
@@ -54,6 +57,7 @@ class CheckResult:
     divergence: Optional[dict] = None
     notes: list = field(default_factory=list)
     tensor_parallel_size: int = 1
+    cuda_graphs: bool = False
 
     @property
     def ok(self) -> bool:
@@ -117,8 +121,10 @@ def validate_model(model: str):
 
 # --- the two sides ----------------------------------------------------------------------------------------------------
 
-def make_engine(model: str, plugin: bool, max_model_len: int = 512, seed: int = 0, tp: int = 1):
-    """An in-process vLLM engine, eager, with the onpolicy plugin on or off (tp > 1: one worker process a rank)."""
+def make_engine(model: str, plugin: bool, max_model_len: int = 512, seed: int = 0, tp: int = 1,
+                cuda_graphs: bool = False):
+    """An in-process vLLM engine, eager unless `cuda_graphs`, with the onpolicy plugin on or off
+    (tp > 1: one worker process a rank)."""
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     from . import vllm_plugin
 
@@ -128,7 +134,7 @@ def make_engine(model: str, plugin: bool, max_model_len: int = 512, seed: int = 
         raise CheckError("the onpolicy vLLM plugin is already on in this process; run --off in a fresh process")
     from vllm import LLM
 
-    kw = dict(model=model, dtype="auto", max_model_len=max_model_len, seed=seed, enforce_eager=True,
+    kw = dict(model=model, dtype="auto", max_model_len=max_model_len, seed=seed, enforce_eager=not cuda_graphs,
               logprobs_mode="processed_logprobs")
     if not torch.cuda.is_available():
         kw["gpu_memory_utilization"] = 0.3
@@ -305,7 +311,7 @@ def describe_op(op: str) -> str:
 def run_check(model: str, prompts: int = 16, max_tokens: int = 32, temperature: float = 1.0, off: bool = False,
               prompt_file: Optional[Path] = None, seed: int = 0, llm=None, trainer=None,
               trainer_hook: Optional[Callable] = None, progress: Optional[Callable[[str], None]] = None,
-              tp: int = 1) -> CheckResult:
+              tp: int = 1, cuda_graphs: bool = False) -> CheckResult:
     """Sample, recompute, compare; localise the first divergence. `llm`/`trainer` may be passed in to reuse them."""
     say = progress or (lambda _msg: None)
     cfg = validate_model(model)
@@ -323,7 +329,7 @@ def run_check(model: str, prompts: int = 16, max_tokens: int = 32, temperature: 
     prompt_ids = load_prompts(prompt_file, prompts, cfg.vocab_size, seed, tok)
     if llm is None:
         say("starting vLLM" + (" (onpolicy plugin off)" if off else " with the onpolicy plugin"))
-        llm = make_engine(model, plugin=not off, seed=seed, tp=tp)
+        llm = make_engine(model, plugin=not off, seed=seed, tp=tp, cuda_graphs=cuda_graphs)
     say(f"sampling {len(prompt_ids)} prompts x {max_tokens} tokens at temperature {temperature}")
     comps, slps = sample(llm, prompt_ids, max_tokens, temperature, seed)
     if trainer is None:
@@ -347,10 +353,15 @@ def run_check(model: str, prompts: int = 16, max_tokens: int = 32, temperature: 
     for i in range(len(comps)):
         bad = ((S[i] != R[i]) & M[i]).nonzero()
         firsts.append(int(bad[0]) if bad.numel() else None)
-    res = CheckResult(model, not off, temperature, len(comps), metrics, firsts, tensor_parallel_size=tp)
+    res = CheckResult(model, not off, temperature, len(comps), metrics, firsts, tensor_parallel_size=tp,
+                      cuda_graphs=cuda_graphs)
     if metrics["first_mismatch"] is not None:
         i, j = metrics["first_mismatch"]["seq"], metrics["first_mismatch"]["pos"]
         ids = prompt_ids[i] + comps[i][:j]
+        if cuda_graphs:
+            res.notes.append("the per-layer divergence search needs an eager engine (module hooks): rerun "
+                             "without --cuda-graphs to locate it")
+            return res
         if tp > 1:
             res.notes.append("the per-layer divergence search runs the vLLM model in this process: rerun with "
                              "--tp 1 to locate it")
@@ -368,6 +379,7 @@ def render(res: CheckResult, console) -> None:
 
     m = res.metrics
     tp = f", TP={res.tensor_parallel_size}" if res.tensor_parallel_size > 1 else ""
+    tp += ", CUDA graphs" if res.cuda_graphs else ""
     t = Table(title=f"onpolicy check: {res.model} (plugin {'on' if res.plugin else 'off'}, T={res.temperature}{tp})")
     for c in ("tokens compared", "bitwise equal", "mean |Δlogp|", "max |Δlogp|", "KL k3", "sequences with a mismatch"):
         t.add_column(c, justify="right")
@@ -403,6 +415,8 @@ def check(
     seed: Annotated[int, typer.Option(help="Seed for prompts and sampling.")] = 0,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of tables.")] = False,
     tp: Annotated[int, typer.Option("--tp", help="vLLM tensor_parallel_size (1 or 2); the trainer mirrors it.")] = 1,
+    cuda_graphs: Annotated[bool, typer.Option("--cuda-graphs", help="Sample with CUDA graphs on, as a production "
+                                              "engine does (a mismatch is then not located: rerun without).")] = False,
 ) -> None:
     """Sample with vLLM, recompute with the trainer, and prove bitwise equality (or name the first diverging layer)."""
     from rich.console import Console
@@ -411,7 +425,8 @@ def check(
     try:
         with console.status("onpolicy check") as status:
             res = run_check(model, prompts, max_tokens, temperature, off, prompt_file, seed,
-                            progress=lambda msg: (status.update(msg), console.log(msg)), tp=tp)
+                            progress=lambda msg: (status.update(msg), console.log(msg)), tp=tp,
+                            cuda_graphs=cuda_graphs)
     except CheckError as e:
         console.print(f"[bold red]error:[/] {e}", soft_wrap=True)
         raise typer.Exit(2) from None

@@ -120,6 +120,9 @@ def _make_classes() -> dict[str, type]:
                 raise OnpolicyVllmError("logit soft-capping / logit scaling is not supported")
             dt = self.head_dtype
             if dt is None or dt == hidden_states.dtype:
+                graphs = getattr(self, "_onpolicy_graphs", None)  # decode steps from CUDA graphs (graphs.py)
+                if graphs is not None and embedding_bias is None:
+                    return graphs(hidden_states, extra=(lm_head.weight,))
                 return method.apply(lm_head, hidden_states, bias=embedding_bias)
             bias = embedding_bias.to(dt) if embedding_bias is not None else None
             return _linear(hidden_states.to(dt), lm_head.weight.to(dt), bias)

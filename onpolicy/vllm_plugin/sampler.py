@@ -180,7 +180,11 @@ class V2SamplerMixin026(OnpolicySamplerMixin):
                                              expanded_local_pos)
         temp_all = self.sampling_states.temperature.gpu
         t = v2_row_temperatures(self.sampling_states, expanded_idx_mapping, idx_mapping_np)
-        lp = _log_softmax(logits, unit_rows(self, logits.shape[0], logits.device) if isinstance(t, float) else t)
+        graphs = getattr(self, "_onpolicy_graphs", None)  # decode steps from CUDA graphs (graphs.py)
+        if graphs is not None:
+            lp = graphs(logits, extra=(t,)) if isinstance(t, float) else graphs(logits, t)
+        else:
+            lp = _log_softmax(logits, unit_rows(self, logits.shape[0], logits.device) if isinstance(t, float) else t)
         masked = lp
         any_mask, mask_with_logprobs = v2_masking_with_logprobs(
             self.sampling_states, getattr(self, "logprob_token_ids_state", None), idx_mapping_np)

@@ -45,7 +45,9 @@ class OnpolicyWorkerMixin:
         # (0.26: SamplingParams.for_sampler_warmup(), logprobs with top-k/top-p/
         # min-p); the sampler must not refuse those.
         with sampler_warmup(getattr(self, "model_runner", None)):
-            return super().compile_or_warm_up_model(*args, **kwargs)  # type: ignore[misc]
+            out = super().compile_or_warm_up_model(*args, **kwargs)  # type: ignore[misc]
+        warm_up_decode_graphs(self)
+        return out
 
 
 def warm_up_linears(worker) -> None:
@@ -74,6 +76,23 @@ def warm_up_linears(worker) -> None:
     calls = sum(warm_up(w, b, rows) for w, b, rows in plan)
     logger.info("onpolicy: linear kernels warmed up (%d weight shapes, %d calls, %.1f s)", len(plan), calls,
                 time.perf_counter() - start)
+
+
+def warm_up_decode_graphs(worker) -> None:
+    """Capture the LM head's and the sampler's decode-step graphs (graphs.py), if installed,
+    once vLLM has captured its own: before the engine serves, not in its first steps."""
+    from . import graphs
+
+    runner = getattr(worker, "model_runner", None)
+    if runner is None:
+        return
+    model = _model_of(runner)
+    head = getattr(model, "lm_head", None)
+    procs = [m for m in model.modules() if getattr(m, "_onpolicy_graphs", None) is not None]
+    if head is None or not procs:
+        return
+    vocab = getattr(procs[0], "org_vocab_size", None) or head.weight.shape[0]
+    graphs.warm_up(runner, model, head.weight, vocab)
 
 
 def linear_warm_up_plan(model, max_tokens: int, max_seqs: int) -> list:
@@ -135,8 +154,12 @@ def after_load(worker) -> None:
     from .sampler import install
 
     install(runner)
-    logger.info("onpolicy: model audited (%s) and sampler installed",
-                ", ".join(f"{k} {v}" for k, v in counts.items()))
+    from . import graphs
+
+    why_not = graphs.install(runner, _model_of(runner), getattr(worker, "vllm_config", None))
+    logger.info("onpolicy: model audited (%s) and sampler installed; LM head and sampler %s",
+                ", ".join(f"{k} {v}" for k, v in counts.items()),
+                "from CUDA graphs at decode" if not why_not else f"eager ({why_not})")
 
 
 def audit_in_worker(worker) -> dict[str, int]:
@@ -148,6 +171,22 @@ def audit_in_worker(worker) -> dict[str, int]:
         raise OnpolicyVllmError(f"the worker's sampler is {type(compat.runner_sampler(runner)).__name__}, "
                                 "not onpolicy's")
     return counts
+
+
+def decode_graph_stats(worker) -> dict[str, int]:
+    """Run inside a vLLM worker (`LLM.collective_rpc`): graphs captured and replayed by the LM head
+    and the sampler (graphs.py); zeros where they run eagerly."""
+    runner = worker.model_runner
+    holders = [m for m in _model_of(runner).modules() if getattr(m, "_onpolicy_graphs", None) is not None]
+    sampler = compat.runner_sampler(runner)
+    if getattr(sampler, "_onpolicy_graphs", None) is not None:
+        holders.append(sampler)
+    stats = {}
+    for h in holders:
+        g = h._onpolicy_graphs
+        stats[f"{g.name} captures"] = g.captures
+        stats[f"{g.name} replays"] = g.replays
+    return stats
 
 
 def check_process(vllm_config) -> None:

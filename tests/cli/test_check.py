@@ -40,11 +40,15 @@ def test_plugin_on_is_bitwise_and_a_perturbed_norm_is_named(model_dir):
         bad = run_check({model_dir!r}, prompts=8, max_tokens=16, llm=llm, trainer=load_trainer({model_dir!r}, True),
                         trainer_hook=perturb)
         print("PERTURBED " + json.dumps({{"metrics": bad.metrics, "divergence": bad.divergence}}))
+        # as sampled by a CUDA-graph engine (--cuda-graphs): reported, not located (hooks need an eager engine)
+        g = run_check({model_dir!r}, prompts=8, max_tokens=16, llm=llm, trainer=load_trainer({model_dir!r}, True),
+                      trainer_hook=perturb, cuda_graphs=True)
+        print("GRAPHS " + json.dumps({{"metrics": g.metrics, "divergence": g.divergence, "notes": g.notes}}))
     """)
     r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=ENV, timeout=600)
     lines = {ln.split(" ", 1)[0]: json.loads(ln.split(" ", 1)[1]) for ln in r.stdout.splitlines()
-             if ln.startswith(("ON ", "PERTURBED "))}
-    assert "ON" in lines and "PERTURBED" in lines, r.stderr[-3000:]
+             if ln.startswith(("ON ", "PERTURBED ", "GRAPHS "))}
+    assert "ON" in lines and "PERTURBED" in lines and "GRAPHS" in lines, r.stderr[-3000:]
     on = lines["ON"]
     assert on["metrics"]["tokens"] == 8 * 16 and on["metrics"]["bitwise_equal_frac"] == 1.0
     assert on["divergence"] is None
@@ -55,6 +59,9 @@ def test_plugin_on_is_bitwise_and_a_perturbed_norm_is_named(model_dir):
     assert d["max_abs_diff"] > 0
     # every sub-op before it (input norms, attention of layers 0-2, MLPs of layers 0-1) was identical
     assert d["identical_before"] == 2 * 8 + 4
+    g = lines["GRAPHS"]
+    assert g["metrics"] == bad["metrics"] and g["divergence"] is None
+    assert any("without --cuda-graphs" in n for n in g["notes"]), g["notes"]
 
 
 @pytest.mark.vllm

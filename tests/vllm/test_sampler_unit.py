@@ -266,3 +266,42 @@ def test_v2_sample_divides_each_row_by_its_temperature(monkeypatch, temps):
     assert seen["x"] is lp and seen["apply_temperature"] is False
     assert torch.equal(sampled, lp.argmax(-1))
     assert hasattr(s, "_onpolicy_unit_rows") == (temps == [1.0, 0.0, 1.0])
+
+
+@pytest.mark.parametrize("temps", [[1.0, 0.0, 1.0], [0.7, 1.0, 0.0]], ids=["unit", "per-row"])
+def test_v2_sample_goes_through_its_decode_graphs(monkeypatch, temps):
+    """With decode graphs installed (graphs.py; GPU), the log-softmax is the graphs' call: the float
+    1.0 baked in for a unit step (no per-row ones), the per-row temperatures as graph rows otherwise."""
+    import numpy as np
+
+    import onpolicy_kernels as K
+    from onpolicy.vllm_plugin.graphs import RowGraphs
+    from onpolicy.vllm_plugin.sampler import V2SamplerMixin026
+    import vllm.v1.worker.gpu.sample.gumbel as gumbel
+
+    monkeypatch.setattr(gumbel, "gumbel_sample", lambda x, *a, **k: x.argmax(-1))
+    calls = []
+
+    def fn(logits, t):
+        calls.append(t)
+        return K.log_softmax(logits, t)
+
+    n = len(temps)
+    noop = SimpleNamespace(apply_logit_bias=lambda *a: None, apply_penalties=lambda *a: None,
+                           apply_bad_words=lambda *a: None)
+    states = _v2_temperature_states(temps)
+    vars(states).update(vocab_size=V, top_k=SimpleNamespace(np=np.full(n, V)), top_p=SimpleNamespace(np=np.ones(n)),
+                        min_p=SimpleNamespace(np=np.zeros(n)), num_logprobs=np.full(n, -1),
+                        seeds=SimpleNamespace(gpu=torch.zeros(n, dtype=torch.int64)))
+    s = SimpleNamespace(logit_bias_state=noop, penalties_state=noop, bad_words_state=noop, sampling_states=states,
+                        _onpolicy_mode="processed_logprobs", _onpolicy_warmup=False,
+                        _onpolicy_graphs=RowGraphs(fn, "log_softmax"))
+    logits = _logits(n, seed=6)
+    with torch.inference_mode():
+        _, lp = V2SamplerMixin026.sample(s, logits.clone(), torch.arange(n), np.arange(n), torch.zeros(n), None,
+                                         None, return_logprobs=True)
+    per_row = torch.tensor([x if x != 0.0 else 1.0 for x in temps], dtype=torch.float32)
+    assert torch.equal(lp, K.log_softmax(logits, per_row))
+    assert len(calls) == 1
+    assert (calls[0] == 1.0 and isinstance(calls[0], float)) if temps[0] == 1.0 else torch.equal(calls[0], per_row)
+    assert not hasattr(s, "_onpolicy_unit_rows")

@@ -1,0 +1,273 @@
+"""CUDA graphs for the two ops a vLLM decode step runs eagerly after its model's graph: the LM
+head and the sampler's log-softmax.
+
+vLLM replays the decoder as one CUDA graph, then calls the LM head and the sampler in
+Python at every step. At a rollout's long tail (8 sequences) the engine is host-bound,
+and onpolicy's head and log-softmax cost 125-168 us of host time per step (Triton's
+launch path, three launches) where the default engine's cuBLAS head costs 17-33 us
+(benchmarks/bench_host_overhead.py). Replaying them from a graph costs one copy of the
+inputs and one graph launch.
+
+`RowGraphs(fn)` runs `fn(*rows, *extra)` from a CUDA graph captured for the smallest
+bucket (1, 2, 4, ..., MAX_ROWS) that holds the call's m rows: the rows are copied into
+the graph's static inputs, the graph is replayed, and the first m rows of its static
+output are returned. Rows past m hold whatever an earlier call left there. That changes
+no bits: every onpolicy kernel is batch-invariant (a row's result depends on that row
+only, never on the other rows or their number), and tests/gpu/test_decode_graphs.py
+checks the graphs' rows against eager calls bitwise, at every row count of every bucket.
+
+What is not graphed (runs eagerly, as before): more than MAX_ROWS rows, a call needing
+autograd, a call made while a CUDA graph is being captured (vLLM's own capture), CPU
+tensors, and any argument `RowGraphs` cannot key. A failed capture is logged and that
+key runs eagerly from then on.
+
+The returned tensor is a view of the graph's static output: it stays valid until the
+next call of the same `RowGraphs` with the same bucket and argument kinds. vLLM's model
+runner V2 consumes the logits and the sampler's log-probabilities within the step (its
+logprobs are gathered into new tensors), so the graphs are installed there only
+(`wanted`), and not with speculative decoding (draft logits are kept across steps),
+`enforce_eager`, or `ONPOLICY_DECODE_GRAPHS=0`.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import Callable
+
+import torch
+
+logger = logging.getLogger("vllm.onpolicy")
+
+MAX_ROWS = 256  # decode batches up to this many rows can run from graphs; larger ones eagerly
+ENV = "ONPOLICY_DECODE_GRAPHS"  # 0: the head and sampler run eagerly
+ROWS_ENV = "ONPOLICY_DECODE_GRAPH_ROWS"  # fewer rows (1..MAX_ROWS): fewer graphs, less memory
+
+
+def bucket(m: int) -> int:
+    """The padded row count a call of m rows (1 <= m <= MAX_ROWS) replays: the next power of two."""
+    if m < 1:
+        raise ValueError(f"bucket of {m} rows")
+    return 1 << (m - 1).bit_length()
+
+
+def buckets(max_rows: int) -> list[int]:
+    """Every bucket a call of 1..max_rows rows can use (max_rows capped at MAX_ROWS)."""
+    top = min(max_rows, MAX_ROWS)
+    return [1 << i for i in range(bucket(top).bit_length())] if top >= 1 else []
+
+
+def env_enabled() -> bool:
+    v = os.environ.get(ENV, "1").strip().lower()
+    if v in ("1", "true", "yes", "on", ""):
+        return True
+    if v in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"{ENV}={v!r}: use 1 (the default: graphs for the LM head and sampler) or 0 (eager)")
+
+
+def max_rows_from_env() -> int:
+    v = os.environ.get(ROWS_ENV, "").strip()
+    if not v:
+        return MAX_ROWS
+    try:
+        n = int(v)
+    except ValueError:
+        n = 0
+    if not 1 <= n <= MAX_ROWS:
+        raise ValueError(f"{ROWS_ENV}={v!r}: give the largest decode batch to run from graphs, 1 to {MAX_ROWS} "
+                         f"(or {ENV}=0 for none)")
+    return n
+
+
+def wanted(vllm_config, device, flavour: str) -> tuple[bool, str]:
+    """(whether to graph the head and sampler, why not). `flavour` is the sampler's (compat.sampler_flavour)."""
+    if not env_enabled():
+        return False, f"{ENV}=0"
+    if torch.device(device).type != "cuda":
+        return False, "not a CUDA device"
+    if flavour != "v2_026":
+        return False, f"sampler layout {flavour!r} (graphs only with model runner V2)"
+    model_config = getattr(vllm_config, "model_config", None)
+    if getattr(model_config, "enforce_eager", False):
+        return False, "enforce_eager"
+    if getattr(vllm_config, "speculative_config", None) is not None:
+        return False, "speculative decoding (draft logits live across steps)"
+    return True, ""
+
+
+def _key_of(a):
+    """What a captured graph assumes about one argument; None when it cannot be keyed."""
+    if isinstance(a, torch.Tensor):  # an extra tensor is baked into the graph by address
+        return ("t", a.data_ptr(), a.dtype, tuple(a.shape), a.stride(), a.device)
+    if isinstance(a, (bool, int, float, type(None))):
+        return ("c", type(a), a)
+    return None
+
+
+class _Graph:
+    __slots__ = ("graph", "inputs", "output")
+
+    def __init__(self, graph, inputs, output):
+        self.graph, self.inputs, self.output = graph, inputs, output
+
+
+class RowGraphs:
+    """`fn(*rows, *extra)` replayed from CUDA graphs captured per row bucket (see the module docstring).
+
+    rows: CUDA tensors whose first dimension is the call's m rows (copied into the graph's
+    static inputs at every call); extra: values baked into the graph (floats, or tensors by
+    address -- e.g. a weight loaded in place), part of the key.
+    """
+
+    def __init__(self, fn: Callable, name: str, max_rows: int = MAX_ROWS):
+        self.fn = fn
+        self.name = name
+        self.max_rows = min(max_rows, MAX_ROWS)
+        self._graphs: dict = {}
+        self.captures = 0
+        self.replays = 0
+
+    def _key(self, rows, extra):
+        x = rows[0]
+        if not isinstance(x, torch.Tensor) or not x.is_cuda:
+            return None
+        m = x.shape[0]
+        if not 0 < m <= self.max_rows:
+            return None
+        key = [bucket(m)]
+        for r in rows:
+            if not isinstance(r, torch.Tensor) or r.shape[0] != m or r.device != x.device:
+                return None
+            key.append((r.dtype, tuple(r.shape[1:])))
+        for e in extra:
+            k = _key_of(e)
+            if k is None:
+                return None
+            key.append(k)
+        if torch.is_grad_enabled() and any(t.requires_grad for t in (*rows, *extra) if isinstance(t, torch.Tensor)):
+            return None  # autograd needs the eager call
+        return tuple(key)
+
+    def __call__(self, *rows, extra: tuple = ()):
+        key = self._key(rows, extra)
+        if key is None or torch.cuda.is_current_stream_capturing():
+            return self.fn(*rows, *extra)
+        g = self._graphs.get(key)
+        if g is None:
+            g = self._graphs[key] = self._capture(key[0], rows, extra)
+        if g is False:  # its capture failed: eager
+            return self.fn(*rows, *extra)
+        m = rows[0].shape[0]
+        for static, r in zip(g.inputs, rows):
+            static[:m].copy_(r)
+        g.graph.replay()
+        self.replays += 1
+        return g.output[:m]
+
+    def _capture(self, b: int, rows, extra):
+        if len(self._graphs) >= 64:  # e.g. extra tensors at new addresses each time: keep the newest only
+            self._graphs.clear()
+        device = rows[0].device
+        try:
+            with torch.inference_mode(False):  # plain tensors: copied into under any mode
+                inputs = tuple(torch.ones((b,) + tuple(r.shape[1:]), dtype=r.dtype, device=device) for r in rows)
+            current = torch.cuda.current_stream(device)
+            side = torch.cuda.Stream(device)
+            side.wait_stream(current)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.stream(side):
+                self.fn(*inputs, *extra)  # compiles and tunes (never inside the capture)
+                graph.capture_begin(capture_error_mode="thread_local")
+                try:
+                    output = self.fn(*inputs, *extra)
+                finally:
+                    graph.capture_end()
+            current.wait_stream(side)
+        except Exception as e:  # noqa: BLE001 -- logged; the key runs eagerly (same bits, slower)
+            logger.warning("onpolicy: could not capture a CUDA graph of %s for %d rows (%s: %s); it runs eagerly",
+                           self.name, b, type(e).__name__, e)
+            return False
+        if not isinstance(output, torch.Tensor) or output.shape[:1] != (b,):
+            raise TypeError(f"{self.name}: a graphed function must return one tensor of {b} rows")
+        self.captures += 1
+        return _Graph(graph, inputs, output)
+
+
+def capture_buckets(graphs: RowGraphs, make_rows: Callable[[int], tuple], extra: tuple = ()) -> int:
+    """Capture `graphs` for every bucket (rows from make_rows(b)); returns how many graphs it holds."""
+    for b in buckets(graphs.max_rows):
+        graphs(*make_rows(b), extra=extra)
+    return len(graphs._graphs)
+
+
+def install(runner, model, vllm_config) -> str:
+    """Give the model's LM head (its OnpolicyLogitsProcessor) and the runner's sampler their
+    RowGraphs where `wanted`; returns why not otherwise ("" when installed)."""
+    from . import compat
+    from .linear import classes
+
+    sampler = compat.runner_sampler(runner)
+    procs = [m for m in model.modules() if isinstance(m, classes()["OnpolicyLogitsProcessor"])]
+    if sampler is None or not procs:
+        return "no sampler or logits processor in this worker"
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    ok, why = wanted(vllm_config, device, compat.sampler_flavour(sampler))
+    if not ok:
+        return why
+    max_rows = min(max_rows_from_env(),
+                   getattr(getattr(vllm_config, "scheduler_config", None), "max_num_seqs", MAX_ROWS) or MAX_ROWS)
+    for p in procs:
+        p._onpolicy_graphs = RowGraphs(_head, "the LM head", max_rows)
+    sampler._onpolicy_graphs = RowGraphs(_log_softmax, "the sampler's log-softmax", max_rows)
+    return ""
+
+
+def _head(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    from . import compat
+
+    return compat.kernels().linear(x, weight, None)
+
+
+def _log_softmax(logits: torch.Tensor, temperature) -> torch.Tensor:
+    from . import compat
+
+    return compat.kernels().log_softmax(logits, temperature)
+
+
+def warm_up(runner, model, head_weight: torch.Tensor, vocab: int) -> None:
+    """Capture every bucket's graphs before the engine serves (else the first decode step of a
+    bucket pays its capture): the head on [b, K] rows of the weight's dtype, the log-softmax on
+    its logits with a float temperature (every request at 0 or 1) and with per-row ones."""
+    from . import compat
+    from .linear import classes
+
+    sampler = compat.runner_sampler(runner)
+    procs = [m for m in model.modules() if isinstance(m, classes()["OnpolicyLogitsProcessor"])]
+    head_graphs = getattr(procs[0], "_onpolicy_graphs", None) if procs else None
+    soft = getattr(sampler, "_onpolicy_graphs", None)
+    if head_graphs is None or soft is None:
+        return
+    start = time.perf_counter()
+    w = head_weight
+    dev = w.device
+    before = head_graphs.captures + soft.captures
+    with torch.inference_mode():
+        capture_buckets(head_graphs, lambda b: (torch.zeros(b, w.shape[1], dtype=w.dtype, device=dev),), extra=(w,))
+        logits = lambda b: torch.zeros(b, vocab, dtype=w.dtype, device=dev)  # noqa: E731
+        capture_buckets(soft, lambda b: (logits(b),), extra=(1.0,))
+        capture_buckets(soft, lambda b: (logits(b), torch.ones(b, device=dev)))
+    held = head_graphs.captures + soft.captures
+    logger.info("onpolicy: %d CUDA graphs of the LM head and sampler (%d captured by this warm-up, %.1f s; buckets "
+                "up to %d rows; their static buffers hold %.2f GiB, %s=N for fewer rows)", held, held - before,
+                time.perf_counter() - start, head_graphs.max_rows,
+                (graph_bytes(head_graphs) + graph_bytes(soft)) / 2**30, ROWS_ENV)
+
+
+def graph_bytes(graphs: RowGraphs) -> int:
+    """Bytes of the static inputs and outputs `graphs` holds (what stays allocated between replays)."""
+    total = 0
+    for g in graphs._graphs.values():
+        if g:
+            total += sum(t.numel() * t.element_size() for t in (*g.inputs, g.output))
+    return total

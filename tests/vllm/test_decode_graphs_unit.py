@@ -1,0 +1,82 @@
+"""The decode-step CUDA graphs' selection logic (graphs.py) on the CPU; the graphs themselves
+are checked bitwise against eager calls by tests/gpu/test_decode_graphs.py."""
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from onpolicy.vllm_plugin import graphs as G
+
+
+def test_buckets_cover_every_row_count_once():
+    assert G.buckets(G.MAX_ROWS) == [1, 2, 4, 8, 16, 32, 64, 128, 256]
+    assert G.buckets(5) == [1, 2, 4, 8] and G.buckets(1) == [1] and G.buckets(0) == []
+    assert G.buckets(10_000) == G.buckets(G.MAX_ROWS)
+    for m in range(1, G.MAX_ROWS + 1):
+        b = G.bucket(m)
+        assert m <= b < 2 * m and b in G.buckets(m)
+    with pytest.raises(ValueError):
+        G.bucket(0)
+
+
+def _config(enforce_eager=False, spec=None):
+    return SimpleNamespace(model_config=SimpleNamespace(enforce_eager=enforce_eager), speculative_config=spec)
+
+
+@pytest.mark.parametrize("env,device,flavour,eager,spec,reason", [
+    (None, "cuda", "v2_026", False, None, ""),
+    ("1", "cuda:1", "v2_026", False, None, ""),
+    ("0", "cuda", "v2_026", False, None, "ONPOLICY_DECODE_GRAPHS=0"),
+    (None, "cpu", "v2_026", False, None, "not a CUDA device"),
+    (None, "cuda", "v1", False, None, "sampler layout"),
+    (None, "cuda", "v2_026", True, None, "enforce_eager"),
+    (None, "cuda", "v2_026", False, object(), "speculative decoding"),
+])
+def test_graphs_wanted_only_where_their_outputs_are_consumed_within_the_step(monkeypatch, env, device, flavour,
+                                                                             eager, spec, reason):
+    if env is None:
+        monkeypatch.delenv(G.ENV, raising=False)
+    else:
+        monkeypatch.setenv(G.ENV, env)
+    ok, why = G.wanted(_config(eager, spec), device, flavour)
+    assert ok == (reason == "") and reason in why
+
+
+def test_a_bad_switch_value_names_the_fix(monkeypatch):
+    monkeypatch.setenv(G.ENV, "maybe")
+    with pytest.raises(ValueError, match="use 1 .* or 0"):
+        G.wanted(_config(), "cuda", "v2_026")
+
+
+def test_rows_switch(monkeypatch):
+    monkeypatch.delenv(G.ROWS_ENV, raising=False)
+    assert G.max_rows_from_env() == G.MAX_ROWS
+    monkeypatch.setenv(G.ROWS_ENV, "64")
+    assert G.max_rows_from_env() == 64
+    for bad in ("0", "1000", "many"):
+        monkeypatch.setenv(G.ROWS_ENV, bad)
+        with pytest.raises(ValueError, match=f"1 to {G.MAX_ROWS}"):
+            G.max_rows_from_env()
+
+
+def test_cpu_rows_run_eagerly():
+    import onpolicy_kernels as K
+
+    graphs = G.RowGraphs(lambda x, w: K.linear(x, w), "head")
+    x, w = torch.randn(3, 16), torch.randn(32, 16)
+    assert torch.equal(graphs(x, extra=(w,)), K.linear(x, w))
+    assert graphs.captures == 0 and graphs.replays == 0 and not graphs._graphs
+
+
+def test_keys_tell_apart_what_a_graph_bakes_in():
+    graphs = G.RowGraphs(lambda *a: None, "k")
+    x = torch.zeros(5, 4)
+    w = torch.zeros(3, 4)
+    assert graphs._key((x,), (w,)) is None  # CPU rows: never graphed
+    # what the key holds for a CUDA call, computed the same way on keyable values
+    assert G._key_of(1.0) != G._key_of(1)  # the float temperature vs an int
+    assert G._key_of(w) != G._key_of(w.clone())  # another tensor: another address
+    assert G._key_of(object()) is None
+
