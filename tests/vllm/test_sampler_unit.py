@@ -228,6 +228,22 @@ def test_unit_rows_are_ones_from_one_kept_buffer_with_the_float_paths_bits():
     assert not owner._onpolicy_unit_rows.is_inference()  # made outside inference mode: any caller may use it
 
 
+def _v2_sampler(temps, **extra):
+    """A stand-in for 0.26's V2 sampler object: no logit bias, penalties, bad words or masking;
+    the requests' temperatures `temps`; processed logprobs."""
+    import numpy as np
+
+    n = len(temps)
+    noop = SimpleNamespace(apply_logit_bias=lambda *a: None, apply_penalties=lambda *a: None,
+                           apply_bad_words=lambda *a: None)
+    states = _v2_temperature_states(temps)
+    vars(states).update(vocab_size=V, top_k=SimpleNamespace(np=np.full(n, V)), top_p=SimpleNamespace(np=np.ones(n)),
+                        min_p=SimpleNamespace(np=np.zeros(n)), num_logprobs=np.full(n, -1),
+                        seeds=SimpleNamespace(gpu=torch.zeros(n, dtype=torch.int64)))
+    return SimpleNamespace(logit_bias_state=noop, penalties_state=noop, bad_words_state=noop, sampling_states=states,
+                           _onpolicy_mode="processed_logprobs", _onpolicy_warmup=False, **extra)
+
+
 @pytest.mark.parametrize("temps", [[1.0, 0.0, 1.0], [0.7, 1.0, 0.0]], ids=["unit", "per-row"])
 def test_v2_sample_divides_each_row_by_its_temperature(monkeypatch, temps):
     """Model runner V2 (0.26's layout, GPU only in practice) with fake states: the returned
@@ -248,14 +264,7 @@ def test_v2_sample_divides_each_row_by_its_temperature(monkeypatch, temps):
 
     monkeypatch.setattr(gumbel, "gumbel_sample", fake_gumbel)
     n = len(temps)
-    noop = SimpleNamespace(apply_logit_bias=lambda *a: None, apply_penalties=lambda *a: None,
-                           apply_bad_words=lambda *a: None)
-    states = _v2_temperature_states(temps)
-    vars(states).update(vocab_size=V, top_k=SimpleNamespace(np=np.full(n, V)), top_p=SimpleNamespace(np=np.ones(n)),
-                        min_p=SimpleNamespace(np=np.zeros(n)), num_logprobs=np.full(n, -1),
-                        seeds=SimpleNamespace(gpu=torch.zeros(n, dtype=torch.int64)))
-    s = SimpleNamespace(logit_bias_state=noop, penalties_state=noop, bad_words_state=noop, sampling_states=states,
-                        _onpolicy_mode="processed_logprobs", _onpolicy_warmup=False)
+    s = _v2_sampler(temps)
     logits = _logits(n, seed=5)
     idx = np.arange(n)
     with torch.inference_mode():
@@ -287,15 +296,7 @@ def test_v2_sample_goes_through_its_decode_graphs(monkeypatch, temps):
         return K.log_softmax(logits, t)
 
     n = len(temps)
-    noop = SimpleNamespace(apply_logit_bias=lambda *a: None, apply_penalties=lambda *a: None,
-                           apply_bad_words=lambda *a: None)
-    states = _v2_temperature_states(temps)
-    vars(states).update(vocab_size=V, top_k=SimpleNamespace(np=np.full(n, V)), top_p=SimpleNamespace(np=np.ones(n)),
-                        min_p=SimpleNamespace(np=np.zeros(n)), num_logprobs=np.full(n, -1),
-                        seeds=SimpleNamespace(gpu=torch.zeros(n, dtype=torch.int64)))
-    s = SimpleNamespace(logit_bias_state=noop, penalties_state=noop, bad_words_state=noop, sampling_states=states,
-                        _onpolicy_mode="processed_logprobs", _onpolicy_warmup=False,
-                        _onpolicy_graphs=RowGraphs(fn, "log_softmax"))
+    s = _v2_sampler(temps, _onpolicy_graphs=RowGraphs(fn, "log_softmax"))
     logits = _logits(n, seed=6)
     with torch.inference_mode():
         _, lp = V2SamplerMixin026.sample(s, logits.clone(), torch.arange(n), np.arange(n), torch.zeros(n), None,
