@@ -127,6 +127,7 @@ class RowGraphs:
         self._graphs: dict = {}
         self.captures = 0
         self.replays = 0
+        self.warmed = False  # set once warm_up has captured every bucket: later captures are logged
 
     def _key(self, rows, extra):
         x = rows[0]
@@ -135,7 +136,7 @@ class RowGraphs:
         m = x.shape[0]
         if not 0 < m <= self.max_rows:
             return None
-        key = [bucket(m)]
+        key = [bucket(m), x.device]
         for r in rows:
             if not isinstance(r, torch.Tensor) or r.shape[0] != m or r.device != x.device:
                 return None
@@ -155,6 +156,8 @@ class RowGraphs:
             return self.fn(*rows, *extra)
         g = self._graphs.get(key)
         if g is None:
+            for old in [k for k in self._graphs if stale(k, key)]:
+                del self._graphs[old]  # an extra tensor (a weight) now lives elsewhere: its graphs are dead
             g = self._graphs[key] = self._capture(key[0], rows, extra)
         if g is False:  # its capture failed: eager
             return self.fn(*rows, *extra)
@@ -191,7 +194,26 @@ class RowGraphs:
         if not isinstance(output, torch.Tensor) or output.shape[:1] != (b,):
             raise TypeError(f"{self.name}: a graphed function must return one tensor of {b} rows")
         self.captures += 1
+        if self.warmed:
+            logger.info("onpolicy: captured a CUDA graph of %s for %d rows while serving (a kind the warm-up did "
+                        "not cover)", self.name, b)
         return _Graph(graph, inputs, output)
+
+
+def stale(old: tuple, new: tuple) -> bool:
+    """Whether graph key `old` baked in a tensor that `new` has moved: same bucket and argument
+    kinds, an extra tensor of the same dtype, shape and device at another address."""
+    if len(old) != len(new) or old[:2] != new[:2]:
+        return False
+    moved = False
+    for a, b in zip(old[2:], new[2:]):
+        if a == b:
+            continue
+        if not (isinstance(a, tuple) and isinstance(b, tuple) and a[:1] == b[:1] == ("t",)
+                and a[2:] == b[2:] and a[1] != b[1]):
+            return False
+        moved = True
+    return moved
 
 
 def capture_buckets(graphs: RowGraphs, make_rows: Callable[[int], tuple], extra: tuple = ()) -> int:
@@ -211,14 +233,17 @@ def install(runner, model, vllm_config) -> str:
     procs = [m for m in model.modules() if isinstance(m, classes()["OnpolicyLogitsProcessor"])]
     if sampler is None or not procs:
         return "no sampler or logits processor in this worker"
-    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    param = next(model.parameters(), None)
+    device = param.device if param is not None else torch.device("cpu")
     ok, why = wanted(vllm_config, device, compat.sampler_flavour(sampler))
     if not ok:
         return why
     max_rows = min(max_rows_from_env(),
                    getattr(getattr(vllm_config, "scheduler_config", None), "max_num_seqs", MAX_ROWS) or MAX_ROWS)
     for p in procs:
-        p._onpolicy_graphs = RowGraphs(_head, "the LM head", max_rows)
+        # An fp32 head_dtype under a bf16 model runs the head eagerly (a cast first): no head graphs.
+        if getattr(p, "head_dtype", None) in (None, param.dtype):
+            p._onpolicy_graphs = RowGraphs(_head, "the LM head", max_rows)
     sampler._onpolicy_graphs = RowGraphs(_log_softmax, "the sampler's log-softmax", max_rows)
     return ""
 
@@ -238,30 +263,38 @@ def _log_softmax(logits: torch.Tensor, temperature) -> torch.Tensor:
 def warm_up(runner, model, head_weight: torch.Tensor, vocab: int) -> None:
     """Capture every bucket's graphs before the engine serves (else the first decode step of a
     bucket pays its capture): the head on [b, K] rows of the weight's dtype, the log-softmax on
-    its logits with a float temperature (every request at 0 or 1) and with per-row ones."""
+    its logits (the head's dtype, or head_dtype) with a float temperature (every request at 0
+    or 1) and with per-row ones."""
     from . import compat
     from .linear import classes
 
     sampler = compat.runner_sampler(runner)
     procs = [m for m in model.modules() if isinstance(m, classes()["OnpolicyLogitsProcessor"])]
-    head_graphs = getattr(procs[0], "_onpolicy_graphs", None) if procs else None
     soft = getattr(sampler, "_onpolicy_graphs", None)
-    if head_graphs is None or soft is None:
+    if not procs or soft is None:
         return
+    head_graphs = getattr(procs[0], "_onpolicy_graphs", None)
+    held = [g for g in (head_graphs, soft) if g is not None]
     start = time.perf_counter()
     w = head_weight
     dev = w.device
-    before = head_graphs.captures + soft.captures
+    logits_dtype = getattr(procs[0], "head_dtype", None) or w.dtype
+    before = sum(g.captures for g in held)
     with torch.inference_mode():
-        capture_buckets(head_graphs, lambda b: (torch.zeros(b, w.shape[1], dtype=w.dtype, device=dev),), extra=(w,))
-        logits = lambda b: torch.zeros(b, vocab, dtype=w.dtype, device=dev)  # noqa: E731
+        if head_graphs is not None:
+            capture_buckets(head_graphs, lambda b: (torch.zeros(b, w.shape[1], dtype=w.dtype, device=dev),),
+                            extra=(w,))
+        logits = lambda b: torch.zeros(b, vocab, dtype=logits_dtype, device=dev)  # noqa: E731
         capture_buckets(soft, lambda b: (logits(b),), extra=(1.0,))
         capture_buckets(soft, lambda b: (logits(b), torch.ones(b, device=dev)))
-    held = head_graphs.captures + soft.captures
-    logger.info("onpolicy: %d CUDA graphs of the LM head and sampler (%d captured by this warm-up, %.1f s; buckets "
-                "up to %d rows; their static buffers hold %.2f GiB, %s=N for fewer rows)", held, held - before,
-                time.perf_counter() - start, head_graphs.max_rows,
-                (graph_bytes(head_graphs) + graph_bytes(soft)) / 2**30, ROWS_ENV)
+    for g in held:
+        g.warmed = True
+    total = sum(g.captures for g in held)
+    logger.info("onpolicy: %d CUDA graphs of the %s (%d captured by this warm-up, %.1f s; buckets up to %d rows; "
+                "their static buffers hold %.2f GiB, outside vLLM's memory budget; %s=N for fewer rows)", total,
+                "LM head and sampler" if head_graphs is not None else "sampler (the fp32 head runs eagerly)",
+                total - before, time.perf_counter() - start, soft.max_rows,
+                sum(graph_bytes(g) for g in held) / 2**30, ROWS_ENV)
 
 
 def graph_bytes(graphs: RowGraphs) -> int:

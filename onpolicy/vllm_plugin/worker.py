@@ -88,10 +88,12 @@ def warm_up_decode_graphs(worker) -> None:
         return
     model = _model_of(runner)
     head = getattr(model, "lm_head", None)
-    procs = [m for m in model.modules() if getattr(m, "_onpolicy_graphs", None) is not None]
-    if head is None or not procs:
-        return
-    vocab = getattr(procs[0], "org_vocab_size", None) or head.weight.shape[0]
+    if head is None or getattr(compat.runner_sampler(runner), "_onpolicy_graphs", None) is None:
+        return  # graphs not installed (graphs.wanted said why in the load log)
+    from .linear import classes
+
+    procs = [m for m in model.modules() if isinstance(m, classes()["OnpolicyLogitsProcessor"])]
+    vocab = (getattr(procs[0], "org_vocab_size", None) if procs else None) or head.weight.shape[0]
     graphs.warm_up(runner, model, head.weight, vocab)
 
 

@@ -80,3 +80,53 @@ def test_keys_tell_apart_what_a_graph_bakes_in():
     assert G._key_of(w) != G._key_of(w.clone())  # another tensor: another address
     assert G._key_of(object()) is None
 
+
+
+def test_a_moved_weight_makes_its_old_graphs_stale():
+    """TRL's weight sync writes in place (same address, the graph stays); a weight replaced by a
+    new tensor gets new graphs, and the old ones (baked to the old address) are dropped."""
+    w, w2, other = torch.zeros(8, 4), torch.zeros(8, 4), torch.zeros(3, 4)
+    row = (torch.bfloat16, (4,))
+    key = lambda b, e: (b, "dev", row, G._key_of(e))  # noqa: E731
+    assert G.stale(key(8, w), key(8, w2))  # same kind, moved
+    assert not G.stale(key(8, w), key(8, w))  # the same key
+    assert not G.stale(key(4, w), key(8, w2))  # another bucket: checked on its own capture
+    assert not G.stale(key(8, other), key(8, w2))  # another shape: another kind of call
+    assert not G.stale((8, "dev", row, G._key_of(1.0)), (8, "dev", row, G._key_of(2.0)))  # constants differ
+
+
+@pytest.mark.parametrize("head_dtype", [None, torch.bfloat16, torch.float32], ids=["model", "same", "fp32"])
+def test_install_and_warm_up_wiring(monkeypatch, head_dtype):
+    """Where graphs are wanted (forced here: the CPU never wants them), the sampler always gets
+    graphs and the head gets them unless an fp32 head_dtype makes it run eagerly; the warm-up then
+    visits every bucket with logits of the head's output dtype (on the CPU the calls run eagerly)."""
+    import onpolicy.vllm_plugin as plugin
+
+    plugin.enable()
+    from onpolicy.vllm_plugin import compat
+    from onpolicy.vllm_plugin.linear import classes
+
+    LP = classes()["OnpolicyLogitsProcessor"]
+    proc = LP.__new__(LP)
+    torch.nn.Module.__init__(proc)
+    proc.head_dtype, proc.org_vocab_size = head_dtype, 48
+    model = torch.nn.Module()
+    model.lm_head = torch.nn.Linear(16, 48, bias=False).to(torch.bfloat16)
+    model.logits_processor = proc
+    sampler = SimpleNamespace()
+    runner = SimpleNamespace(sampler=sampler)
+    monkeypatch.setattr(compat, "sampler_flavour", lambda s: "v2_026")
+    monkeypatch.setattr(G, "wanted", lambda cfg, dev, flavour: (True, ""))
+    cfg = SimpleNamespace(scheduler_config=SimpleNamespace(max_num_seqs=5))
+    assert G.install(runner, model, cfg) == ""
+    assert sampler._onpolicy_graphs.max_rows == 5
+    assert hasattr(proc, "_onpolicy_graphs") == (head_dtype != torch.float32)
+
+    seen = []
+    monkeypatch.setattr(G, "capture_buckets", lambda g, make, extra=(): seen.append((g.name, make(8)[0].dtype, extra)))
+    G.warm_up(runner, model, model.lm_head.weight, 48)
+    logits = head_dtype or torch.bfloat16
+    soft = [("the sampler's log-softmax", logits, (1.0,)), ("the sampler's log-softmax", logits, ())]
+    head = [] if head_dtype == torch.float32 else [("the LM head", torch.bfloat16, (model.lm_head.weight,))]
+    assert seen == head + soft
+    assert sampler._onpolicy_graphs.warmed
