@@ -35,7 +35,7 @@ def run(name, cmd, out):
     with open(os.path.join(out, f"check_{name}.log"), "w") as f:
         f.write(r.stdout + "\n---- stderr\n" + r.stderr)
     graphs = [ln.split("onpolicy: ", 1)[-1] for ln in (r.stdout + r.stderr).splitlines()
-              if "LM head and sampler" in ln or "graphs of the LM head" in ln]
+              if "LM head and sampler" in ln or "CUDA graphs of the" in ln]
     last = [ln for ln in r.stdout.splitlines() if ln.startswith("{")]
     res = json.loads(last[-1]) if last else {"error": r.stderr[-2000:]}
     m, d = res.get("metrics", {}), res.get("divergence")

@@ -41,7 +41,7 @@ for part in ${PARTS-check recipe}; do
         for c in ${CONFS:-default batch_invariant onpolicy default}; do  # MP=1: engine core in a child process
           VLLM_ENABLE_V1_MULTIPROCESSING=${MP:-0} timeout 400 python3 benchmarks/gpu_vllm.py throughput $M $c $l \
             > "$OUT/tp_$c.log" 2>&1
-          grep -aE "THROUGHPUT|DECODE GRAPHS|graphs of the LM head|Error|cudagraph_mode|CUDAGraphMode|Capturing CUDA graphs|warmed up" "$OUT/tp_$c.log" | grep -v Warning | tail -8
+          grep -aE "THROUGHPUT|DECODE GRAPHS|CUDA graphs of the|Error|cudagraph_mode|CUDAGraphMode|Capturing CUDA graphs|warmed up" "$OUT/tp_$c.log" | grep -v Warning | tail -8
           mv "$OUT/tp_$c.log" "$OUT/tp_${c}_$(date +%H%M%S).log"
         done
       done ;;
@@ -62,7 +62,7 @@ for part in ${PARTS-check recipe}; do
         wait
         for g in 0 1; do
           f=$(ls "$OUT"/pair_${t}_gpu${g}_*.log)
-          grep -aE "THROUGHPUT|DECODE GRAPHS|graphs of the LM head|Error|warmed up" "$f" | grep -v Warning | sed "s/^/gpu$g /" | tail -8
+          grep -aE "THROUGHPUT|DECODE GRAPHS|CUDA graphs of the|Error|warmed up" "$f" | grep -v Warning | sed "s/^/gpu$g /" | tail -8
         done
       done ;;
     timeline)  # where a decode step's time goes, per configuration (CONFS, LOAD; issue 12)

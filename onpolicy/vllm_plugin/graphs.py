@@ -30,6 +30,7 @@ logprobs are gathered into new tensors), so the graphs are installed there only
 """
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import time
@@ -216,21 +217,28 @@ def stale(old: tuple, new: tuple) -> bool:
     return moved
 
 
-def capture_buckets(graphs: RowGraphs, make_rows: Callable[[int], tuple], extra: tuple = ()) -> int:
-    """Capture `graphs` for every bucket (rows from make_rows(b)); returns how many graphs it holds."""
+def capture_buckets(graphs: RowGraphs, make_rows: Callable[[int], tuple], extra: tuple = ()) -> None:
+    """Capture `graphs` for every bucket (rows from make_rows(b))."""
     for b in buckets(graphs.max_rows):
         graphs(*make_rows(b), extra=extra)
-    return len(graphs._graphs)
+
+
+def logits_processors(model) -> list:
+    """The model's OnpolicyLogitsProcessor modules (the LM head's caller)."""
+    from .linear import classes
+
+    return [m for m in model.modules() if isinstance(m, classes()["OnpolicyLogitsProcessor"])]
 
 
 def install(runner, model, vllm_config) -> str:
     """Give the model's LM head (its OnpolicyLogitsProcessor) and the runner's sampler their
     RowGraphs where `wanted`; returns why not otherwise ("" when installed)."""
     from . import compat
-    from .linear import classes
+    from .linear import _linear
+    from .sampler import _log_softmax
 
     sampler = compat.runner_sampler(runner)
-    procs = [m for m in model.modules() if isinstance(m, classes()["OnpolicyLogitsProcessor"])]
+    procs = logits_processors(model)
     if sampler is None or not procs:
         return "no sampler or logits processor in this worker"
     param = next(model.parameters(), None)
@@ -243,41 +251,29 @@ def install(runner, model, vllm_config) -> str:
     for p in procs:
         # An fp32 head_dtype under a bf16 model runs the head eagerly (a cast first): no head graphs.
         if getattr(p, "head_dtype", None) in (None, param.dtype):
-            p._onpolicy_graphs = RowGraphs(_head, "the LM head", max_rows)
+            p._onpolicy_graphs = RowGraphs(functools.partial(_linear, bias=None), "the LM head", max_rows)
     sampler._onpolicy_graphs = RowGraphs(_log_softmax, "the sampler's log-softmax", max_rows)
     return ""
 
 
-def _head(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    from . import compat
-
-    return compat.kernels().linear(x, weight, None)
-
-
-def _log_softmax(logits: torch.Tensor, temperature) -> torch.Tensor:
-    from . import compat
-
-    return compat.kernels().log_softmax(logits, temperature)
-
-
-def warm_up(runner, model, head_weight: torch.Tensor, vocab: int) -> None:
+def warm_up(runner, model) -> None:
     """Capture every bucket's graphs before the engine serves (else the first decode step of a
-    bucket pays its capture): the head on [b, K] rows of the weight's dtype, the log-softmax on
-    its logits (the head's dtype, or head_dtype) with a float temperature (every request at 0
-    or 1) and with per-row ones."""
+    bucket pays its capture), if `install` gave them: the head on [b, K] rows of the weight's
+    dtype, the log-softmax on its logits (the head's dtype, or head_dtype; the processor's
+    vocabulary) with a float temperature (every request at 0 or 1) and with per-row ones."""
     from . import compat
-    from .linear import classes
 
-    sampler = compat.runner_sampler(runner)
-    procs = [m for m in model.modules() if isinstance(m, classes()["OnpolicyLogitsProcessor"])]
-    soft = getattr(sampler, "_onpolicy_graphs", None)
-    if not procs or soft is None:
-        return
+    soft = getattr(compat.runner_sampler(runner), "_onpolicy_graphs", None)
+    procs = logits_processors(model)
+    head = getattr(model, "lm_head", None)
+    if soft is None or not procs or head is None:
+        return  # graphs not installed (`wanted` said why in the load log)
     head_graphs = getattr(procs[0], "_onpolicy_graphs", None)
     held = [g for g in (head_graphs, soft) if g is not None]
     start = time.perf_counter()
-    w = head_weight
+    w = head.weight
     dev = w.device
+    vocab = getattr(procs[0], "org_vocab_size", None) or w.shape[0]
     logits_dtype = getattr(procs[0], "head_dtype", None) or w.dtype
     before = sum(g.captures for g in held)
     with torch.inference_mode():

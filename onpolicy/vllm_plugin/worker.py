@@ -84,17 +84,8 @@ def warm_up_decode_graphs(worker) -> None:
     from . import graphs
 
     runner = getattr(worker, "model_runner", None)
-    if runner is None:
-        return
-    model = _model_of(runner)
-    head = getattr(model, "lm_head", None)
-    if head is None or getattr(compat.runner_sampler(runner), "_onpolicy_graphs", None) is None:
-        return  # graphs not installed (graphs.wanted said why in the load log)
-    from .linear import classes
-
-    procs = [m for m in model.modules() if isinstance(m, classes()["OnpolicyLogitsProcessor"])]
-    vocab = (getattr(procs[0], "org_vocab_size", None) if procs else None) or head.weight.shape[0]
-    graphs.warm_up(runner, model, head.weight, vocab)
+    if runner is not None:
+        graphs.warm_up(runner, _model_of(runner))
 
 
 def linear_warm_up_plan(model, max_tokens: int, max_seqs: int) -> list:

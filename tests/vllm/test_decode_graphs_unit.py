@@ -121,10 +121,16 @@ def test_install_and_warm_up_wiring(monkeypatch, head_dtype):
     assert G.install(runner, model, cfg) == ""
     assert sampler._onpolicy_graphs.max_rows == 5
     assert hasattr(proc, "_onpolicy_graphs") == (head_dtype != torch.float32)
+    import onpolicy_kernels as K  # the graphs run the plugin's own ops (eagerly on the CPU)
+
+    x, w, lg = torch.randn(3, 16).to(torch.bfloat16), model.lm_head.weight, torch.randn(3, 48)
+    if head_dtype != torch.float32:
+        assert torch.equal(proc._onpolicy_graphs(x, extra=(w,)), K.linear(x, w))
+    assert torch.equal(sampler._onpolicy_graphs(lg, extra=(0.7,)), K.log_softmax(lg, 0.7))
 
     seen = []
     monkeypatch.setattr(G, "capture_buckets", lambda g, make, extra=(): seen.append((g.name, make(8)[0].dtype, extra)))
-    G.warm_up(runner, model, model.lm_head.weight, 48)
+    G.warm_up(runner, model)
     logits = head_dtype or torch.bfloat16
     soft = [("the sampler's log-softmax", logits, (1.0,)), ("the sampler's log-softmax", logits, ())]
     head = [] if head_dtype == torch.float32 else [("the LM head", torch.bfloat16, (model.lm_head.weight,))]
