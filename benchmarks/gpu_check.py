@@ -9,7 +9,8 @@
 4. plugin on with `--cuda-graphs` (the production engine: vLLM's graphs for the model, onpolicy's
    for the LM head and sampler), at temperature 1 and 0.7 (the sampler's two graph kinds).
 Each runs in its own process (a vLLM plugin is process-global). Prints one RESULT line each.
-With --tp 2 only (1) runs, at tensor_parallel_size=2.
+With --tp 2 only (1) runs, at tensor_parallel_size=2. CHECK_RUNS=on,on_graphs (names as in the
+RESULT lines) runs only those.
 """
 import json
 import os
@@ -54,11 +55,15 @@ def main():
     if "--tp" in sys.argv:
         run("on_tp2", cli + ["--tp", sys.argv[sys.argv.index("--tp") + 1]], out)
         return
-    run("on", cli, out)
-    run("perturbed", [sys.executable, "-c", PERTURB, model], out)
-    run("off", cli + ["--off"], out)
-    run("on_graphs", cli + ["--cuda-graphs"], out)
-    run("on_graphs_t07", cli + ["--cuda-graphs", "--temperature", "0.7"], out)
+    runs = {"on": cli, "perturbed": [sys.executable, "-c", PERTURB, model], "off": cli + ["--off"],
+            "on_graphs": cli + ["--cuda-graphs"],
+            "on_graphs_t07": cli + ["--cuda-graphs", "--temperature", "0.7"]}
+    wanted = os.environ.get("CHECK_RUNS", ",".join(runs)).split(",")
+    unknown = sorted(set(wanted) - set(runs))
+    if unknown:
+        sys.exit(f"CHECK_RUNS: unknown {unknown}; choose from {','.join(runs)}")
+    for name in wanted:
+        run(name, runs[name], out)
 
 
 if __name__ == "__main__":
