@@ -286,7 +286,7 @@ def warm_up(runner, model) -> None:
     for g in held:
         g.warmed = True
     total = sum(g.captures for g in held)
-    logger.info("onpolicy: %d CUDA graphs of the %s (%d captured by this warm-up, %.1f s; buckets up to %d rows; "
+    logger.info("onpolicy: %d CUDA graphs of the %s (%d captured by this warm-up, %.2f s; buckets up to %d rows; "
                 "their static buffers hold %.2f GiB, outside vLLM's memory budget; %s=N for fewer rows)", total,
                 "LM head and sampler" if head_graphs is not None else "sampler (the fp32 head runs eagerly)",
                 total - before, time.perf_counter() - start, soft.max_rows,
