@@ -4,7 +4,8 @@
     python3 benchmarks/summarize_runs.py linear OUT...       # bench_linear.py outputs, one per run
 
 throughput: per load and configuration the runs' count, mean, median, min and max tok/s, and each
-configuration's mean and median as a ratio of the default's.
+configuration's mean (with the standard error of that ratio, from both sides' run-to-run spread) and
+median as a ratio of the default's.
 linear: per (shape, M) the median over runs of cuBLAS time / ours, then per M the minimum over shapes of
 that median, next to the minimum over shapes and runs (the single worst timing).
 """
@@ -28,15 +29,27 @@ def throughput(paths: list[str]) -> None:
                 runs[m.group(2)][m.group(1)].append(int(m.group(3)))
     if not runs:
         raise SystemExit("no THROUGHPUT lines in the logs given (gpu_vllm.py throughput writes them)")
-    print("| load | configuration | runs | mean tok/s | median | min | max | mean / default | median / default |")
+    print("| load | configuration | runs | mean tok/s | median | min | max | mean / default (+- s.e.) "
+          "| median / default |")
     print("|---|---|---|---|---|---|---|---|---|")
     for load, confs in runs.items():
         base = confs.get("default")
         for conf, v in sorted(confs.items()):
             mean, med = statistics.mean(v), statistics.median(v)
-            rel = (f"{mean / statistics.mean(base):.3f}x | {med / statistics.median(base):.3f}x" if base
-                   else "- | -")
+            rel = "- | -"
+            if base:
+                ratio = mean / statistics.mean(base)
+                rel = f"{ratio:.3f}x{ratio_se(ratio, v, base)} | {med / statistics.median(base):.3f}x"
             print(f"| {load} | {conf} | {len(v)} | {mean:.0f} | {med:.0f} | {min(v)} | {max(v)} | {rel} |")
+
+
+def ratio_se(ratio: float, a: list[int], b: list[int]) -> str:
+    """' +- s' with s the standard error of the ratio of two means (first order, from both runs' spreads);
+    '' where either side has a single run."""
+    if len(a) < 2 or len(b) < 2 or a is b:
+        return ""
+    rel = sum((statistics.stdev(x) / statistics.mean(x)) ** 2 / len(x) for x in (a, b))
+    return f" +- {ratio * rel ** 0.5:.3f}"
 
 
 def linear(paths: list[str]) -> None:

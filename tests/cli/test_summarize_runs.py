@@ -20,8 +20,11 @@ def test_throughput_ratios_of_mean_and_median(tmp_path):
     r = run("throughput", *logs)
     assert r.returncode == 0, r.stderr
     row = next(ln for ln in r.stdout.splitlines() if "| onpolicy |" in ln)
-    # onpolicy mean 220 vs 200, median 240 vs 200
-    assert row == "| 8x2500 | onpolicy | 3 | 220 | 240 | 90 | 330 | 1.100x | 1.200x |"
+    # onpolicy mean 220 vs 200, median 240 vs 200; coefficients of variation 0.551 and 0.5 over 3 runs
+    # each: s.e. 1.1 * sqrt((0.551**2 + 0.5**2) / 3) = 0.473
+    assert row == "| 8x2500 | onpolicy | 3 | 220 | 240 | 90 | 330 | 1.100x +- 0.473 | 1.200x |"
+    base = next(ln for ln in r.stdout.splitlines() if "| default |" in ln)
+    assert base.endswith("| 1.000x | 1.000x |")  # no error bar against itself
 
 
 def test_linear_median_over_runs_and_worst_timing(tmp_path):
