@@ -67,7 +67,7 @@ def linear(paths: list[str]) -> None:
     for M in sorted({m for _, m in ratios}):
         pts = {s: v for (s, m), v in ratios.items() if m == M}
         shape, v = min(pts.items(), key=lambda kv: statistics.median(kv[1]))
-        print(f"| {M} | {statistics.median(v):.2f} | {shape} | {min(min(v) for v in pts.values()):.2f} |")
+        print(f"| {M} | {statistics.median(v):.2f} | {shape} | {min(min(r) for r in pts.values()):.2f} |")
 
 
 def main() -> None:

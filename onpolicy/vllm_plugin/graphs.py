@@ -230,6 +230,15 @@ def logits_processors(model) -> list:
     return [m for m in model.modules() if isinstance(m, classes()["OnpolicyLogitsProcessor"])]
 
 
+def installed(runner, model) -> list:
+    """The RowGraphs `install` gave this worker: the LM head's (where it has them), then the sampler's."""
+    from . import compat
+
+    held = [getattr(p, "_onpolicy_graphs", None) for p in logits_processors(model)]
+    held.append(getattr(compat.runner_sampler(runner), "_onpolicy_graphs", None))
+    return [g for g in held if g is not None]
+
+
 def install(runner, model, vllm_config) -> str:
     """Give the model's LM head (its OnpolicyLogitsProcessor) and the runner's sampler their
     RowGraphs where `wanted`; returns why not otherwise ("" when installed)."""

@@ -168,15 +168,12 @@ def audit_in_worker(worker) -> dict[str, int]:
 
 def decode_graph_stats(worker) -> dict[str, int]:
     """Run inside a vLLM worker (`LLM.collective_rpc`): graphs captured and replayed by the LM head
-    and the sampler (graphs.py); zeros where they run eagerly."""
+    and the sampler (graphs.py); empty where none were installed (they run eagerly)."""
+    from . import graphs
+
     runner = worker.model_runner
-    holders = [m for m in _model_of(runner).modules() if getattr(m, "_onpolicy_graphs", None) is not None]
-    sampler = compat.runner_sampler(runner)
-    if getattr(sampler, "_onpolicy_graphs", None) is not None:
-        holders.append(sampler)
     stats = {}
-    for h in holders:
-        g = h._onpolicy_graphs
+    for g in graphs.installed(runner, _model_of(runner)):
         stats[f"{g.name} captures"] = g.captures
         stats[f"{g.name} replays"] = g.replays
     return stats

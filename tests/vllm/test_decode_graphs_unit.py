@@ -121,6 +121,8 @@ def test_install_and_warm_up_wiring(monkeypatch, head_dtype):
     assert G.install(runner, model, cfg) == ""
     assert sampler._onpolicy_graphs.max_rows == 5
     assert hasattr(proc, "_onpolicy_graphs") == (head_dtype != torch.float32)
+    head_graphs = [proc._onpolicy_graphs] if head_dtype != torch.float32 else []
+    assert G.installed(runner, model) == head_graphs + [sampler._onpolicy_graphs]  # what the stats report
     import onpolicy_kernels as K  # the graphs run the plugin's own ops (eagerly on the CPU)
 
     x, w, lg = torch.randn(3, 16).to(torch.bfloat16), model.lm_head.weight, torch.randn(3, 48)
