@@ -7,7 +7,9 @@ and reports SPLITK_NUM 1 and no reduction scheme (_cublaslt.py), i.e. no split
 of K across thread blocks. That filter does not rule out every other order (a
 kernel could still split K inside a block), so before an algorithm serves an M
 bucket of an [N, K] weight its output is compared with the Triton kernel's by
-`torch.equal`, per (algorithm, bucket), on seeded random operands built to expose
+`torch.equal`, per (algorithm, bucket), at every M of the bucket (an algorithm
+serves all of them; one offered for the bucket's upper M may take another
+code path at a partial tile), on seeded random operands built to expose
 a change of summation order: at least VERIFY_OUTPUTS outputs, half the rows
 carrying a large +C/-C pair at k = 0 and k = K-1 that cancels exactly, so every
 partial sum between them is rounded on a coarse grid and any other order shows
@@ -67,6 +69,12 @@ def bucket(m: int) -> int:
     if i == len(BUCKETS):
         raise ValueError(f"M={m} is above TUNE_MAX_ROWS={TUNE_MAX_ROWS}: the Triton kernel serves it")
     return BUCKETS[i]
+
+
+def bucket_rows(m: int) -> range:
+    """Every M that the bucket whose upper M is m serves (from the bucket below's upper M + 1)."""
+    i = BUCKETS.index(m)
+    return range(BUCKETS[i - 1] + 1 if i else 1, m + 1)
 
 
 def warm_up_rows(max_rows: int) -> list[int]:
@@ -219,8 +227,11 @@ class Chooser:
             return Choice(None, f"triton (tuning failed: {e})")
 
     def _verified(self, algo, w: torch.Tensor, m: int, gen: torch.Generator, operands: list) -> bool:
-        """Whether `algo` gives the Triton bits at M = m. `operands`: the bucket's (probe, weight,
-        Triton reference) triples, built by the first algorithm that needs them and shared by the rest."""
+        """Whether `algo` gives the Triton bits at every M of the bucket whose upper M is m (each M
+        it would serve: those where it can run at all). `operands`: the bucket's (probe, weight,
+        Triton reference) triples at M = m, built by the first algorithm that needs them and
+        shared by the rest; the Triton kernel is row-invariant, so the reference of x[:M] is
+        ref[:M]. The comparisons stay on the device (one synchronisation per probe)."""
         N, K = w.shape
         vkey = (w.device, w.dtype, N, K, m, self.lt.identity(algo))
         ok = self.verified.get(vkey)
@@ -228,19 +239,26 @@ class Chooser:
             if not operands:
                 wv, probes = verification_operands(N, K, m, w.dtype, w.device, gen)
                 operands.extend((x, wv, self.triton(x, wv)) for x in probes)
-            ok = True
-            for x, wv, ref in operands:
-                out = torch.full_like(ref, float("nan"))  # an output the algorithm leaves unwritten fails
-                try:
-                    self.lt.run(x, wv, out, algo)
-                except RuntimeError:
-                    ok = False
-                    break
-                if not torch.equal(out, ref):
-                    logger.warning("onpolicy: cuBLASLt algorithm (%s) gave other bits than the invariant kernel "
-                                   "for a [%d, %d] weight at M=%d; it is not used", self.lt.describe(algo), N, K, m)
-                    ok = False
-                    break
+            differs = torch.zeros((), dtype=torch.bool, device=w.device)
+            try:
+                for x, wv, ref in operands:
+                    out = torch.empty_like(ref)
+                    for rows in reversed(bucket_rows(m)):
+                        xs, o = x[:rows], out[:rows]
+                        if not self.lt.check(xs, wv, o, algo):
+                            continue  # that M runs the Triton kernel (pick checks the exact shape)
+                        o.fill_(float("nan"))  # an output the algorithm leaves unwritten fails
+                        self.lt.run(xs, wv, o, algo)
+                        differs |= (o != ref[:rows]).any()
+                    if differs:  # one synchronisation per probe: a bad algorithm stops at its first
+                        break
+                ok = not bool(differs)
+            except RuntimeError:
+                ok = False
+            if not ok:
+                logger.warning("onpolicy: cuBLASLt algorithm (%s) gave other bits than the invariant kernel "
+                               "for a [%d, %d] weight at some M of the bucket up to M=%d; it is not used",
+                               self.lt.describe(algo), N, K, m)
             self.verified[vkey] = ok
         return ok
 

@@ -24,7 +24,8 @@ L = sys.modules["onpolicy_kernels.linear"]  # the module (the package re-exports
 
 
 def _ref(x, w):
-    return (x.float() @ w.float().t()).to(x.dtype)
+    """Row by row, so that a row's bits never depend on M (as the Triton kernel's don't)."""
+    return torch.stack([w.float() @ r.float() for r in x]).to(x.dtype) if len(x) else x.new_empty(0, w.shape[0])
 
 
 def _split_order(x, w):
@@ -65,6 +66,8 @@ class FakeLt:
             out.copy_(_ref(x, w))
         elif a.kind == "split":
             out.copy_(_split_order(x, w))
+        elif a.kind == "partial":  # right at the bucket's upper M only (a full tile), else another order
+            out.copy_(_ref(x, w) if x.shape[0] == C.bucket(x.shape[0]) else _split_order(x, w))
         elif a.kind == "tail":
             out[:, :-1] = _ref(x, w)[:, :-1]  # the last column left as it was
         else:
@@ -119,15 +122,17 @@ def test_fastest_verified_algorithm_wins_and_a_fast_bad_one_never_runs(caplog):
         assert ch.pick(x, w, out) is fast
     assert "other bits" in caplog.text and "cuBLASLt bad" in caplog.text
     assert ch.label(x, w) == "cuBLASLt fast"
-    # the bad algorithm failed its first verification probe and was remembered as such
-    assert [m for name, m in lt.runs if name == "bad"] == [C.bucket(5)]
+    # the bad algorithm failed its first verification probe (run at every M of the bucket, the
+    # bucket's upper M first) and was remembered as such
+    assert [m for name, m in lt.runs if name == "bad"] == list(reversed(C.bucket_rows(C.bucket(5))))
     x3, _, out3 = _operands(M=5, seed=2)
     ch.exact.clear()
-    assert ch.pick(x3, w, out3) is fast and [n for n, _ in lt.runs].count("bad") == 1  # bucket cached
+    assert ch.pick(x3, w, out3) is fast and [n for n, _ in lt.runs].count("bad") == 2  # bucket cached
     x2, _, out2 = _operands(M=7, seed=1)  # another bucket: every candidate verified again, at its M
     assert C.bucket(7) != C.bucket(5)
     assert ch.pick(x2, w, out2) is fast
-    assert [m for name, m in lt.runs if name == "bad"] == [C.bucket(5), C.bucket(7)]
+    assert [m for name, m in lt.runs if name == "bad"] == [*reversed(C.bucket_rows(C.bucket(5))),
+                                                           *reversed(C.bucket_rows(C.bucket(7)))]
 
 
 def test_triton_kept_where_it_is_fastest_or_no_candidate_verifies():
@@ -149,7 +154,7 @@ def test_verification_uses_seeded_operands_at_the_buckets_upper_m_not_the_caller
     x.zero_()
     w.zero_()
     assert ch.pick(x, w, out).name == "good"  # the bad algorithm was caught on the seeded probe
-    assert {m for _, m in lt.runs} == {C.bucket(100)} == {128}
+    assert {m for _, m in lt.runs} == set(C.bucket_rows(C.bucket(100))) == set(range(97, 129))
 
 
 @pytest.mark.parametrize("K", [64, 2048])
@@ -174,10 +179,28 @@ def test_a_bucket_builds_its_verification_operands_once_for_all_candidates():
     assert ch.pick(x, w, out).name == "good0"
     probes = min(16, -(-C.VERIFY_OUTPUTS // (C.bucket(5) * w.shape[0])))
     assert probes == 16  # the cap: 6 x 24 outputs per probe
-    # every probe, then two timing rounds (good0, Triton and good1 are the finalists; good2 is not)
-    assert sum(1 for name, _ in lt.runs if name == "good1") == probes + 2
-    assert sum(1 for name, _ in lt.runs if name == "good2") == probes + 1
+    # every probe at every M of the bucket, then two timing rounds (good0, Triton and good1 are the
+    # finalists; good2 is not)
+    rows = len(C.bucket_rows(C.bucket(5)))
+    assert sum(1 for name, _ in lt.runs if name == "good1") == probes * rows + 2
+    assert sum(1 for name, _ in lt.runs if name == "good2") == probes * rows + 1
     assert lt.triton_calls == probes + 2  # one reference per probe, shared; then two timing rounds
+
+
+def test_an_algorithm_right_only_at_the_buckets_upper_m_is_never_used():
+    """The chooser serves every M of a bucket with the algorithm it verified; one that gives the
+    reference bits at the upper M only (a full tile there, another code path on a partial one)
+    must fail verification, however fast -- the cause of a run-to-run mismatch on an H100."""
+    lt = FakeLt([FakeAlgo("partial", cost=0.1, good=False, kind="partial"), FakeAlgo("good", cost=0.5)],
+                triton_cost=1.0)
+    ch = _chooser(lt)
+    x, w, out = _operands(M=100, K=64)
+    assert ch.pick(x, w, out).name == "good"
+    # the same algorithm is right on the planted probe at the upper M (what was verified before)
+    wv, probes = C.verification_operands(24, 64, 128, torch.bfloat16, "cpu", torch.Generator().manual_seed(0))
+    full = torch.empty(128, 24, dtype=torch.bfloat16)
+    assert torch.equal(lt.run(probes[0], wv, full, lt.algos[0]), _ref(probes[0], wv))
+    assert not torch.equal(lt.run(probes[0][:100], wv, full[:100], lt.algos[0]), _ref(probes[0][:100], wv))
 
 
 def test_an_output_left_unwritten_is_caught():
