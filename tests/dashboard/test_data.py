@@ -284,9 +284,38 @@ def test_tfevents_undecodable_record_is_skipped(tmp_path):
 
 
 def test_masked_crc_matches_known_value():
-    # TFRecord framing of an empty record: length 0 -> its masked CRC-32C is fixed by the format
-    assert tfevents.crc32c(b"123456789") == 0xE3069283          # the CRC-32C check value
-    assert tfevents.masked_crc32c(struct.pack("<Q", 0)) == tfevents._masked_crc_py(struct.pack("<Q", 0))
+    assert tfevents.crc32c(b"123456789") == 0xE3069283          # the CRC-32C check value (RFC 3720)
+    # against a bit-by-bit CRC-32C written from the definition (reflected polynomial 0x82F63B78)
+    def crc_bitwise(data: bytes) -> int:
+        c = 0xFFFFFFFF
+        for b in data:
+            c ^= b
+            for _ in range(8):
+                c = (c >> 1) ^ 0x82F63B78 if c & 1 else c >> 1
+        return c ^ 0xFFFFFFFF
+    for data in (bytes(8), struct.pack("<Q", 1234), b"brain.Event:2" * 7):
+        assert tfevents.crc32c(data) == crc_bitwise(data)
+    c = crc_bitwise(bytes(8))                                   # the length field of an empty record
+    assert tfevents.masked_crc32c(bytes(8)) == ((((c >> 15) | (c << 17)) + 0xA282EAD8) & 0xFFFFFFFF)
+
+
+def test_tfevents_flipped_data_byte_fails_the_checksum(tmp_path):
+    """Issue 34 defect 8: a flipped byte in a record's data (here in the float of
+    a scalar, so the record still decodes) must be caught by the CRC, always."""
+    p = tmp_path / "events.out.tfevents.1.host"
+    recs = [tfrecord(encode_event(1.0, s, {"train/reward": 0.1})) for s in range(1, 4)]
+    bad = bytearray(recs[1])
+    bad[-6] ^= 0x40                                  # the float's top byte, inside the data
+    p.write_bytes(recs[0] + bytes(bad) + recs[2])
+    rd = tfevents.EventFileReader(str(p))
+    got = list(rd.read_new())
+    assert [(e[1], e[2]) for e in got] == [(1, {"train/reward": f32(0.1)}), (3, {"train/reward": f32(0.1)})]
+    assert len(rd.warnings) == 1 and "record 2 fails its CRC-32C checksum" in rd.warnings[0]
+    # and it reaches the run's warnings
+    (tmp_path / "run" / "runs").mkdir(parents=True)
+    (tmp_path / "run" / "runs" / p.name).write_bytes(p.read_bytes())
+    r = one(tmp_path / "run")
+    assert r.table.steps == [1, 3] and any("checksum" in w for w in r.warnings)
 
 
 def test_reader_agrees_with_tensorboardx(tmp_path):
