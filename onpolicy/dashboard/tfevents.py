@@ -176,6 +176,7 @@ class EventFileReader:
     offset: int = 0
     records: int = 0
     dead: bool = False            # framing corrupt: stop reading this file
+    mtime: float | None = None    # of the file, at the last read
     warnings: list[str] = field(default_factory=list)
     _ident: tuple | None = None
 
@@ -187,6 +188,7 @@ class EventFileReader:
         except FileNotFoundError:
             return
         ident = (st.st_ino, st.st_dev)
+        self.mtime = st.st_mtime
         if self._ident is not None and (ident != self._ident or st.st_size < self.offset):
             self.offset, self.records, self.dead = 0, 0, False
             self.warnings.append(f"{os.path.basename(self.path)}: file was replaced or truncated; re-read")
