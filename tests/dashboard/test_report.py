@@ -185,3 +185,15 @@ def test_report_cli_accepts_a_metrics_file_and_warns_in_the_terminal(tmp_path):
     res = runner.invoke(app, ["report", str(tmp_path / "x.txt"), "-o", str(tmp_path / "q.html")])
     assert res.exit_code == 2 and "is a file, not a run directory" in res.output
     assert "Traceback" not in res.output and len(res.output.strip().splitlines()) == 1
+
+
+def test_run_colours_agree_between_page_and_png():
+    """The page (app.js) and the PNG (report.py) give run i the same colour."""
+    from onpolicy.dashboard.app import STATIC_DIR
+    from onpolicy.dashboard.report import PALETTE, run_color
+
+    js = (STATIC_DIR / "app.js").read_text()
+    m = re.search(r"const PALETTE = \[(.*?)\];", js, re.S)
+    assert re.findall(r"'(#[0-9a-f]{6})'", m.group(1)) == PALETTE
+    colors = [run_color(i) for i in range(60)]
+    assert len(set(colors)) == 60 and colors[:len(PALETTE)] == PALETTE
