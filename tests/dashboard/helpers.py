@@ -103,6 +103,7 @@ class Chromium:
     def screenshot_full(self, path, width=1440):
         h = self.driver.execute_script("return Math.ceil(document.documentElement.scrollHeight)")
         self.driver.set_window_size(width, h)
+        self.driver.execute_script("window.scrollTo(0, 0)")
         time.sleep(0.3)
         self.driver.save_screenshot(str(path))
 

@@ -185,20 +185,35 @@ def test_two_recorded_runs(tmp_path, chrome):
 
 
 def test_readme_screenshot(tmp_path, chrome, monkeypatch):
-    """The picture in the README: onpolicy on vs off (the recipe's control run)
-    vs a plain TRL run, with the drill-down of a mismatched step open."""
+    """The picture in the README: onpolicy on vs off (the recipe's control run,
+    finished) vs a plain TRL run (stopped an hour ago), with the legend, EMA
+    smoothing 0.6 (raw values faint behind), a log axis, a filtered "All
+    scalars" section and the drill-down of a mismatched step open."""
+    import os
+
     monkeypatch.chdir(tmp_path)                       # relative paths: the picture does not show tmp dirs
     write_onpolicy_run(Path("runs/qwen3-grpo-onpolicy"), steps=300, seed=0, token_every=10)
     write_onpolicy_run(Path("runs/qwen3-grpo-control"), steps=300, seed=3, mismatch=True, token_every=10)
+    with open("runs/qwen3-grpo-control/metrics.jsonl", "a") as fh:
+        fh.write(json.dumps({"event": "finished", "time": time.time()}) + "\n")
     write_trl_tensorboard_run(Path("runs/qwen3-grpo-trl"), steps=300, seed=1)
+    old = time.time() - 3600
+    for p in Path("runs/qwen3-grpo-trl").rglob("events.out.tfevents.*"):
+        os.utime(p, (old, old))
     runs = resolve_runs([Path("runs/qwen3-grpo-onpolicy"), Path("runs/qwen3-grpo-control"),
                          Path("runs/qwen3-grpo-trl")])
+    assert [r.state() for r in runs] == ["running", "finished", "stopped"]
     d = chrome.driver
     d.set_window_size(1440, 1000)
     with ServerThread(create_app(runs)) as srv:
         load(chrome, srv.url)
         from selenium.webdriver.common.by import By
 
+        d.execute_script("const s = document.getElementById('smooth'); s.value = 0.6; s.dispatchEvent(new Event('input'))")
+        d.find_element(By.CSS_SELECTOR, "#chart-absmax .tools .btn").click()
+        d.find_element(By.ID, "filter").send_keys("loss|entropy|grad_norm")
+        chrome.wait_for("document.querySelectorAll('#more .chart-card').length === 3")
+        chrome.wait_for("window.__onpolicy.state.charts.absmax.u.scales.y.distr === 4")
         d.find_element(By.CSS_SELECTOR, '#timeline canvas[data-run="1"]').click()
         chrome.wait_for("window.__onpolicy.drill && window.__onpolicy.drill.run === 1")
         dr = d.execute_script("return window.__onpolicy.drill")
