@@ -331,7 +331,7 @@ def test_broken_inputs_and_four_runs(tmp_path, chrome):
     from selenium.webdriver.common.action_chains import ActionChains
     from selenium.webdriver.common.by import By
 
-    good = write_onpolicy_run(tmp_path / "good", steps=40, seed=1, token_every=0)
+    write_onpolicy_run(tmp_path / "good", steps=40, seed=1, token_every=0)
     nan = tmp_path / "nan"
     nan.mkdir()
     (nan / "metrics.jsonl").write_text("".join(
