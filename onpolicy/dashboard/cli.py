@@ -109,7 +109,8 @@ def dashboard(
 
         from .app import create_app, is_loopback
     except ImportError as e:
-        typer.secho(f"the dashboard needs {e.name}: pip install 'onpolicy'", fg=typer.colors.RED, err=True)
+        typer.secho(f"the dashboard needs the Python module {e.name}, one of onpolicy's dependencies: reinstall "
+                    "onpolicy (pip install -e . in its checkout) to get them", fg=typer.colors.RED, err=True)
         raise typer.Exit(2)
     if stale_after <= 0:
         raise _fail(f"--stale-after {stale_after} must be a positive number of minutes")
