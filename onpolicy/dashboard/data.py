@@ -14,7 +14,11 @@ over TensorBoard, which wins over trackio.
 Reading is incremental and never raises on bad input: each source remembers how
 far it has read (a byte offset, a row id), a partly written last line is left
 for the next refresh, a corrupt line is skipped and reported in
-:attr:`Run.warnings`, and a missing or empty run dir gives a :attr:`Run.message`.
+:attr:`Run.warnings`, a step written twice with another value (a resumed run)
+or a negative step is reported there too, a source that cannot be read (an
+``OSError``) is reported in :attr:`Run.notes` while the run's other sources
+and the other runs go on, and a missing or empty run dir gives a
+:attr:`Run.message`. :meth:`Run.state` tells running / stopped / finished.
 Clients ask for the rows changed since a table *version* they already hold
 (:meth:`Run.columns`), so keeping a 10,000-step run live costs only its new rows.
 """
@@ -23,19 +27,29 @@ from __future__ import annotations
 import bisect
 import math
 import os
+import sqlite3
 import threading
 import time
 from pathlib import Path
 
 from . import trackio_store
 from .metrics import META_KEYS, STEP_KEYS, RunSummary, canonical_key, step_mismatch, to_float
-from .sources import JsonlSource, ResetNeeded, TfEventsSource, TrackioSource
+from .sources import TFEVENTS_PREFIX, JsonlSource, ResetNeeded, TfEventsSource, TrackioSource
 from .tokens import TOKEN_FILE_RE, load_token_file
 
-__all__ = ["Run", "StepTable", "resolve_runs", "JsonlSource", "TfEventsSource", "TrackioSource",
+__all__ = ["Run", "StepTable", "RunSpecError", "resolve_runs", "JsonlSource", "TfEventsSource", "TrackioSource",
            "load_token_file"]
 
 MAX_WARNINGS = 100
+STALE_S = 300.0   # a run with no write for this long is shown as stopped
+
+
+class RunSpecError(ValueError):
+    """What was passed cannot name a run (the message says what to pass)."""
+
+
+def _same(a, b) -> bool:
+    return a == b or (isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b))
 
 
 # --- the merged step table ------------------------------------------------------
@@ -116,6 +130,7 @@ class Run:
     """One run of the dashboard: sources, merged table, warnings, summary."""
 
     min_refresh_s = 0.5
+    stale_s = STALE_S
 
     def __init__(self, name: str, path: str, sources: list, kind: str, run_dir: Path | None = None):
         self.name = name
@@ -131,6 +146,9 @@ class Run:
         self._summary_cache: tuple[int, RunSummary] | None = None
         self._reset_notes: list[str] = []
         self._token_steps: tuple[float, list[int]] | None = None
+        self.errors: dict[int, str] = {}        # source index -> why it cannot be read now
+        self._dups: dict[str, list] = {}         # source label -> [steps written twice, first few]
+        self._negative: dict[str, list] = {}     # source label -> [count, first step]
 
     # reading
     def refresh(self, force: bool = False) -> bool:
@@ -148,16 +166,32 @@ class Run:
                     s.reset()
                 self.table.clear()
                 self.first_mismatch.clear()
+                self._dups.clear()
+                self._negative.clear()
                 self.onpolicy = None
                 self._read_all()
             return self.table.commit()
 
     def _read_all(self):
-        for src in self.sources:
-            for step, obj in src.read_new():
-                self._ingest(step, obj, src.prio)
+        for i, src in enumerate(self.sources):
+            try:
+                got = src.read_new()
+            except ResetNeeded:
+                raise
+            except OSError as e:   # one unreadable file: this source waits, the rest goes on
+                what = getattr(src, "path", None) or getattr(src, "root", None) or src.label
+                self.errors[i] = (f"cannot read {what}: {e.strerror or e} ({type(e).__name__}); "
+                                  "retrying on every refresh")
+                continue
+            self.errors.pop(i, None)
+            for step, obj in got:
+                if step < 0:
+                    n = self._negative.setdefault(src.label, [0, step])
+                    n[0] += 1
+                    continue
+                self._ingest(step, obj, src.prio, src.label)
 
-    def _ingest(self, step: int, obj: dict, prio: int):
+    def _ingest(self, step: int, obj: dict, prio: int, label: str = ""):
         values = {}
         for k, v in obj.items():
             if k in META_KEYS or k in STEP_KEYS:
@@ -181,6 +215,14 @@ class Run:
             values[ck] = f
             if ck not in self.table.numeric_keys:
                 self.table.numeric_keys[ck] = None
+        pr = self.table.prio.get(step)
+        if pr:   # the same source wrote this step before: a resumed run? The later value wins; say so
+            row = self.table.rows[step]
+            if any(pr.get(k) == prio and k != "time" and not _same(row.get(k), v) for k, v in values.items()):
+                d = self._dups.setdefault(label, [0, []])
+                d[0] += 1
+                if len(d[1]) < 5:
+                    d[1].append(step)
         self.table.upsert(step, values, prio)
 
     # what the page shows
@@ -193,6 +235,12 @@ class Run:
         ws = list(self._reset_notes)
         for s in self.sources:
             ws += s.warnings
+        for label, (n, first) in self._dups.items():
+            steps = ", ".join(map(str, first)) + (", ..." if n > len(first) else "")
+            ws.append(f"{label}: {n} step{'s' if n != 1 else ''} written again with other values (step "
+                      f"{steps}; a resumed or restarted run?): the later value is shown")
+        for label, (n, first) in self._negative.items():
+            ws.append(f"{label}: {n} record{'s' if n != 1 else ''} with a negative step (first: {first}); skipped")
         if len(ws) > MAX_WARNINGS:
             ws = ws[:MAX_WARNINGS] + [f"... and {len(ws) - MAX_WARNINGS} more warnings"]
         return ws
@@ -208,13 +256,39 @@ class Run:
             if isinstance(s, JsonlSource) and s.partial_line:
                 out.append(f"{s.path.name} line {s.partial_line} is incomplete (being written, or the writer "
                            "stopped mid-line); it is read once it is complete")
+        out += self.errors.values()
         return out
+
+    def last_write(self) -> float | None:
+        """When the run's files last changed (unix time), None before they exist."""
+        ts = [t for s in self.sources if (t := s.mtime()) is not None]
+        return max(ts) if ts else None
+
+    def finished(self) -> float | None:
+        """The time of the trainer's end record (``{"event": "finished"}`` after the
+        last step in metrics.jsonl), None if there is none."""
+        for s in self.sources:
+            if isinstance(s, JsonlSource) and s.finished is not None:
+                return s.finished
+        return None
+
+    def state(self, now: float | None = None) -> str:
+        """"finished" (end record written), "running" (a write in the last
+        ``stale_s`` seconds), "stopped" (no write since), "waiting" (no files yet)."""
+        if self.finished() is not None:
+            return "finished"
+        lw = self.last_write()
+        if lw is None:
+            return "waiting"
+        return "running" if (now if now is not None else time.time()) - lw < self.stale_s else "stopped"
 
     @property
     def message(self) -> str | None:
         """Why there is nothing to plot, when there is nothing."""
         if self.table.steps:
             return None
+        if self.errors:
+            return "; ".join(self.errors.values())
         if self.kind == "dir":
             p = Path(self.path)
             if not p.exists():
@@ -246,6 +320,7 @@ class Run:
             worst: dict[str, tuple[float, int]] = {}
             lowest = {"bitwise_equal_frac", "is_ratio_min"}
             nonfinite: dict[str, int] = {}
+            bad: dict[str, tuple[float, int]] = {}   # first NaN/inf: worse than any finite value
             for step in t.steps:
                 row = t.rows[step]
                 m = step_mismatch(row)
@@ -262,11 +337,14 @@ class Run:
                         continue
                     if not math.isfinite(val):
                         nonfinite[k] = nonfinite.get(k, 0) + 1
+                        if k not in bad:
+                            bad[k] = (val, step)
                         continue
                     w = worst.get(k)
                     if w is None or (val < w[0] if k in lowest else val > w[0]):
                         worst[k] = (val, step)
                     s.last[k] = val
+            worst.update(bad)
             s.worst = {k: {"value": v_, "step": st} for k, (v_, st) in worst.items()}
             s.last.pop("time", None)
             s.worst.pop("time", None)
@@ -337,7 +415,11 @@ def _trackio_runs(db: Path, only: str | None, label: str) -> list[Run]:
     if not db.exists():
         return [Run(f"{label}" + (f"#{only}" if only else ""), str(db),
                     [TrackioSource(db, only or "")], kind="trackio")]
-    names = [only] if only else trackio_store.run_names(db)
+    try:
+        names = [only] if only else trackio_store.run_names(db)
+    except sqlite3.Error as e:
+        raise RunSpecError(f"{db} is not a trackio project database ({e}): pass PROJECT.db from trackio's store "
+                           "($TRACKIO_DIR, default ~/.cache/huggingface/trackio) or trackio:PROJECT") from None
     return [Run(n, f"{db}#{n}", [TrackioSource(db, n)], kind="trackio") for n in names]
 
 
@@ -349,7 +431,11 @@ def resolve_runs(specs: list) -> list[Run]:
     - a trackio database file ``PROJECT.db`` (every run in it), or
       ``PROJECT.db#RUN`` for one run;
     - ``trackio:PROJECT`` or ``trackio:PROJECT#RUN``: the project in trackio's
-      local store (``$TRACKIO_DIR`` or ``$HF_HOME/trackio``).
+      local store (``$TRACKIO_DIR`` or ``$HF_HOME/trackio``);
+    - a run's ``metrics.jsonl`` or one of its ``events.out.tfevents.*`` files:
+      the directory that holds it.
+
+    Any other file raises :class:`RunSpecError`, whose message says what to pass.
     """
     runs: list[Run] = []
     for spec in specs:
@@ -366,6 +452,13 @@ def resolve_runs(specs: list) -> list[Run]:
             runs += _trackio_runs(Path(base), frag or None, Path(base).stem)
             continue
         p = Path(s).expanduser()
+        if p.exists() and not p.is_dir():
+            if p.name == "metrics.jsonl" or p.name.startswith(TFEVENTS_PREFIX):
+                p = p.parent                            # the run directory that holds it
+            else:
+                raise RunSpecError(
+                    f"{s} is a file, not a run directory: pass the directory that holds metrics.jsonl or "
+                    "TensorBoard event files (events.out.tfevents.*), a trackio PROJECT.db, or trackio:PROJECT")
         sources: list = [JsonlSource(p / "metrics.jsonl"), TfEventsSource(p)]
         extra: list[Run] = []
         if p.is_dir():
@@ -378,7 +471,7 @@ def resolve_runs(specs: list) -> list[Run]:
                     sources.append(TrackioSource(db, names[0]))
                 else:
                     extra += [Run(n, f"{db}#{n}", [TrackioSource(db, n)], kind="trackio") for n in names]
-        name = p.name or str(p)
+        name = p.name or str(p.resolve().name or p)
         runs.append(Run(name, str(p), sources, kind="dir", run_dir=p))
         runs += extra
     # unique names

@@ -61,10 +61,14 @@ STEP_KEYS = ("step", "global_step", "train/global_step")
 def canonical_key(name: str) -> str:
     """Canonical key for a logged name: our own key, a known alias, or the name
     itself (kept as an extra metric). transformers' ``train/`` prefix is dropped
-    before matching; ``eval/`` names are never mapped onto training metrics."""
+    before matching; ``eval/`` names are never mapped onto training metrics.
+    onpolicy's TRL integration logs its own metrics as ``onpolicy/<key>`` (so
+    ``train/onpolicy/<key>`` in TensorBoard and trackio): those are our keys."""
     if name in BY_KEY:
         return name
     bare = name[len("train/"):] if name.startswith("train/") else name
+    if bare.startswith("onpolicy/") and bare[len("onpolicy/"):] in BY_KEY:
+        return bare[len("onpolicy/"):]
     if bare in BY_KEY:
         return bare
     return ALIASES.get(bare, name)
@@ -127,7 +131,8 @@ class RunSummary:
     equal_steps: int = 0
     unknown_steps: int = 0
     first_mismatch_step: int | None = None
-    worst: dict = field(default_factory=dict)   # key -> {"step", "value"} of the largest value
+    worst: dict = field(default_factory=dict)   # key -> {"step", "value"} of the largest value (the
+                                                # first NaN/inf when there is one: it is worse than any)
     last: dict = field(default_factory=dict)    # key -> last finite value
     nonfinite: dict = field(default_factory=dict)  # key -> number of NaN/inf values
 
@@ -146,4 +151,19 @@ class RunSummary:
                 "last_time": self.last_time, "mismatch_steps": self.mismatch_steps,
                 "equal_steps": self.equal_steps, "unknown_steps": self.unknown_steps,
                 "first_mismatch_step": self.first_mismatch_step, "status": self.status,
-                "worst": self.worst, "last": self.last, "nonfinite": self.nonfinite}
+                "worst": {k: {"value": json_float(w["value"]), "step": w["step"]} for k, w in self.worst.items()},
+                "last": self.last, "nonfinite": self.nonfinite}
+
+
+def json_float(v: float):
+    """A float for JSON: non-finite values as the strings "NaN", "inf", "-inf"."""
+    if isinstance(v, float) and not math.isfinite(v):
+        return "NaN" if math.isnan(v) else ("inf" if v > 0 else "-inf")
+    return v
+
+
+def fmt_value(v) -> str:
+    """A value for the terminal and the PNG (NaN / inf spelled out)."""
+    if isinstance(v, float) and not math.isfinite(v):
+        return "NaN" if math.isnan(v) else ("inf" if v > 0 else "-inf")
+    return f"{v:.3g}"

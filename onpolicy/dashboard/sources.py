@@ -6,7 +6,10 @@
 - :class:`TrackioSource` — one run of a trackio project database (row id).
 
 ``read_new()`` returns ``[(step, {name: value})]`` for what was added since the
-last call, or raises :class:`ResetNeeded` when a file was replaced or truncated.
+last call, or raises :class:`ResetNeeded` when a file was replaced or truncated;
+an ``OSError`` (a file that cannot be read) is left to the run, which reports it
+for this source alone. ``mtime()`` is the last time the source's files changed
+(None before they exist): the run's running / stopped state.
 """
 from __future__ import annotations
 
@@ -41,6 +44,8 @@ class JsonlSource:
         self._ident = None
         self._swallow_newline = False          # tail consumed before its newline arrived
         self.warnings: list[str] = []
+        self.finished: float | None = None     # time of the end record ({"event": "finished"}), if last
+        self._mtime: float | None = None
 
     @property
     def label(self) -> str:
@@ -48,6 +53,9 @@ class JsonlSource:
 
     def exists(self) -> bool:
         return self.path.is_file()
+
+    def mtime(self) -> float | None:
+        return self._mtime
 
     def reset(self):
         self.__init__(self.path)
@@ -66,6 +74,7 @@ class JsonlSource:
         if self._ident is not None and (ident != self._ident or st.st_size < self.offset):
             raise ResetNeeded(f"{self.path.name} was replaced or truncated")
         self._ident = ident
+        self._mtime = st.st_mtime
         if st.st_size == self.offset:
             return []
         with open(self.path, "rb") as fh:
@@ -100,6 +109,11 @@ class JsonlSource:
         line = line.strip()
         if not line:
             return True
+        if b"\0" in line:
+            if complete:
+                self._warn(f"line {self.lineno}: contains NUL bytes (the file was cut short or zero-filled, "
+                           "e.g. by a crash or a full disk); skipped")
+            return False
         try:
             obj = loads(line)
         except JSONError as e:
@@ -115,11 +129,22 @@ class JsonlSource:
         for k in STEP_KEYS:
             v = obj.get(k)
             if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+                if v != int(v):
+                    self._warn(f"line {self.lineno}: step {v!r} is not an integer; skipped")
+                    return True
                 step = int(v)
                 break
         if step is None:
+            if obj.get("event") == "finished":        # the trainer's end record
+                t = obj.get("time")
+                self.finished = float(t) if isinstance(t, (int, float)) and not isinstance(t, bool) else 0.0
+                return True
             self._warn(f"line {self.lineno}: no integer 'step'; skipped")
             return True
+        if step < 0:
+            self._warn(f"line {self.lineno}: negative step {step}; skipped")
+            return True
+        self.finished = None                            # steps after an end record: the run went on
         out.append((step, obj))
         return True
 
@@ -151,6 +176,10 @@ class TfEventsSource:
     @property
     def warnings(self):
         return [w for r in self.readers.values() for w in r.warnings]
+
+    def mtime(self) -> float | None:
+        ts = [r.mtime for r in self.readers.values() if r.mtime is not None]
+        return max(ts) if ts else None
 
     def _scan(self):
         if not self.root.is_dir():
@@ -196,6 +225,15 @@ class TrackioSource:
 
     def exists(self) -> bool:
         return self.reader.db.exists()
+
+    def mtime(self) -> float | None:
+        ts = []
+        for p in (self.reader.db, self.reader.db.with_name(self.reader.db.name + "-wal")):
+            try:
+                ts.append(os.stat(p).st_mtime)
+            except OSError:
+                pass
+        return max(ts) if ts else None
 
     def reset(self):
         self.reader = trackio_store.TrackioRunReader(self.reader.db, self.reader.run_name)

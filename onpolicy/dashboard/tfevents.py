@@ -16,9 +16,9 @@ reader, so reading a TRL run needs neither TensorBoard nor TensorFlow.
 the first record it has not consumed, so a file that is still being written is
 re-read only from there. A record cut short at the end of the file is left for
 the next read; a record whose length checksum is wrong ends the file with a
-warning (the framing can no longer be trusted). Data checksums are verified
-when a compiled CRC-32C module (``google_crc32c`` or ``crc32c``) is installed,
-otherwise a record that does not decode is skipped with a warning.
+warning (the framing can no longer be trusted); a record whose data checksum is
+wrong is skipped with a warning. Checksums are always verified (CRC-32C from the
+``google-crc32c`` package, a dependency).
 """
 from __future__ import annotations
 
@@ -26,46 +26,20 @@ import os
 import struct
 from dataclasses import dataclass, field
 
+import google_crc32c
+
 # --- CRC-32C (Castagnoli), as TFRecord framing uses it -----------------------
+# google-crc32c (Google's C library, with its own pure-Python fallback where no
+# wheel exists) is a dependency, so every record's length and data are checked.
 
-_POLY = 0x82F63B78
-_TABLE = []
-for _i in range(256):
-    _c = _i
-    for _ in range(8):
-        _c = (_c >> 1) ^ _POLY if _c & 1 else _c >> 1
-    _TABLE.append(_c)
-del _i, _c
-
-
-def _crc32c_py(data: bytes) -> int:
-    crc = 0xFFFFFFFF
-    t = _TABLE
-    for b in data:
-        crc = t[(crc ^ b) & 0xFF] ^ (crc >> 8)
-    return crc ^ 0xFFFFFFFF
-
-
-try:  # optional compiled implementations
-    from google_crc32c import value as _crc32c_fast  # type: ignore
-except ImportError:  # pragma: no cover - depends on the environment
-    try:
-        from crc32c import crc32c as _crc32c_fast  # type: ignore
-    except ImportError:
-        _crc32c_fast = None
-
-crc32c = _crc32c_fast or _crc32c_py
-VERIFY_DATA_CRC = _crc32c_fast is not None
+def crc32c(data: bytes) -> int:
+    """CRC-32C (Castagnoli) of ``data``."""
+    return google_crc32c.value(bytes(data))
 
 
 def masked_crc32c(data: bytes) -> int:
     """TFRecord's masked CRC-32C of ``data``."""
     c = crc32c(data)
-    return (((c >> 15) | (c << 17)) + 0xA282EAD8) & 0xFFFFFFFF
-
-
-def _masked_crc_py(data: bytes) -> int:
-    c = _crc32c_py(data)
     return (((c >> 15) | (c << 17)) + 0xA282EAD8) & 0xFFFFFFFF
 
 
@@ -202,6 +176,7 @@ class EventFileReader:
     offset: int = 0
     records: int = 0
     dead: bool = False            # framing corrupt: stop reading this file
+    mtime: float | None = None    # of the file, at the last read
     warnings: list[str] = field(default_factory=list)
     _ident: tuple | None = None
 
@@ -213,6 +188,7 @@ class EventFileReader:
         except FileNotFoundError:
             return
         ident = (st.st_ino, st.st_dev)
+        self.mtime = st.st_mtime
         if self._ident is not None and (ident != self._ident or st.st_size < self.offset):
             self.offset, self.records, self.dead = 0, 0, False
             self.warnings.append(f"{os.path.basename(self.path)}: file was replaced or truncated; re-read")
@@ -228,7 +204,7 @@ class EventFileReader:
             header = buf[i:i + 8]
             (length,) = struct.unpack("<Q", header)
             (len_crc,) = struct.unpack("<I", buf[i + 8:i + 12])
-            if _masked_crc_py(header) != len_crc:
+            if masked_crc32c(header) != len_crc:
                 self.dead = True
                 self.warnings.append(f"{name}: corrupt record header at byte {self.offset + i}; "
                                      "the rest of this file is ignored")
@@ -239,11 +215,11 @@ class EventFileReader:
             data = buf[i + 12:i + 12 + length]
             i = end
             self.records += 1
-            if VERIFY_DATA_CRC:
-                (data_crc,) = struct.unpack("<I", buf[end - 4:end])
-                if masked_crc32c(data) != data_crc:
-                    self.warnings.append(f"{name}: record {self.records} fails its checksum; skipped")
-                    continue
+            (data_crc,) = struct.unpack("<I", buf[end - 4:end])
+            if masked_crc32c(data) != data_crc:
+                self.warnings.append(f"{name}: record {self.records} fails its CRC-32C checksum (a corrupt "
+                                     "file?); skipped")
+                continue
             try:
                 yield decode_event(data)
             except (DecodeError, struct.error, UnicodeDecodeError) as e:

@@ -18,13 +18,14 @@ CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-back
 
 
 class ServerThread:
-    """Serve an ASGI app with uvicorn on 127.0.0.1:<free port> in a daemon thread."""
+    """Serve an ASGI app with uvicorn on 127.0.0.1:<port> (default: a free one) in a daemon thread."""
 
-    def __init__(self, app):
+    def __init__(self, app, port: int = 0):
         import uvicorn
 
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.sock.bind(("127.0.0.1", 0))
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("127.0.0.1", port))
         self.port = self.sock.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}/"
         self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False))
@@ -102,6 +103,7 @@ class Chromium:
     def screenshot_full(self, path, width=1440):
         h = self.driver.execute_script("return Math.ceil(document.documentElement.scrollHeight)")
         self.driver.set_window_size(width, h)
+        self.driver.execute_script("window.scrollTo(0, 0)")
         time.sleep(0.3)
         self.driver.save_screenshot(str(path))
 

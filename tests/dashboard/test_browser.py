@@ -51,8 +51,9 @@ def chart(chrome, cid):
     return chrome.driver.execute_script(f"return window.__onpolicy.chartData('{cid}')")
 
 
-def series(data, run, key, marker=False):
-    got = [s for s in data["series"] if s["run"] == run and s["key"] == key and s["marker"] == marker]
+def series(data, run, key, marker=False, smoothed=False):
+    got = [s for s in data["series"] if s["run"] == run and s["key"] == key and s["marker"] == marker
+           and s.get("smoothed", False) == smoothed]                 # smoothing on: the raw values are the unsmoothed series
     assert len(got) == 1, (run, key, [(s["run"], s["key"], s["marker"]) for s in data["series"]])
     return dict(zip(data["x"], got[0]["values"]))
 
@@ -184,20 +185,35 @@ def test_two_recorded_runs(tmp_path, chrome):
 
 
 def test_readme_screenshot(tmp_path, chrome, monkeypatch):
-    """The picture in the README: onpolicy on vs off (the recipe's control run)
-    vs a plain TRL run, with the drill-down of a mismatched step open."""
+    """The picture in the README: onpolicy on vs off (the recipe's control run,
+    finished) vs a plain TRL run (stopped an hour ago), with the legend, EMA
+    smoothing 0.6 (raw values faint behind), a log axis, a filtered "All
+    scalars" section and the drill-down of a mismatched step open."""
+    import os
+
     monkeypatch.chdir(tmp_path)                       # relative paths: the picture does not show tmp dirs
     write_onpolicy_run(Path("runs/qwen3-grpo-onpolicy"), steps=300, seed=0, token_every=10)
     write_onpolicy_run(Path("runs/qwen3-grpo-control"), steps=300, seed=3, mismatch=True, token_every=10)
+    with open("runs/qwen3-grpo-control/metrics.jsonl", "a") as fh:
+        fh.write(json.dumps({"event": "finished", "time": time.time()}) + "\n")
     write_trl_tensorboard_run(Path("runs/qwen3-grpo-trl"), steps=300, seed=1)
+    old = time.time() - 3600
+    for p in Path("runs/qwen3-grpo-trl").rglob("events.out.tfevents.*"):
+        os.utime(p, (old, old))
     runs = resolve_runs([Path("runs/qwen3-grpo-onpolicy"), Path("runs/qwen3-grpo-control"),
                          Path("runs/qwen3-grpo-trl")])
+    assert [r.state() for r in runs] == ["running", "finished", "stopped"]
     d = chrome.driver
     d.set_window_size(1440, 1000)
     with ServerThread(create_app(runs)) as srv:
         load(chrome, srv.url)
         from selenium.webdriver.common.by import By
 
+        d.execute_script("const s = document.getElementById('smooth'); s.value = 0.6; s.dispatchEvent(new Event('input'))")
+        d.find_element(By.CSS_SELECTOR, "#chart-absmax .tools .btn").click()
+        d.find_element(By.ID, "filter").send_keys("loss|entropy|grad_norm")
+        chrome.wait_for("document.querySelectorAll('#more .chart-card').length === 3")
+        chrome.wait_for("window.__onpolicy.state.charts.absmax.u.scales.y.distr === 4")
         d.find_element(By.CSS_SELECTOR, '#timeline canvas[data-run="1"]').click()
         chrome.wait_for("window.__onpolicy.drill && window.__onpolicy.drill.run === 1")
         dr = d.execute_script("return window.__onpolicy.drill")
@@ -254,13 +270,21 @@ def test_report_opens_offline(tmp_path, chrome):
 
     from onpolicy.dashboard.report import write_html
 
+    from .make_runs import write_trl_trackio_run
+
     trl = write_trl_tensorboard_run(tmp_path / "trl", steps=50, seed=4)
     write_onpolicy_run(tmp_path / "off", steps=50, seed=5, mismatch=True, token_every=10)
-    out = write_html(resolve_runs([tmp_path / "off", tmp_path / "trl"]), tmp_path / "report.html")
+    evil = "</title><script>window.__pwned = 1</script><img src=x onerror=window.__pwned=2>"   # defect 4
+    write_trl_trackio_run(tmp_path / "p.db", evil, steps=5, seed=6)
+    out = write_html(resolve_runs([tmp_path / "off", tmp_path / "trl", tmp_path / "p.db"]), tmp_path / "report.html")
     d = chrome.driver
     load(chrome, out.as_uri())
+    assert d.execute_script("return window.__pwned === undefined")
+    assert d.title == f"onpolicy report · off, trl, {evil}"
+    assert evil in d.find_element(By.ID, "runs").text                # shown as text, never run
+    assert d.execute_script("return window.__pwned === undefined")
     assert "static report" in d.find_element(By.ID, "live-text").text
-    assert "mismatch in 2 of 2 runs" in d.find_element(By.ID, "mismatch-alert").text
+    assert "mismatch in 3 of 3 runs" in d.find_element(By.ID, "mismatch-alert").text
     assert series(chart(chrome, "absmax"), 1, "logp_abs_diff_max") == {s: trl[s]["logp_abs_diff_max"] for s in range(1, 51)}
     d.find_element(By.CSS_SELECTOR, '#timeline canvas[data-run="0"]').click()
     step = chrome.wait_for("window.__onpolicy.drill && window.__onpolicy.drill.step")
@@ -273,3 +297,209 @@ def test_report_opens_offline(tmp_path, chrome):
     urls = chrome.requested_urls()
     assert not [u for u in urls if u.startswith(("http:", "https:", "ws:", "wss:"))], urls
     assert chrome.console_errors() == []
+
+
+# --- issue 34 ---------------------------------------------------------------------------
+
+def test_a_restarted_server_shows_its_own_runs(tmp_path, chrome):
+    """Defect 1: stop the server of run A, start one of run B on the same port:
+    the open tab shows B's data (versions no longer collide across processes)."""
+    a = write_onpolicy_run(tmp_path / "a" / "run", steps=30, seed=1, token_every=0)
+    b = write_onpolicy_run(tmp_path / "b" / "run", steps=30, seed=2, mismatch=True, token_every=0)
+    runs_a = resolve_runs([tmp_path / "a" / "run"])
+    with ServerThread(create_app(runs_a)) as srv:
+        port = srv.port
+        load(chrome, srv.url)
+        assert series(chart(chrome, "reward"), 0, "reward_mean") == {s: a[s]["reward_mean"] for s in range(1, 31)}
+    runs_b = resolve_runs([tmp_path / "b" / "run"])
+    assert runs_a[0].version == runs_b[0].version                 # the same table version in each process
+    with ServerThread(create_app(runs_b), port=port):
+        chrome.wait_for("document.getElementById('mismatch-alert') && "
+                        "window.__onpolicy.state.tables[0].cols.reward_mean[0] === %r" % b[1]["reward_mean"], timeout=20)
+        assert series(chart(chrome, "reward"), 0, "reward_mean") == {s: b[s]["reward_mean"] for s in range(1, 31)}
+        assert series(chart(chrome, "absmax"), 0, "logp_abs_diff_max") == {s: b[s]["logp_abs_diff_max"] for s in range(1, 31)}
+        assert pixel(chrome, '#timeline canvas[data-run="0"]') == [220, 38, 38]     # the map is B's: red
+        assert chrome.console_errors() == []
+
+
+def test_broken_inputs_and_four_runs(tmp_path, chrome):
+    """Defects 2, 5, 6, 10, 11, 13 and the legend, on one page: a run whose
+    metrics.jsonl is a directory, a run flagged for a NaN, a run that stopped
+    an hour ago, an all-zero chart, a readout of four runs, tick labels."""
+    import os
+
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+
+    write_onpolicy_run(tmp_path / "good", steps=40, seed=1, token_every=0)
+    nan = tmp_path / "nan"
+    nan.mkdir()
+    (nan / "metrics.jsonl").write_text("".join(
+        json.dumps({"step": s, "logp_abs_diff_max": float("nan") if s == 2 else 0.001 * s}) + "\n" for s in range(1, 41)))
+    dead = write_onpolicy_run(tmp_path / "dead", steps=40, seed=3, mismatch=True, token_every=0)
+    old = time.time() - 3600
+    os.utime(tmp_path / "dead" / "metrics.jsonl", (old, old))
+    (tmp_path / "broken" / "metrics.jsonl").mkdir(parents=True)
+    trl = write_trl_tensorboard_run(tmp_path / "trl", steps=40, seed=4)
+    runs = resolve_runs([tmp_path / n for n in ("good", "nan", "dead", "broken", "trl")])
+    d = chrome.driver
+    with ServerThread(create_app(runs)) as srv:
+        load(chrome, srv.url)
+        assert "server unreachable" not in d.find_element(By.ID, "live-text").text
+        cards = d.find_elements(By.CSS_SELECTOR, ".run")
+        assert "cannot read" in cards[3].text and "Is a directory" in cards[3].text             # defect 2
+        assert "max |Δlogp| NaN at step 2" in d.find_element(By.ID, "mismatch-alert").text      # defect 10
+        assert "NaN" in cards[1].text
+        assert "running · last write" in cards[0].text                                           # defect 11
+        assert "stopped · no write for 60 min" in cards[2].text
+        live = d.find_element(By.ID, "live-text").text
+        assert "live · updated" not in live and "1 stopped" in live
+
+        # legend: every run, its own colour
+        chips = d.find_elements(By.CSS_SELECTOR, "#legend .chip")
+        assert [c.text.split("\n")[0].split(" ")[0] for c in chips] == ["good", "nan", "dead", "broken", "trl"]
+        colors = d.execute_script("return Array.from({length: 40}, (_, i) => window.__onpolicy.runColor(i))")
+        assert len(set(colors)) == 40
+        chips[4].click()                                                                         # hide trl
+        chrome.wait_for("!window.__onpolicy.chartData('absmax').series.some(s => s.run === 4)")
+        d.find_elements(By.CSS_SELECTOR, "#legend .chip")[4].click()
+        chrome.wait_for("window.__onpolicy.chartData('absmax').series.some(s => s.run === 4)")
+
+        # defect 5: the readout of four runs is not cut off
+        over = d.find_element(By.CSS_SELECTOR, "#chart-absmax .u-over")
+        x = d.execute_script("return window.__onpolicy.state.charts.absmax.u.valToPos(20, 'x')")
+        ActionChains(d).move_to_element_with_offset(over, int(x - over.size["width"] / 2), 0).perform()
+        readout = d.find_element(By.CSS_SELECTOR, "#chart-absmax .readout")
+        text = readout.text
+        for name, v in (("good", "0"), ("nan", "0.02"), ("dead", f"{dead[20]['logp_abs_diff_max']:.6g}"),
+                        ("trl", f"{trl[20]['logp_abs_diff_max']:.6g}")):
+            assert f"{name} {v}" in text, (name, text)
+        clipped = d.execute_script("""
+            const r = arguments[0], box = r.getBoundingClientRect();
+            return Array.from(r.querySelectorAll('.ro')).filter(e => { const b = e.getBoundingClientRect();
+              return b.right > box.right + 0.5 || b.bottom > box.bottom + 0.5; }).length
+              + (r.scrollWidth > r.clientWidth + 1 ? 100 : 0);""", readout)
+        assert clipped == 0
+
+        # defect 6: ticks at 2.5 / 7.5 read 2.5 / 7.5 (one decimal on every tick, as d3 and matplotlib do);
+        # zoomed to steps 1-9 the x ticks are whole steps
+        assert d.execute_script("return window.__onpolicy.tickLabels([0, 2.5, 5, 7.5, 10], 2.5)") == \
+            ["0.0", "2.5", "5.0", "7.5", "10.0"]
+        assert d.execute_script("return window.__onpolicy.tickLabels([0, 0.2, 0.4], 0.2)") == ["0.0", "0.2", "0.4"]
+        assert d.execute_script("return window.__onpolicy.tickLabels([-10, 0, 10], 10)") == ["-10", "0", "10"]
+        assert d.execute_script("return window.__onpolicy.tickLabels([0.0001, 0.00015, 0.0002], 0.00005)") == \
+            ["1.0e\u22124", "1.5e\u22124", "2.0e\u22124"]
+        d.execute_script("window.__onpolicy.state.charts.reward.u.setScale('x', {min: 1, max: 9})")
+        vals = d.execute_script("const a = window.__onpolicy.state.charts.absmax.u.axes[0]; return [a._splits, a._values]")
+        assert vals[0] and all(float(s) == int(s) for s in vals[0]) and vals[1] == [str(int(s)) for s in vals[0]]
+        d.execute_script("window.__onpolicy.state.charts.reward.u.setScale('x', {min: 1, max: 40})")
+
+        # defect 13: an all-zero chart is not 0-100 (k1: only the equal run logs it... and dead)
+        d.execute_script("window.__onpolicy.state.hidden.add(2); document.querySelector('#legend .chip').click();"
+                         "document.querySelector('#legend .chip').click()")
+        chrome.wait_for("!window.__onpolicy.chartData('k1').series.some(s => s.run === 2)")
+        y = d.execute_script("const y = window.__onpolicy.state.charts.k1.u.scales.y; return [y.min, y.max]")
+        assert y == [0, 1], y
+        assert chrome.console_errors() == []
+
+
+def test_chart_features(tmp_path, chrome):
+    """Smoothing, x axis by step / wall time / relative time, log scale and
+    CSV / JSON export on every chart, "ignore outliers", every scalar a chart."""
+    from selenium.webdriver.common.by import By
+
+    on = write_onpolicy_run(tmp_path / "on", steps=60, seed=11, token_every=0)
+    trl = write_trl_tensorboard_run(tmp_path / "trl", steps=60, seed=12)
+    spiky = tmp_path / "spiky"
+    spiky.mkdir()
+    (spiky / "metrics.jsonl").write_text("".join(json.dumps(
+        {"step": s, "time": 1000.0 + s, "reward_mean": 1000.0 if s == 30 else 0.5 + 0.001 * s}) + "\n" for s in range(1, 61)))
+    runs = resolve_runs([tmp_path / "on", tmp_path / "trl", spiky])
+    d = chrome.driver
+    js = d.execute_script
+    with ServerThread(create_app(runs)) as srv:
+        load(chrome, srv.url)
+        # every chart has lin/log, CSV and JSON
+        cards = d.find_elements(By.CSS_SELECTOR, ".chart-card")
+        assert len(cards) > 15
+        for c in cards:
+            assert [b.text for b in c.find_elements(By.CSS_SELECTOR, ".tools .btn")] == ["lin", "CSV", "JSON"]
+        # every scalar any run logged is a chart: the main ones plus "All scalars"
+        keys = set(js("return [].concat(...Object.values(window.__onpolicy.state.tables).map(t => Object.keys(t.cols)))"))
+        shown = {k for c in cards for k in c.get_attribute("data-key").split(" ")}
+        assert keys - {"time"} <= shown and {"train/loss", "train/entropy", "reward_std"} <= shown
+        box = d.find_element(By.ID, "filter")
+        box.send_keys("loss|entropy")
+        chrome.wait_for("document.querySelectorAll('#more .chart-card').length === 2")
+        assert {c.get_attribute("data-key") for c in d.find_elements(By.CSS_SELECTOR, "#more .chart-card")} == \
+            {"train/loss", "train/entropy"}
+        loss = series(chart(chrome, "train/loss"), 1, "train/loss")
+        assert len(loss) == 60
+        js("const f = document.getElementById('filter'); f.value = ''; f.dispatchEvent(new Event('input'))")
+
+        # log scale on a chart that had none before (reward), values unchanged
+        before = chart(chrome, "reward")
+        d.find_element(By.CSS_SELECTOR, "#chart-reward .tools .btn").click()
+        chrome.wait_for("window.__onpolicy.state.charts.reward.u.scales.y.distr === 4")
+        assert chart(chrome, "reward")["series"] == before["series"]
+        d.find_element(By.CSS_SELECTOR, "#chart-reward .tools .btn").click()
+
+        # ignore outliers: the spike at 1000 no longer sets the y range
+        assert js("return window.__onpolicy.state.charts.reward.u.scales.y.max") > 1000
+        d.find_element(By.ID, "robust").click()
+        chrome.wait_for("window.__onpolicy.state.charts.reward.u.scales.y.max < 10")
+        d.find_element(By.ID, "robust").click()
+        chrome.wait_for("window.__onpolicy.state.charts.reward.u.scales.y.max > 1000")
+
+        # smoothing: TensorBoard's debiased EMA over the raw values, which stay plotted
+        js("const s = document.getElementById('smooth'); s.value = 0.6; s.dispatchEvent(new Event('input'))")
+        chrome.wait_for("window.__onpolicy.chartData('reward').series.some(s => s.smoothed)")
+        data = chart(chrome, "reward")
+        raw = series(data, 0, "reward_mean")
+        assert raw == {s: on[s]["reward_mean"] for s in range(1, 61)}
+        last, want = 0.0, {}
+        for n, s in enumerate(range(1, 61), 1):
+            last = last * 0.6 + 0.4 * on[s]["reward_mean"]
+            want[s] = last / (1 - 0.6 ** n)
+        got = series(data, 0, "reward_mean", smoothed=True)
+        assert all(abs(got[s] - want[s]) < 1e-12 for s in want)
+        csv = js("return window.__onpolicy.exportChart('reward', 'csv')").splitlines()
+        assert csv[0].split(",")[:3] == ["step", "on/reward_mean", "on/reward_mean (EMA 0.6)"]
+        js("const s = document.getElementById('smooth'); s.value = 0; s.dispatchEvent(new Event('input'))")
+        chrome.wait_for("!window.__onpolicy.chartData('reward').series.some(s => s.smoothed)")
+
+        # export: what the chart shows, values exact
+        d.find_element(By.CSS_SELECTOR, "#chart-absmax [data-export=csv]").click()
+        exp = chrome.wait_for("window.__onpolicy.lastExport")
+        assert exp["name"] == "absmax.csv" and exp["kind"] == "csv"
+        rows = [r.split(",") for r in exp["text"].splitlines()]
+        assert rows[0] == ["step", "on/logp_abs_diff_max", "trl/logp_abs_diff_max"]
+        assert [int(r[0]) for r in rows[1:]] == list(range(1, 61))
+        assert [float(r[2]) for r in rows[1:]] == [trl[s]["logp_abs_diff_max"] for s in range(1, 61)]
+        d.find_element(By.CSS_SELECTOR, "#chart-absmax [data-export=json]").click()
+        exp = chrome.wait_for("window.__onpolicy.lastExport.kind === 'json' && window.__onpolicy.lastExport")
+        j = json.loads(exp["text"])
+        assert j["x_axis"] == "step" and j["x"] == list(range(1, 61))
+        assert [s["run"] for s in j["series"]] == ["on", "trl"] and j["series"][0]["values"] == [0.0] * 60
+        js("window.__onpolicy.state.charts.absmax.u.setScale('x', {min: 10, max: 19})")        # zoomed: just that
+        assert [int(r.split(",")[0]) for r in js("return window.__onpolicy.exportChart('absmax')").splitlines()[1:]] == \
+            list(range(10, 20))
+        js("window.__onpolicy.state.charts.absmax.u.setScale('x', {min: 1, max: 60})")
+
+        # x axis: wall time, relative time
+        sel = d.find_element(By.ID, "xmode")
+        js("arguments[0].value = 'wall'; arguments[0].dispatchEvent(new Event('change'))", sel)
+        chrome.wait_for("window.__onpolicy.state.charts.reward.u.scales.x.time === true")
+        data = chart(chrome, "reward")
+        own = lambda run: {x: v for x, v in series(data, run, "reward_mean").items() if v is not None}  # noqa: E731
+        assert own(0) == {on[s]["time"]: on[s]["reward_mean"] for s in range(1, 61)}
+        assert own(1) == {1_764_244_800.0 + 12.0 * s: trl[s]["reward_mean"] for s in range(1, 61)}
+        js("arguments[0].value = 'rel'; arguments[0].dispatchEvent(new Event('change'))", sel)
+        chrome.wait_for("window.__onpolicy.chartData('reward').x[0] === 0")
+        data = chart(chrome, "reward")
+        assert own(2) == {float(s - 1): (1000.0 if s == 30 else 0.5 + 0.001 * s) for s in range(1, 61)}
+        # a click on the chart still opens the step under it (time -> step)
+        d.find_element(By.CSS_SELECTOR, "#chart-absmax .u-over").click()
+        js("arguments[0].value = 'step'; arguments[0].dispatchEvent(new Event('change'))", sel)
+        chrome.wait_for("window.__onpolicy.chartData('reward').x[0] === 1")
+        assert chrome.console_errors() == []

@@ -284,9 +284,38 @@ def test_tfevents_undecodable_record_is_skipped(tmp_path):
 
 
 def test_masked_crc_matches_known_value():
-    # TFRecord framing of an empty record: length 0 -> its masked CRC-32C is fixed by the format
-    assert tfevents.crc32c(b"123456789") == 0xE3069283          # the CRC-32C check value
-    assert tfevents.masked_crc32c(struct.pack("<Q", 0)) == tfevents._masked_crc_py(struct.pack("<Q", 0))
+    assert tfevents.crc32c(b"123456789") == 0xE3069283          # the CRC-32C check value (RFC 3720)
+    # against a bit-by-bit CRC-32C written from the definition (reflected polynomial 0x82F63B78)
+    def crc_bitwise(data: bytes) -> int:
+        c = 0xFFFFFFFF
+        for b in data:
+            c ^= b
+            for _ in range(8):
+                c = (c >> 1) ^ 0x82F63B78 if c & 1 else c >> 1
+        return c ^ 0xFFFFFFFF
+    for data in (bytes(8), struct.pack("<Q", 1234), b"brain.Event:2" * 7):
+        assert tfevents.crc32c(data) == crc_bitwise(data)
+    c = crc_bitwise(bytes(8))                                   # the length field of an empty record
+    assert tfevents.masked_crc32c(bytes(8)) == ((((c >> 15) | (c << 17)) + 0xA282EAD8) & 0xFFFFFFFF)
+
+
+def test_tfevents_flipped_data_byte_fails_the_checksum(tmp_path):
+    """Issue 34 defect 8: a flipped byte in a record's data (here in the float of
+    a scalar, so the record still decodes) must be caught by the CRC, always."""
+    p = tmp_path / "events.out.tfevents.1.host"
+    recs = [tfrecord(encode_event(1.0, s, {"train/reward": 0.1})) for s in range(1, 4)]
+    bad = bytearray(recs[1])
+    bad[-6] ^= 0x40                                  # the float's top byte, inside the data
+    p.write_bytes(recs[0] + bytes(bad) + recs[2])
+    rd = tfevents.EventFileReader(str(p))
+    got = list(rd.read_new())
+    assert [(e[1], e[2]) for e in got] == [(1, {"train/reward": f32(0.1)}), (3, {"train/reward": f32(0.1)})]
+    assert len(rd.warnings) == 1 and "record 2 fails its CRC-32C checksum" in rd.warnings[0]
+    # and it reaches the run's warnings
+    (tmp_path / "run" / "runs").mkdir(parents=True)
+    (tmp_path / "run" / "runs" / p.name).write_bytes(p.read_bytes())
+    r = one(tmp_path / "run")
+    assert r.table.steps == [1, 3] and any("checksum" in w for w in r.warnings)
 
 
 def test_reader_agrees_with_tensorboardx(tmp_path):
@@ -395,3 +424,131 @@ def test_token_file_checks(tmp_path):
     assert len(f["warnings"]) == 3
     p.write_text('{"step": 1, "samples": [')
     assert "not valid JSON" in load_token_file(p)["warnings"][0]
+
+
+# --- issue 34: defects found in use ------------------------------------------------------
+
+def test_a_file_path_names_its_run_directory(tmp_path):
+    """Defect 3: metrics.jsonl or an event file instead of the run dir reads the
+    run dir; any other file is a clear error, not a NotADirectoryError."""
+    from onpolicy.dashboard.data import RunSpecError
+
+    truth = write_onpolicy_run(tmp_path / "on", steps=8, seed=1)
+    r = one(tmp_path / "on" / "metrics.jsonl")
+    assert r.name == "on" and r.path == str(tmp_path / "on") and r.token_steps() == [1]
+    assert_rows_equal(r, truth)
+    tb = write_trl_tensorboard_run(tmp_path / "trl", steps=5, seed=2)
+    (ev,) = (tmp_path / "trl").rglob("events.out.tfevents.*")
+    assert_rows_equal(one(ev), tb)
+    (tmp_path / "notes.txt").write_text("hi")
+    with pytest.raises(RunSpecError, match="is a file, not a run directory: pass the directory"):
+        resolve_runs([tmp_path / "notes.txt"])
+    (tmp_path / "junk.db").write_text("not sqlite")
+    with pytest.raises(RunSpecError, match="not a trackio project database"):
+        resolve_runs([tmp_path / "junk.db"])
+
+
+def test_unreadable_source_is_reported_and_the_rest_goes_on(tmp_path):
+    """Defect 2: an OSError on one file (here a directory named metrics.jsonl)
+    is that source's error; the run's other sources are still read."""
+    d = tmp_path / "x"
+    (d / "metrics.jsonl").mkdir(parents=True)
+    write_tfevents(d / "runs" / "a" / "events.out.tfevents.1.h", [(1.0, s, {"train/reward": 0.5}) for s in (1, 2)])
+    r = one(d)
+    assert r.table.steps == [1, 2]
+    assert any("cannot read" in n and "metrics.jsonl" in n and "Is a directory" in n for n in r.notes)
+    (tmp_path / "y" / "metrics.jsonl").mkdir(parents=True)      # nothing else to read: the error is the message
+    (e,) = resolve_runs([tmp_path / "y"])
+    assert "cannot read" in e.message and "Is a directory" in e.message
+
+
+def test_a_step_written_again_is_warned(tmp_path):
+    """Defect 7: a resumed run rewrites steps; the later value wins, with a warning
+    (same values again, e.g. TRL's epoch in its final log, are not warned)."""
+    d = tmp_path / "run"
+    d.mkdir()
+    lines = [{"step": s, "kl_k3": 0.0, "reward_mean": v} for s, v in ((1, 0.1), (2, 0.2), (3, 0.3))]
+    lines += [{"step": 2, "kl_k3": 0.0, "reward_mean": 9.0}, {"step": 3, "kl_k3": 0.0, "reward_mean": 0.3}]
+    (d / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    r = one(d)
+    assert r.table.rows[2]["reward_mean"] == 9.0
+    (w,) = [w for w in r.warnings if "written again" in w]
+    assert w.startswith("metrics.jsonl: 1 step written again with other values (step 2;")
+    # TensorBoard: a resumed TRL run writes a second event file over the same steps
+    tb = tmp_path / "tb"
+    write_tfevents(tb / "runs" / "a" / "events.out.tfevents.1.h", [(1.0, s, {"train/loss": 1.0}) for s in (1, 2, 3)])
+    write_tfevents(tb / "runs" / "b" / "events.out.tfevents.2.h", [(2.0, s, {"train/loss": 2.0}) for s in (2, 3, 4)])
+    r = one(tb)
+    assert r.table.rows[3]["train/loss"] == 2.0
+    assert any("TensorBoard (2 event files): 2 steps written again" in w and "step 2, 3;" in w for w in r.warnings)
+
+
+def test_nan_is_the_worst_value_and_negative_steps_are_skipped(tmp_path):
+    """Defect 10: a run flagged for a NaN shows NaN as its worst, not the largest
+    finite value; negative and fractional steps are skipped with a warning."""
+    d = tmp_path / "run"
+    d.mkdir()
+    (d / "metrics.jsonl").write_text(
+        json.dumps({"step": 1, "logp_abs_diff_max": 0.0}) + "\n" +
+        json.dumps({"step": 2, "logp_abs_diff_max": math.nan}) + "\n" +
+        json.dumps({"step": -3, "logp_abs_diff_max": 0.0}) + "\n" +
+        json.dumps({"step": 4.5, "logp_abs_diff_max": 0.0}) + "\n")
+    r = one(d)
+    s = r.summary()
+    assert r.table.steps == [1, 2] and s.mismatch_steps == 1
+    assert math.isnan(s.worst["logp_abs_diff_max"]["value"]) and s.worst["logp_abs_diff_max"]["step"] == 2
+    assert s.as_dict()["worst"]["logp_abs_diff_max"] == {"value": "NaN", "step": 2}     # JSON-safe
+    ws = "\n".join(r.warnings)
+    assert "line 3: negative step -3; skipped" in ws and "line 4: step 4.5 is not an integer" in ws
+    # TensorBoard: a negative step is skipped with a warning too
+    write_tfevents(tmp_path / "tb" / "events.out.tfevents.1.h", [(1.0, -1, {"x": 1.0}), (1.0, 1, {"x": 2.0})])
+    r = one(tmp_path / "tb")
+    assert r.table.steps == [1] and any("1 record with a negative step (first: -1); skipped" in w for w in r.warnings)
+
+
+def test_run_state_running_stopped_finished(tmp_path):
+    """Defect 11: each run's state, from its files' last write and the end record."""
+    import os
+    import time as _time
+
+    d = tmp_path / "run"
+    write_onpolicy_run(d, steps=3, seed=1)
+    r = one(d)
+    assert r.state() == "running" and abs(r.last_write() - _time.time()) < 60
+    old = _time.time() - 3600
+    os.utime(d / "metrics.jsonl", (old, old))
+    r.refresh(force=True)
+    assert r.state() == "stopped" and r.last_write() == pytest.approx(old)
+    with open(d / "metrics.jsonl", "a") as fh:
+        fh.write(json.dumps({"event": "finished", "time": 1234.5}) + "\n")
+    r.refresh(force=True)
+    assert r.state() == "finished" and r.finished() == 1234.5 and not r.warnings
+    with open(d / "metrics.jsonl", "a") as fh:              # the run was resumed after all
+        fh.write(json.dumps({"step": 4, "kl_k3": 0.0}) + "\n")
+    r.refresh(force=True)
+    assert r.state() == "running" and r.finished() is None
+    assert resolve_runs([tmp_path / "nope"])[0].state() == "waiting"
+
+
+def test_onpolicy_metrics_logged_through_trl_are_ours():
+    """Defect 13: onpolicy's TRL integration logs onpolicy/<key>; they are our
+    charts' keys, not extra metrics named train/onpolicy/*."""
+    assert canonical_key("train/onpolicy/bitwise_equal_frac") == "bitwise_equal_frac"
+    assert canonical_key("onpolicy/kl_k3") == "kl_k3"
+    assert canonical_key("train/onpolicy/something_else") == "train/onpolicy/something_else"
+
+
+def test_nul_bytes_line_is_named_as_such(tmp_path):
+    """Defect 13: a line of NUL bytes (a crash, a zero-filled block) gets a warning
+    that says so, not a 'utf-32-be' codec error."""
+    d = tmp_path / "run"
+    d.mkdir()
+    (d / "metrics.jsonl").write_bytes(b'{"step": 1, "kl_k3": 0.0}\n\x00\x00\x00\x00{"step": 2}\n{"step": 3, "kl_k3": 0.0}\n')
+    r = one(d)
+    assert r.table.steps == [1, 3]
+    (w,) = r.warnings
+    assert "line 2: contains NUL bytes" in w and "utf-32" not in w
+    from onpolicy.dashboard.jsonio import JSONError, loads
+    with pytest.raises(JSONError) as e:
+        loads(b'{"a": "\xff"}')
+    assert "utf-8" in str(e.value)

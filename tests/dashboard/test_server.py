@@ -133,3 +133,81 @@ def test_static_files_ship_with_the_package():
                  "vendor/uPlot.LICENSE"):
         assert (root / name).is_file(), name
     assert Path(STATIC_DIR).is_dir()
+
+
+# --- issue 34 ---------------------------------------------------------------------------
+
+def test_versions_are_unique_across_server_processes(two_runs):
+    """Defect 1: a page open across a restart must not take the new server's
+    table for the one it holds: versions carry the server's id, and a ``since``
+    of another server gets everything."""
+    _, runs, on, trl = two_runs
+    a, b = TestClient(create_app(runs)), TestClient(create_app(runs))
+    va = a.get("/api/state").json()["runs"][0]["version"]
+    vb = b.get("/api/state").json()["runs"][0]["version"]
+    assert va != vb and va.split("-")[-1] == vb.split("-")[-1]     # same table, two servers
+    assert a.get(f"/api/run/0/data?since={va}").status_code == 304
+    full = b.get(f"/api/run/0/data?since={va}").json()               # the old server's version
+    assert full["from_step"] is None and len(full["steps"]) == 30 and full["version"] == vb
+    assert b.get("/api/run/0/data?since=3").json()["from_step"] is None   # a bare number: everything
+
+
+def test_one_unreadable_run_does_not_take_the_page_down(tmp_path, monkeypatch):
+    """Defect 2: a directory named metrics.jsonl, or any error reading one run,
+    shows on that run; /api/state still answers for the others."""
+    write_onpolicy_run(tmp_path / "good", steps=5, seed=1)
+    (tmp_path / "bad" / "metrics.jsonl").mkdir(parents=True)
+    write_onpolicy_run(tmp_path / "buggy", steps=5, seed=2)
+    runs = resolve_runs([tmp_path / "good", tmp_path / "bad", tmp_path / "buggy"])
+    for r in runs:
+        r.min_refresh_s = 0.0
+
+    def boom(force=False):
+        raise RuntimeError("a reader bug")
+    monkeypatch.setattr(runs[2], "refresh", boom)
+    c = TestClient(create_app(runs))
+    res = c.get("/api/state")
+    assert res.status_code == 200
+    good, bad, buggy = res.json()["runs"]
+    assert good["summary"]["steps"] == 5 and not good["notes"]
+    assert "cannot read" in bad["message"] and "Is a directory" in bad["message"]
+    assert any("reading this run failed: RuntimeError: a reader bug" in n for n in buggy["notes"])
+    assert buggy["summary"]["steps"] == 5                            # what it had read stays
+
+
+def test_run_state_is_served(two_runs):
+    _, runs, *_ = two_runs
+    st = TestClient(create_app(runs, stale_s=1e9)).get("/api/state").json()
+    assert [r["state"] for r in st["runs"]] == ["running", "running"]
+    assert all(r["last_write"] > 0 and r["stale_s"] == 1e9 for r in st["runs"])
+    st = TestClient(create_app(runs, stale_s=1e-9)).get("/api/state").json()
+    assert [r["state"] for r in st["runs"]] == ["stopped", "stopped"]
+
+
+def test_responses_are_gzip_compressed(tmp_path):
+    write_onpolicy_run(tmp_path / "on", steps=2000, seed=1, token_every=0)
+    c = TestClient(create_app(resolve_runs([tmp_path / "on"])))
+    res = c.get("/api/run/0/data?since=0", headers={"Accept-Encoding": "gzip"})
+    assert res.status_code == 200 and res.headers["content-encoding"] == "gzip"
+    assert int(res.headers["content-length"]) < len(res.content) / 3          # compressed on the wire
+    assert len(res.json()["steps"]) == 2000
+    assert c.get("/static/app.js", headers={"Accept-Encoding": "gzip"}).headers["content-encoding"] == "gzip"
+    plain = c.get("/api/run/0/data?since=0", headers={"Accept-Encoding": "identity"})
+    assert "content-encoding" not in plain.headers and plain.json() == res.json()
+
+
+def test_host_header_is_checked(two_runs):
+    """Defect 12: DNS rebinding (a page on evil.example whose name resolves to
+    127.0.0.1) sends Host: evil.example; refused."""
+    _, runs, *_ = two_runs
+    c = TestClient(create_app(runs, allowed_hosts={"127.0.0.1", "localhost", "::1"}))
+    for ok in ("127.0.0.1:8765", "localhost:8765", "[::1]:8765", "LOCALHOST"):
+        assert c.get("/api/state", headers={"Host": ok}).status_code == 200, ok
+    for bad in ("evil.example:8765", "evil.example", "127.0.0.1.evil.example", "10.0.0.5:8765", ""):
+        res = c.get("/api/state", headers={"Host": bad})
+        assert res.status_code == 400 and "DNS rebinding" in res.text, bad
+        assert c.get("/", headers={"Host": bad}).status_code == 400
+    any_ip = TestClient(create_app(runs, allowed_hosts={"localhost", "gpu-node", "*ip"}))
+    assert any_ip.get("/api/state", headers={"Host": "10.0.0.5:8765"}).status_code == 200
+    assert any_ip.get("/api/state", headers={"Host": "gpu-node:8765"}).status_code == 200
+    assert any_ip.get("/api/state", headers={"Host": "evil.example"}).status_code == 400

@@ -4,13 +4,23 @@
  * the rows changed since the table version it holds (/api/run/<id>/data?since=v).
  * Static mode (a report) reads the same structures from window.__ONPOLICY_STATIC__.
  * Everything is local: uPlot is vendored, no request leaves the page's origin.
+ *
+ * Chart controls (toolbar): x axis by step / wall time / relative time, EMA
+ * smoothing (TensorBoard's debiased EMA; the raw values stay drawn, faint),
+ * "ignore outliers" (y range from the 5th-95th percentiles); per chart: lin/log
+ * (asinh) y axis and CSV / JSON export of what it shows. Every scalar a run logs
+ * has a chart (the main charts, then "All scalars", filterable).
  */
 (function () {
   'use strict';
 
   const STATIC = window.__ONPOLICY_STATIC__ || null;
   const POLL_MS = 2000;
-  const PALETTE = ['#2563eb', '#0d9488', '#7c3aed', '#d97706', '#0891b2', '#c026d3', '#4d7c0f', '#475467'];
+  // run colours: the same list as report.py's PALETTE (a test checks), then hues spread
+  // by the golden angle, so no two runs share a colour however many there are
+  const PALETTE = ['#2563eb', '#0d9488', '#7c3aed', '#d97706', '#0891b2', '#c026d3', '#4d7c0f', '#475467',
+    '#db2777', '#1e3a8a', '#ea580c', '#854d0e'];
+  const MAX_MORE = 24;     // "All scalars" charts drawn at once (the filter narrows the rest)
   const RED = '#dc2626';
   const SPARSE = 0.2;   // mark mismatched steps with dots when at most this fraction of steps mismatch
 
@@ -28,15 +38,15 @@
     { id: 'ratio', title: 'Importance ratio range', keys: ['is_ratio_min', 'is_ratio_mean', 'is_ratio_max'],
       marker: 'is_ratio_max', band: true, sub: 'min · mean · max of r = p_trainer / p_sampler over tokens' },
     { id: 'reward', title: 'Reward', keys: ['reward_mean'], sub: 'mean reward of the step\u2019s completions' },
-    { id: 'other', title: 'Other metric', keys: [], other: true, sub: 'any other scalar the run logged' },
   ];
   const SHOWN = new Set(CHARTS.flatMap(c => c.keys).concat(['time']));
 
   const S = {
     runs: [], tables: {}, hidden: new Set(), charts: {}, zoom: null, etag: null, paused: false,
-    schema: {}, lastOk: null, error: null, otherKey: null, drill: null, tokCache: {}, opened: false,
+    schema: {}, lastOk: null, error: null, drill: null, tokCache: {}, opened: false,
+    xmode: 'step', smooth: 0, robust: false, filter: '', more: {},
   };
-  const API = { state: S, chartData, ready: false, openMs: null, refreshes: 0 };
+  const API = { state: S, chartData, exportChart, tickLabels, runColor: id => runColor({ id }), ready: false, openMs: null, refreshes: 0 };
   window.__onpolicy = API;
 
   // ---------------------------------------------------------------- utils
@@ -56,16 +66,35 @@
   };
   const esc = s => String(s).replace(/[&<>"']/g, c => ({ '&': '&amp;', '<': '&lt;', '>': '&gt;', '"': '&quot;', "'": '&#39;' }[c]));
   function fmt(v, digits = 4) {
+    if (typeof v === 'string') return v;     // "NaN", "inf", "-inf" as the server sends them
     if (v == null || Number.isNaN(v)) return '—';
     if (v === 0) return '0';
     const a = Math.abs(v);
     if (a < 1e-3 || a >= 1e6) return v.toExponential(2).replace('e-', 'e\u2212');
     return String(+v.toPrecision(digits));
   }
-  const pct = v => v == null ? '—' : v === 1 ? '100%' : v === 0 ? '0%' : (v * 100).toFixed(v > 0.999 ? 3 : 2) + '%';
+  const pct = v => typeof v === 'string' ? v : v == null ? '—' : v === 1 ? '100%' : v === 0 ? '0%' : (v * 100).toFixed(v > 0.999 ? 3 : 2) + '%';
   const int = v => v == null ? '—' : Math.round(v).toLocaleString('en-US');
   const lowerBound = (a, x) => { let lo = 0, hi = a.length; while (lo < hi) { const m = (lo + hi) >> 1; if (a[m] < x) lo = m + 1; else hi = m; } return lo; };
-  const runColor = r => PALETTE[r.id % PALETTE.length];
+  function hslHex(h, s, l) {
+    const a = s * Math.min(l, 1 - l);
+    const f = n => { const k = (n + h / 30) % 12; return Math.round(255 * (l - a * Math.max(-1, Math.min(k - 3, 9 - k, 1)))); };
+    return '#' + [f(0), f(8), f(4)].map(x => x.toString(16).padStart(2, '0')).join('');
+  }
+  function runColor(r) {
+    if (r.id < PALETTE.length) return PALETTE[r.id];
+    const j = r.id - PALETTE.length;
+    return hslHex((j * 137.508 + 20) % 360, 0.7, [0.38, 0.5, 0.3][j % 3]);
+  }
+  const bad = v => typeof v === 'string' || v > 0;     // a mismatch metric that is not 0 (NaN / inf included)
+  const dur = s => s < 90 ? `${Math.round(s)} s` : s < 5400 ? `${Math.round(s / 60)} min` : s < 172800 ? `${(s / 3600).toFixed(1)} h` : `${(s / 86400).toFixed(1)} days`;
+  function runStateText(r) {
+    const idle = r.last_write != null ? Math.max(0, Date.now() / 1000 - r.last_write) : null;
+    if (r.state === 'finished') return 'finished';
+    if (r.state === 'running') return `running · last write ${idle == null ? '?' : dur(idle)} ago`;
+    if (r.state === 'stopped') return `stopped · no write for ${idle == null ? '?' : dur(idle)}`;
+    return 'waiting for its files';
+  }
   const visibleRuns = () => S.runs.filter(r => !S.hidden.has(r.id));
   const ago = t => { const s = Math.max(0, Math.round((Date.now() - t) / 1000)); return s < 60 ? `${s}s ago` : `${Math.round(s / 60)} min ago`; };
 
@@ -145,9 +174,13 @@
       live.className = 'live'; txt.textContent = `static report · ${STATIC.generated}`;
       $('#pause').hidden = true; return;
     }
-    live.className = 'live ' + (S.error ? 'err' : S.paused ? '' : 'on');
+    // the page's connection; each run's own state (running / stopped / finished) is on its card
+    const counts = {};
+    for (const r of S.runs) counts[r.state] = (counts[r.state] || 0) + 1;
+    const runsTxt = ['running', 'stopped', 'finished', 'waiting'].filter(k => counts[k]).map(k => `${counts[k]} ${k}`).join(', ');
+    live.className = 'live ' + (S.error ? 'err' : S.paused ? '' : counts.running ? 'on' : 'idle');
     txt.textContent = S.error ? `server unreachable (${S.error}); retrying` :
-      S.paused ? 'paused' : `live · updated ${S.lastOk ? ago(S.lastOk) : '…'}`;
+      S.paused ? 'paused' : `connected · polled ${S.lastOk ? ago(S.lastOk) : '…'}` + (runsTxt ? ` · runs: ${runsTxt}` : '');
   }
 
   function mismatchLine(r) {
@@ -203,6 +236,7 @@
     }
     $('#timeline-card').hidden = !withData.length;
     $('#charts').hidden = !withData.length;
+    $('#toolbar').hidden = !withData.length;
   }
 
   function stat(k, v, cls) { return el('div', { class: 'stat' }, el('div', { class: 'k' }, k), el('div', { class: 'v ' + (cls || '') }, v)); }
@@ -220,7 +254,9 @@
         onclick: () => { S.hidden.has(r.id) ? S.hidden.delete(r.id) : S.hidden.add(r.id); render(); } },
         el('div', { class: 'stripe', style: `background:${runColor(r)}` }),
         el('div', { class: 'name' }, r.name, ...badges),
-        el('div', { class: 'path' }, r.path));
+        el('div', { class: 'path' }, r.path),
+        el('div', { class: 'state st-' + r.state, title: r.state === 'stopped' ? `no write to its files for over ${dur(r.stale_s)}` : r.state === 'finished' ? 'the trainer wrote its end record' : '' },
+          STATIC ? `${r.state} when the report was written` : runStateText(r)));
       if (!s.steps) {
         card.append(el('div', { class: 'msg' }, r.message || 'no steps yet'));
       } else {
@@ -228,8 +264,8 @@
         card.append(el('div', { class: 'stats' },
           stat('steps', int(s.steps)),
           stat('mismatched', s.status === 'unknown' ? 'n/a' : `${int(s.mismatch_steps)}`, mm ? 'red' : s.status === 'equal' ? 'green' : ''),
-          stat('min bitwise =', w.bitwise_equal_frac ? pct(w.bitwise_equal_frac.value) : '—', w.bitwise_equal_frac ? (w.bitwise_equal_frac.value < 1 ? 'red' : 'green') : ''),
-          stat('max |Δlogp|', w.logp_abs_diff_max ? fmt(w.logp_abs_diff_max.value) : '—', w.logp_abs_diff_max ? (w.logp_abs_diff_max.value > 0 ? 'red' : 'green') : ''),
+          stat('min bitwise =', w.bitwise_equal_frac ? pct(w.bitwise_equal_frac.value) : '—', w.bitwise_equal_frac ? (w.bitwise_equal_frac.value !== 1 ? 'red' : 'green') : ''),
+          stat('max |Δlogp|', w.logp_abs_diff_max ? fmt(w.logp_abs_diff_max.value) : '—', w.logp_abs_diff_max ? (bad(w.logp_abs_diff_max.value) ? 'red' : 'green') : ''),
           stat('max k3 KL', w.kl_k3 ? fmt(w.kl_k3.value) : '—', w.kl_k3 ? (w.kl_k3.value !== 0 ? 'red' : 'green') : ''),
           stat('reward (last)', last.reward_mean != null ? fmt(last.reward_mean, 3) : '—')));
       }
@@ -289,30 +325,99 @@
     }
   }
 
+  // ---------------------------------------------------------------- toolbar: legend and controls
+  function renderLegend() {
+    const box = $('#legend');
+    box.innerHTML = '';
+    for (const r of S.runs) {
+      box.append(el('button', { class: 'chip' + (S.hidden.has(r.id) ? ' off' : ''), type: 'button', 'data-run': r.id,
+        title: `${r.path}\nclick to show / hide`, onclick: () => { S.hidden.has(r.id) ? S.hidden.delete(r.id) : S.hidden.add(r.id); render(); } },
+        el('span', { class: 'sw', style: `background:${runColor(r)}` }), r.name, el('span', { class: 'st st-' + r.state }, r.state)));
+    }
+  }
+
+  function initToolbar() {
+    $('#xmode').onchange = e => { S.xmode = e.target.value; S.zoom = null; renderCharts(); };
+    const sm = $('#smooth');
+    sm.oninput = () => { S.smooth = +sm.value; $('#smooth-val').textContent = S.smooth.toFixed(2); renderCharts(); };
+    $('#robust').onchange = e => { S.robust = e.target.checked; for (const c of Object.values(S.charts)) c.sig = null; renderCharts(); };
+    $('#filter').oninput = e => { S.filter = e.target.value; renderCharts(); };
+  }
+
   // ---------------------------------------------------------------- charts
   function otherKeys() {
     const ks = new Set();
     for (const r of visibleRuns()) for (const k of Object.keys((S.tables[r.id] || {}).cols || {})) if (!SHOWN.has(k)) ks.add(k);
-    return [...ks].sort((a, b) => (a.startsWith('train/') - b.startsWith('train/')) || a.localeCompare(b));
+    const known = k => S.schema[k] ? 0 : k.startsWith('train/') ? 1 : k.startsWith('eval/') ? 3 : 2;
+    return [...ks].sort((a, b) => (known(a) - known(b)) || a.localeCompare(b));
+  }
+
+  function filterKeys(keys) {
+    const f = S.filter.trim();
+    if (!f) return keys;
+    let re = null;
+    try { re = new RegExp(f, 'i'); } catch (e) { re = null; }
+    return keys.filter(k => re ? re.test(k) || re.test(label(k)) : k.toLowerCase().includes(f.toLowerCase()));
+  }
+  const label = k => (S.schema[k] && S.schema[k].label) || k;
+
+  // x values of a run's rows for the x mode: {x, idx} (idx: the rows kept, in x order), or null
+  function xOf(t) {
+    if (S.xmode === 'step') return { x: t.steps, idx: null };
+    const tc = t.cols.time;
+    if (!tc) return null;
+    let ix = [];
+    for (let i = 0; i < t.steps.length; i++) if (tc[i] != null) ix.push(i);
+    if (!ix.length) return null;
+    if (ix.some((i, j) => j && tc[i] < tc[ix[j - 1]])) ix.sort((a, b) => tc[a] - tc[b]);
+    ix = ix.filter((i, j) => j === ix.length - 1 || tc[ix[j + 1]] !== tc[i]);   // one row per x (the later)
+    const t0 = tc[ix[0]];
+    return { x: ix.map(i => S.xmode === 'rel' ? tc[i] - t0 : tc[i]), idx: ix };
+  }
+
+  // TensorBoard's smoothing: an exponential moving average, debiased at the start
+  function ema(vals, w) {
+    const out = new Array(vals.length);
+    let last = 0, n = 0;
+    for (let i = 0; i < vals.length; i++) {
+      const v = vals[i];
+      if (v == null || !Number.isFinite(v)) { out[i] = v; continue; }
+      last = last * w + (1 - w) * v; n++;
+      out[i] = last / (1 - Math.pow(w, n));
+    }
+    return out;
   }
 
   function chartSeries(spec) {
-    // -> {tables, series, bands, missing}
-    const keys = spec.other ? (S.otherKey ? [S.otherKey] : []) : spec.keys;
-    const tables = [], series = [{}], bands = [], missing = [];
+    // -> {tables, series, bands, missing, stepOf}
+    const keys = spec.keys;
+    const tables = [], series = [{}], bands = [], missing = [], noTime = [], stepOf = {};
     for (const r of visibleRuns()) {
       const t = S.tables[r.id];
       if (!t || !t.steps.length) continue;
       const present = keys.filter(k => t.cols[k] && t.cols[k].some(v => v != null));
       if (!present.length) { if (r.summary.steps) missing.push(r); continue; }
-      const cols = [t.steps];
+      const xs = xOf(t);
+      if (!xs) { noTime.push(r); continue; }
+      const pick = col => xs.idx ? xs.idx.map(i => col[i]) : col;
+      if (xs.idx) stepOf[r.id] = new Map(xs.x.map((x, j) => [x, t.steps[xs.idx[j]]]));
+      const cols = [xs.x];
       const color = runColor(r);
       const idx = {};
       for (const k of present) {
-        cols.push(t.cols[k]);
+        const raw = pick(t.cols[k]);
         const side = spec.band && k !== 'is_ratio_mean';
-        series.push({ label: spec.band ? `${r.name} ${k.replace('is_ratio_', '')}` : r.name, _run: r.id, _key: k, stroke: color,
-          width: side ? 1 : 1.7, dash: side ? [4, 3] : undefined, spanGaps: false, points: { show: false } });
+        const lbl = spec.band ? `${r.name} ${k.replace('is_ratio_', '')}` : r.name;
+        const base = { _run: r.id, _key: k, spanGaps: false, points: { show: false } };
+        if (S.smooth > 0) {
+          cols.push(raw);
+          series.push({ ...base, label: lbl + ' (raw)', _raw: true, stroke: color + '45', width: 1 });
+          cols.push(ema(raw, S.smooth));
+          series.push({ ...base, label: lbl, _smoothed: true, stroke: color, width: side ? 1 : 1.7, dash: side ? [4, 3] : undefined });
+        } else {
+          cols.push(raw);
+          series.push({ ...base, label: lbl, stroke: color, width: side ? 1 : 1.7, dash: side ? [4, 3] : undefined });
+        }
         idx[k] = series.length - 1;
       }
       if (spec.band && idx.is_ratio_min != null && idx.is_ratio_max != null)
@@ -322,25 +427,84 @@
       // mismatches everywhere is flagged by the banner, its card and the map)
       const nm = t.mismatch.reduce((a, m) => a + (m === 1), 0);
       if (!spec.other && t.cols[mk] && nm && nm <= SPARSE * t.steps.length) {
-        const src = t.cols[mk];
-        cols.push(src.map((v, i) => t.mismatch[i] === 1 && v != null ? v : null));
+        const src = pick(t.cols[mk]), mm = pick(t.mismatch);
+        cols.push(src.map((v, i) => mm[i] === 1 && v != null ? v : null));
         series.push({ label: `${r.name} mismatch`, _run: r.id, _key: mk, _marker: true, stroke: RED, width: 0,
           paths: () => null, points: { show: true, size: 4.5, width: 0, fill: RED, stroke: RED } });
       }
       tables.push(cols);
     }
-    return { tables, series, bands, missing, keys };
+    return { tables, series, bands, missing, noTime, keys, stepOf };
   }
 
   function chartData(id) {
-    // for tests: {x, series: [{run, key, marker, values}]}
-    const c = S.charts[id];
+    // for tests: {x, series: [{run, key, marker, smoothed, values}]}
+    const c = S.charts[id] || S.charts[(S.more[id] || {}).id];
     if (!c || !c.u) return null;
-    return { x: Array.from(c.u.data[0]), series: c.u.series.slice(1).map((s, i) => ({ run: s._run, key: s._key, marker: !!s._marker, label: s.label, values: Array.from(c.u.data[i + 1], v => v === undefined ? null : v) })) };
+    return { x: Array.from(c.u.data[0]), series: c.u.series.slice(1).map((s, i) => ({ run: s._run, key: s._key, marker: !!s._marker, smoothed: !!s._smoothed, raw: !!s._raw, label: s.label, values: Array.from(c.u.data[i + 1], v => v === undefined ? null : v) })) };
   }
 
-  function axisFmt(spec) {
-    return (u, splits) => splits.map(v => v == null ? '' : spec.pct ? (v * 100).toFixed(Math.abs(v - Math.round(v * 100) / 100) > 1e-9 ? 1 : 0) + '%' : fmt(v, 3));
+  // tick labels with as many decimals as the ticks need (2.5 stays 2.5), exponents for tiny/huge
+  function tickLabels(splits, incr) {
+    const vs = splits.filter(v => v != null && Number.isFinite(v));
+    const step = Math.abs(incr) || (vs.length > 1 ? Math.abs(vs[1] - vs[0]) : 1) || 1;
+    const big = vs.reduce((a, v) => Math.max(a, Math.abs(v)), 0);
+    const tol = step * 1e-6;
+    if (big >= 1e6 || (big > 0 && step < 1e-4)) {
+      for (let p = 0; p <= 12; p++) {
+        if (vs.every(v => Math.abs(+v.toExponential(p) - v) <= tol))
+          return splits.map(v => v == null ? '' : v === 0 ? '0' : v.toExponential(p).replace('e-', 'e\u2212').replace('e+', 'e'));
+      }
+    }
+    let d = 0;
+    while (d < 12 && !vs.every(v => Math.abs(+v.toFixed(d) - v) <= tol)) d++;
+    return splits.map(v => v == null ? '' : Object.is(+v.toFixed(d), -0) ? (0).toFixed(d) : v.toFixed(d));
+  }
+  const fmtRel = s => { const a = Math.abs(s); const h = Math.floor(a / 3600), m = Math.floor(a % 3600 / 60), sec = Math.round(a % 60);
+    return (s < 0 ? '-' : '') + (h ? `${h}h${m ? ` ${m}m` : ''}` : m ? `${m}m${sec ? ` ${sec}s` : ''}` : `${sec}s`); };
+  const fmtWall = s => new Date(s * 1000).toLocaleString('en-GB', { month: 'short', day: 'numeric', hour: '2-digit', minute: '2-digit', second: '2-digit' });
+  const fmtX = x => S.xmode === 'step' ? `step <b>${int(x)}</b>` : S.xmode === 'rel' ? `<b>${fmtRel(x)}</b> after the start` : `<b>${fmtWall(x)}</b>`;
+  const INT_INCRS = [1, 2, 5, 10, 20, 25, 50, 100, 200, 250, 500].concat(...[3, 4, 5, 6, 7, 8].map(e => [1, 2, 2.5, 5].map(f => f * 10 ** e)));
+  const SEC_INCRS = [1, 2, 5, 10, 15, 30, 60, 120, 300, 600, 900, 1800, 3600, 7200, 10800, 21600, 43200, 86400, 172800, 604800];
+
+  function yAxisValues(spec, c) {
+    return (u, splits, ai, space, incr) => {
+      if (c.log) return splits.map(v => v == null ? '' : spec.pct ? fmt(v * 100, 3) + '%' : fmt(v, 3));
+      if (spec.pct) return tickLabels(splits.map(v => v == null ? v : v * 100), incr * 100).map(s => s && s + '%');
+      return tickLabels(splits, incr);
+    };
+  }
+
+  function quantile(sorted, q) {
+    const i = (sorted.length - 1) * q, lo = Math.floor(i), hi = Math.ceil(i);
+    return sorted[lo] + (sorted[hi] - sorted[lo]) * (i - lo);
+  }
+
+  // y range: never 0-100 for a flat series; "ignore outliers": the 5th-95th percentile band, padded
+  function yRange(spec, c, u, mn, mx) {
+    if (mn == null || mx == null || !Number.isFinite(mn) || !Number.isFinite(mx)) return [0, 1];
+    if (S.robust) {
+      const vals = [];
+      const x = u.data[0], x0 = u.scales.x.min, x1 = u.scales.x.max;
+      u.series.forEach((s, si) => {
+        if (!si || s._marker || s._raw) return;
+        const d = u.data[si];
+        for (let i = 0; i < d.length; i++) { const v = d[i]; if (v != null && Number.isFinite(v) && (x0 == null || (x[i] >= x0 && x[i] <= x1))) vals.push(v); }
+      });
+      if (vals.length >= 20) {
+        vals.sort((a, b) => a - b);
+        const q0 = quantile(vals, 0.05), q1 = quantile(vals, 0.95);
+        const pad = (q1 - q0) * 0.25 || Math.abs(q1) * 0.1 || 1;
+        mn = Math.max(mn, q0 - pad); mx = Math.min(mx, q1 + pad);
+      }
+    }
+    if (spec.pct && !c.log) return [Math.min(mn, 0.98), 1.0005];
+    if (mn === mx) {
+      if (mn === 0) return c.log ? [0, 1] : [0, 1];
+      const d = Math.abs(mn) * 0.1;
+      return [mn - d, mx + d];
+    }
+    return c.log ? uPlot.rangeAsinh(mn, mx, 10, false) : uPlot.rangeNum(mn, mx, 0.1, true);
   }
 
   let syncing = false;
@@ -349,21 +513,24 @@
     box.innerHTML = '';
     const width = Math.max(300, box.clientWidth || card.clientWidth - 24);
     const c = S.charts[spec.id];
+    c.stepOf = cs.stepOf;
+    const axis = { stroke: '#667085', grid: { stroke: '#eef0f3', width: 1 }, ticks: { stroke: '#e4e7ec', size: 4 }, font: '11px system-ui, sans-serif' };
+    const xAxis = { ...axis, size: 30 };
+    if (S.xmode === 'step') { xAxis.incrs = INT_INCRS; xAxis.values = (u, sp, ai, space, incr) => tickLabels(sp, incr); }
+    else if (S.xmode === 'rel') { xAxis.incrs = SEC_INCRS; xAxis.values = (u, sp) => sp.map(v => v == null ? '' : fmtRel(v)); xAxis.space = 60; }
     const opts = {
       width, height: 190, legend: { show: false }, series: cs.series, bands: cs.bands,
       cursor: { sync: { key: 'onpolicy', setSeries: false }, drag: { x: true, y: false, setScale: true }, points: { size: 6 } },
-      scales: { x: { time: false }, y: spec.pct ? { range: (u, mn, mx) => [Math.min(mn, 0.98), 1.0005] } : c.log ? { distr: 4, asinh: logThreshold(cs) } : {} },
-      axes: [
-        { stroke: '#667085', grid: { stroke: '#eef0f3', width: 1 }, ticks: { stroke: '#e4e7ec', size: 4 }, font: '11px system-ui, sans-serif', size: 30, values: (u, sp) => sp.map(v => v == null ? '' : int(v)) },
-        { stroke: '#667085', grid: { stroke: '#eef0f3', width: 1 }, ticks: { stroke: '#e4e7ec', size: 4 }, font: '11px system-ui, sans-serif', size: 58, values: axisFmt(spec) },
-      ],
+      scales: { x: { time: S.xmode === 'wall' },
+        y: { distr: c.log ? 4 : 1, asinh: c.log ? logThreshold(cs) : undefined, range: (u, mn, mx) => yRange(spec, c, u, mn, mx) } },
+      axes: [xAxis, { ...axis, size: 58, values: yAxisValues(spec, c) }],
       hooks: {
         setCursor: [u => renderReadout(spec, u)],
         setScale: [(u, key) => {
           if (key !== 'x' || syncing) return;
           const mn = u.scales.x.min, mx = u.scales.x.max;
-          const ext = xExtent();
-          S.zoom = ext && mn <= ext[0] && mx >= ext[1] ? null : [mn, mx];
+          const d0 = u.data[0];
+          S.zoom = !d0.length || (mn <= d0[0] && mx >= d0[d0.length - 1]) ? null : [mn, mx];
           syncing = true;
           for (const o of Object.values(S.charts)) if (o.u && o.u !== u) o.u.setScale('x', { min: mn, max: mx });
           syncing = false;
@@ -378,106 +545,159 @@
       if (down && Math.abs(e.clientX - down[0]) > 3) return;
       const idx = u.cursor.idx;
       if (idx == null) return;
-      const step = u.data[0][idx];
+      const x = u.data[0][idx];
       // the run whose series is closest to the pointer
       let best = null, bestD = Infinity;
       const yPos = u.cursor.top;
       u.series.forEach((s, si) => {
-        if (!si || s._marker) return;
+        if (!si || s._marker || s._raw) return;
         const v = u.data[si][idx];
         if (v == null) return;
         const d = Math.abs(u.valToPos(v, 'y') - yPos);
         if (d < bestD) { bestD = d; best = s._run; }
       });
-      openDrill(best, step);
+      const so = c.stepOf && c.stepOf[best];
+      openDrill(best, so ? so.get(x) : x);
     });
     if (S.zoom) u.setScale('x', { min: S.zoom[0], max: S.zoom[1] });
     return u;
   }
 
   function logThreshold(cs) {
-    // asinh scale: linear below the smallest positive value seen, log above
+    // asinh scale: linear below the smallest positive |value| seen, log above
     let mn = Infinity;
-    for (const t of cs.tables) for (let i = 1; i < t.length; i++) for (const v of t[i]) if (v > 0 && v < mn) mn = v;
+    for (const t of cs.tables) for (let i = 1; i < t.length; i++) for (const v of t[i]) { const a = Math.abs(v); if (a > 0 && a < mn) mn = a; }
     return mn === Infinity ? 1e-6 : mn / 2;
   }
 
+  const HINT = '<span>hover: values · drag: zoom · double-click: reset · click: inspect step</span>';
   function renderReadout(spec, u) {
     const c = S.charts[spec.id];
     if (!c) return;
     const idx = u.cursor.idx;
-    if (idx == null) { c.readout.innerHTML = '<span>hover: values · drag: zoom · double-click: reset · click: inspect step</span>'; return; }
-    const step = u.data[0][idx];
-    const parts = [`step <b>${int(step)}</b>`];
+    if (idx == null) { c.readout.innerHTML = HINT; return; }
+    const x = u.data[0][idx];
+    const parts = [`<span class="ro">${fmtX(x)}</span>`];
     u.series.forEach((s, si) => {
-      if (!si || s._marker) return;
+      if (!si || s._marker || s._raw) return;
       const v = u.data[si][idx];
       if (v === undefined) return;
-      const r = S.runs.find(x => x.id === s._run);
+      const r = S.runs.find(q => q.id === s._run);
       const lbl = spec.band ? s.label.replace(r.name + ' ', '') : '';
-      parts.push(`<span class="dotc" style="background:${s.stroke()}"></span>${spec.band && lbl !== 'min' ? '' : esc(r.name) + ' '}${lbl ? lbl + ' ' : ''}<b>${spec.pct ? pct(v) : fmt(v, 6)}</b>`);
+      const show = w => spec.pct ? pct(w) : fmt(w, 6);
+      let raw = '';
+      if (s._smoothed) { const rv = u.data[si - 1][idx]; raw = ` <span class="rawv">(raw ${show(rv)})</span>`; }
+      parts.push(`<span class="ro"><span class="dotc" style="background:${runColor(r)}"></span>${spec.band && lbl !== 'min' ? '' : esc(r.name) + ' '}${lbl ? lbl + ' ' : ''}<b>${show(v)}</b>${raw}</span>`);
     });
     c.readout.innerHTML = parts.join(' ');
   }
 
+  // what a chart shows (visible runs, x mode, zoom, smoothing), as CSV or JSON
+  function exportChart(id, kind = 'csv') {
+    const c = S.charts[id] || S.charts[(S.more[id] || {}).id];
+    if (!c || !c.u) return null;
+    const u = c.u, xs = u.data[0];
+    const x0 = u.scales.x.min, x1 = u.scales.x.max;
+    const rows = [];
+    for (let i = 0; i < xs.length; i++) if (x0 == null || (xs[i] >= x0 && xs[i] <= x1)) rows.push(i);
+    const xname = { step: 'step', wall: 'time_unix_s', rel: 'seconds_since_start' }[S.xmode];
+    const cols = [];
+    u.series.forEach((s, si) => {
+      if (!si || s._marker) return;
+      const r = S.runs.find(q => q.id === s._run);
+      cols.push({ run: r.name, key: s._key, smoothed: !!s._smoothed, name: `${r.name}/${s._key}${s._smoothed ? ` (EMA ${S.smooth})` : ''}`,
+        values: rows.map(i => { const v = u.data[si][i]; return v == null ? null : v; }) });
+    });
+    const x = rows.map(i => xs[i]);
+    if (kind === 'json')
+      return JSON.stringify({ chart: c.title, x_axis: xname, smoothing: S.smooth, x, series: cols.map(({ name, ...rest }) => rest) });
+    const q = s => /[",\n]/.test(s) ? '"' + s.replace(/"/g, '""') + '"' : s;
+    const lines = [[xname, ...cols.map(cl => q(cl.name))].join(',')];
+    for (let j = 0; j < rows.length; j++) lines.push([x[j], ...cols.map(cl => cl.values[j] == null ? '' : String(cl.values[j]))].join(','));
+    return lines.join('\n') + '\n';
+  }
+
+  function download(id, kind) {
+    const text = exportChart(id, kind);
+    if (text == null) return;
+    const name = `${id.replace(/[^A-Za-z0-9_.-]+/g, '_')}.${kind}`;
+    const a = el('a', { href: URL.createObjectURL(new Blob([text], { type: kind === 'csv' ? 'text/csv' : 'application/json' })), download: name });
+    document.body.append(a); a.click(); a.remove();
+    setTimeout(() => URL.revokeObjectURL(a.href), 10000);
+    API.lastExport = { id, kind, name, text };
+  }
+
+  function ensureCard(spec, grid) {
+    let c = S.charts[spec.id];
+    if (c) return c;
+    const card = el('div', { class: 'card chart-card', id: `chart-${spec.id}`, 'data-key': spec.keys.join(' ') });
+    const tools = el('div', { class: 'tools' });
+    const b = el('button', { class: 'btn', type: 'button', title: 'linear / log (asinh: keeps 0 and negative values) y axis',
+      onclick: () => { c.log = !c.log; b.classList.toggle('active', c.log); b.textContent = c.log ? 'log' : 'lin'; c.sig = null; renderCharts(); } }, 'lin');
+    tools.append(b,
+      el('button', { class: 'btn', type: 'button', title: 'download what this chart shows as CSV', 'data-export': 'csv', onclick: () => download(spec.id, 'csv') }, 'CSV'),
+      el('button', { class: 'btn', type: 'button', title: 'download what this chart shows as JSON', 'data-export': 'json', onclick: () => download(spec.id, 'json') }, 'JSON'));
+    const m = S.schema[spec.keys[0]] || {};
+    card.append(el('div', { class: 'card-head' },
+      el('div', {}, el('h2', { title: spec.title }, spec.title), el('div', { class: 'sub', title: spec.sub }, spec.sub),
+        el('div', { class: 'known', title: m.known_as || '' }, m.known_as ? 'also logged as ' + m.known_as : '\u00a0')),
+      tools),
+      el('div', { class: 'plot' }), el('div', { class: 'readout' }), el('div', { class: 'sub missing' }));
+    grid.append(card);
+    c = S.charts[spec.id] = { card, u: null, sig: null, log: false, title: spec.title, readout: $('.readout', card) };
+    c.readout.innerHTML = HINT;
+    return c;
+  }
+
+  function drawChart(spec, c) {
+    const cs = chartSeries(spec);
+    const miss = [];
+    if (cs.missing.length) miss.push(`not logged by ${cs.missing.map(r => r.name).join(', ')}`);
+    if (cs.noTime.length) miss.push(`no wall time logged by ${cs.noTime.map(r => r.name).join(', ')}`);
+    $('.missing', c.card).textContent = miss.join(' · ');
+    if (!cs.tables.length) {
+      if (c.u) { c.u.destroy(); c.u = null; }
+      c.sig = null;
+      $('.plot', c.card).innerHTML = '<div class="chart-empty">no run logged this metric</div>';
+      return;
+    }
+    const sig = JSON.stringify([cs.series.map(s => s.label), c.log, S.xmode, S.robust]);
+    if (c.u && c.sig === sig) {
+      c.stepOf = cs.stepOf;
+      c.u.setData(uPlot.join(cs.tables), !S.zoom);
+      if (S.zoom) { syncing = true; c.u.setScale('x', { min: S.zoom[0], max: S.zoom[1] }); syncing = false; }
+    } else {
+      if (c.u) c.u.destroy();
+      c.u = makeChart(spec, c.card, cs);
+      c.sig = sig;
+    }
+  }
+
   function renderCharts() {
     const grid = $('#charts');
-    for (const spec of CHARTS) {
-      let c = S.charts[spec.id];
-      if (!c) {
-        const card = el('div', { class: 'card chart-card', id: `chart-${spec.id}` });
-        const tools = el('div', { class: 'tools' });
-        if (spec.other) {
-          const sel = el('select', { 'aria-label': 'metric', onchange: e => { S.otherKey = e.target.value; renderCharts(); } });
-          tools.append(sel);
-        }
-        if (spec.log) {
-          const b = el('button', { class: 'btn', type: 'button', title: 'linear / log (asinh) y axis',
-            onclick: () => { c.log = !c.log; b.classList.toggle('active', c.log); b.textContent = c.log ? 'log' : 'lin'; c.sig = null; renderCharts(); } }, 'lin');
-          tools.append(b);
-        }
-        const m = S.schema[spec.keys[0]] || {};
-        card.append(el('div', { class: 'card-head' },
-          el('div', {}, el('h2', {}, spec.title), el('div', { class: 'sub', title: spec.sub }, spec.sub),
-            el('div', { class: 'known', title: m.known_as || '' }, m.known_as ? 'also logged as ' + m.known_as : '\u00a0')),
-          tools),
-          el('div', { class: 'plot' }), el('div', { class: 'readout' }), el('div', { class: 'sub missing' }));
-        grid.append(card);
-        c = S.charts[spec.id] = { card, u: null, sig: null, log: false, readout: $('.readout', card) };
-        c.readout.innerHTML = '<span>hover: values · drag: zoom · double-click: reset · click: inspect step</span>';
-      }
-      if (spec.other) {
-        const keys = otherKeys();
-        const sel = $('select', c.card);
-        if (!keys.includes(S.otherKey)) S.otherKey = ['tokens', 'step_time', 'train/loss'].find(k => keys.includes(k)) || keys[0] || null;
-        const want = keys.join('|');
-        if (sel.dataset.keys !== want) {
-          sel.innerHTML = '';
-          for (const k of keys) sel.append(el('option', { value: k }, (S.schema[k] && S.schema[k].label) || k));
-          sel.dataset.keys = want;
-        }
-        sel.value = S.otherKey || '';
-        $('h2', c.card).textContent = S.otherKey ? ((S.schema[S.otherKey] && S.schema[S.otherKey].label) || S.otherKey) : 'Other metric';
-        c.card.hidden = !keys.length;
-        if (!keys.length) continue;
-      }
-      const cs = chartSeries(spec);
-      $('.missing', c.card).textContent = cs.missing.length ? `not logged by ${cs.missing.map(r => r.name).join(', ')}` : '';
-      if (!cs.tables.length) {
-        if (c.u) { c.u.destroy(); c.u = null; }
-        c.sig = null;
-        $('.plot', c.card).innerHTML = '<div class="chart-empty">no run logged this metric</div>';
-        continue;
-      }
-      const sig = JSON.stringify([cs.series.map(s => s.label), c.log]);
-      if (c.u && c.sig === sig) {
-        c.u.setData(uPlot.join(cs.tables), !S.zoom);
-        if (S.zoom) { syncing = true; c.u.setScale('x', { min: S.zoom[0], max: S.zoom[1] }); syncing = false; }
-      } else {
-        if (c.u) c.u.destroy();
-        c.u = makeChart(spec, c.card, cs);
-        c.sig = sig;
-      }
+    for (const spec of CHARTS) drawChart(spec, ensureCard(spec, grid));
+    // every other scalar: one chart each, filterable
+    const all = otherKeys();
+    const keys = filterKeys(all);
+    const shown = keys.slice(0, MAX_MORE);
+    $('#more-card').hidden = !all.length;
+    $('#more-count').textContent = `${all.length} scalar${all.length !== 1 ? 's' : ''}`;
+    $('#more-note').textContent = keys.length > MAX_MORE ? `showing ${MAX_MORE} of ${keys.length} matching: narrow the filter to see the others` :
+      S.filter && !keys.length ? 'no scalar matches the filter' : all.length ? `${keys.length} of ${all.length} shown` : '';
+    const want = new Set(shown);
+    for (const [k, spec] of Object.entries(S.more)) {
+      if (want.has(k)) continue;
+      const c = S.charts[spec.id];
+      if (c) { if (c.u) c.u.destroy(); c.card.remove(); delete S.charts[spec.id]; }
+    }
+    const more = $('#more');
+    let n = Object.keys(S.more).length;
+    for (const k of shown) {
+      let spec = S.more[k];
+      if (!spec) spec = S.more[k] = { id: `m${n++}-` + k.replace(/[^A-Za-z0-9_-]+/g, '_'), title: label(k), keys: [k], other: true, sub: label(k) === k ? '' : k };
+      const c = ensureCard(spec, more);
+      more.append(c.card);                     // keep the filtered order
+      drawChart(spec, c);
     }
   }
 
@@ -761,6 +981,7 @@
   function render() {
     renderAlerts();
     renderRuns();
+    renderLegend();
     renderTimeline();
     renderCharts();
     const nSteps = S.runs.reduce((a, r) => a + r.summary.steps, 0);
@@ -790,6 +1011,7 @@
 
   function init() {
     initDrillNav();
+    initToolbar();
     $('#pause').onclick = () => { S.paused = !S.paused; $('#pause').textContent = S.paused ? 'Resume' : 'Pause'; renderLive(); };
     let rt = null;
     window.addEventListener('resize', () => {
