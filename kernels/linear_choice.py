@@ -288,6 +288,20 @@ class Chooser:
 _CHOOSER: Optional[Chooser] = None
 
 
+def snapshot() -> dict:
+    """This process's choices so far, for a mismatch report: per "NxK dtype @ bucket" the kernel
+    that serves it, and a digest of the whole set (two processes with one digest ran the same kernels)."""
+    import hashlib
+    import json
+
+    ch = _CHOOSER
+    picks = {} if ch is None else {
+        f"{n}x{k} {str(dtype).removeprefix('torch.')} @ M<={b}": c.label
+        for (_dev, dtype, n, k, b), c in ch.buckets.items()}
+    return {"env": os.environ.get(ENV), "cublaslt": ch is not None and ch.lt is not None, "picks": picks,
+            "digest": hashlib.sha1(json.dumps(picks, sort_keys=True).encode()).hexdigest()[:12]}
+
+
 def enabled(device: torch.device, hopper: bool) -> bool:
     flag = os.environ.get(ENV, "").strip().lower()
     if device.type != "cuda" or flag in ("0", "false", "off", "no"):

@@ -353,3 +353,27 @@ def test_a_first_round_lead_by_noise_does_not_decide_the_pick():
     x, w, out = _operands()
     assert ch.pick(x, w, out) is steady  # sums: lucky 0.85 + 1.0, steady 0.9 + 0.9
     assert rounds == [4, C.FINALISTS]  # every candidate and Triton, then the fastest few again
+
+
+def test_snapshot_names_each_buckets_kernel(monkeypatch):
+    """What a mismatch report records: per weight shape and bucket, the kernel that serves it."""
+    lt = FakeLt([FakeAlgo("fast", cost=0.5)], triton_cost=1.0)
+    ch = _chooser(lt)
+    monkeypatch.setattr(C, "_CHOOSER", ch)
+    x, w, out = _operands()
+    ch.pick(x, w, out)
+    lt2 = FakeLt([FakeAlgo("slow", cost=3.0)], triton_cost=1.0)
+    ch2 = _chooser(lt2)
+    ch.buckets.update({(k[0], k[1], k[2], k[3], 128): v for k, v in _tuned(ch2, M=100).items()})
+    snap = C.snapshot()
+    assert snap["picks"] == {"24x32 bfloat16 @ M<=6": "cuBLASLt fast", "24x32 bfloat16 @ M<=128": "triton"}
+    assert snap["cublaslt"] is True and len(snap["digest"]) == 12
+    same = C.snapshot()["digest"]
+    ch.buckets.pop(next(iter(ch.buckets)))
+    assert C.snapshot()["digest"] != same
+
+
+def _tuned(ch, M):
+    x, w, out = _operands(M=M)
+    ch.pick(x, w, out)
+    return ch.buckets
