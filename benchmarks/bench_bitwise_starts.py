@@ -14,7 +14,8 @@ bucket), the compile counters, the decode graphs' captures and replays.
     python3 benchmarks/bench_bitwise_starts.py table OUT/starts.jsonl
 
 Configurations (`--configs shipped:10,cublaslt_off:3,off`): shipped (defaults), cublaslt_off (ONPOLICY_LINEAR_CUBLASLT=0),
-graphs_off (ONPOLICY_DECODE_GRAPHS=0), off (plugin off, unpatched trainer: the control,
+graphs_off (ONPOLICY_DECODE_GRAPHS=0), picks_timed (ONPOLICY_LINEAR_CACHE=0: every start
+times its own linear picks, as before the picks were stored), off (plugin off, unpatched trainer: the control,
 which must fail). Starts run `--parallel` at a time on one GPU (each engine gets a fixed
 KV-cache size and a small memory share, so concurrent starts cannot upset vLLM's
 memory profiling); concurrency only perturbs timing, never a kernel's bits.
@@ -24,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import hashlib
 import json
 import os
 import subprocess
@@ -36,6 +36,7 @@ CONFIGS = {
     "shipped": {},
     "cublaslt_off": {"ONPOLICY_LINEAR_CUBLASLT": "0"},
     "graphs_off": {"ONPOLICY_DECODE_GRAPHS": "0"},
+    "picks_timed": {"ONPOLICY_LINEAR_CACHE": "0"},  # no stored picks: each start times its own
     "off": {},
 }
 FAMILIES = {  # (hidden, intermediate, heads, kv heads, head_dim, vocab, tied, bias)
@@ -128,38 +129,12 @@ def one(a) -> dict:
 
 
 def engine_report(llm) -> dict:
-    """What the engine ran (in-process engine): the plugin's report where it has one, else the pieces."""
-    try:
-        from onpolicy.vllm_plugin.diagnostics import engine_report as rep
+    """What the engine ran (its one worker): linear picks, compile cache, decode graphs."""
+    from onpolicy.vllm_plugin.diagnostics import engine_report as rep
 
-        return rep(llm)
-    except ImportError:
-        pass
-    out = {}
-    try:
-        from onpolicy_kernels import linear_choice
-
-        ch = linear_choice._CHOOSER
-        picks = {f"{k[2]}x{k[3]}@{k[4]}": c.label for k, c in (ch.buckets.items() if ch else [])}
-        out["linear_picks"] = picks
-        out["linear_digest"] = hashlib.sha1(json.dumps(sorted(picks.items())).encode()).hexdigest()[:10]
-        out["linear_cublaslt_buckets"] = sum(v.startswith("cuBLASLt") for v in picks.values())
-    except Exception as e:  # noqa: BLE001
-        out["linear_error"] = repr(e)
-    try:
-        from vllm.compilation.counter import compilation_counter as cc
-
-        out["compile"] = {"backend_compilations": cc.num_backend_compilations,
-                          "cache_entries_updated": cc.num_cache_entries_updated}
-    except Exception as e:  # noqa: BLE001
-        out["compile_error"] = repr(e)
-    try:
-        from onpolicy.vllm_plugin.worker import decode_graph_stats
-
-        out["decode_graphs"] = llm.collective_rpc(decode_graph_stats)[0]
-    except Exception as e:  # noqa: BLE001
-        out["decode_graphs_error"] = repr(e)[:200]
-    return out
+    r = rep(llm)[0]
+    r["linear_cublaslt_buckets"] = sum(v.startswith("cuBLASLt") for v in r["linear"]["picks"].values())
+    return r
 
 
 def run(a) -> None:
@@ -209,7 +184,8 @@ def run(a) -> None:
         env = dict(os.environ, VLLM_CACHE_ROOT=cache, TRITON_CACHE_DIR=os.path.join(cache, "triton"), **CONFIGS[conf])
         log = os.path.join(a.out, f"{label}_{conf}_{i}.log")
         cmd = [sys.executable, __file__, "one", "--model", path, "--label", label, "--config", conf,
-               "--prompts", str(a.prompts), "--max-tokens", str(a.max_tokens), "--temperatures", a.temperatures,
+               "--prompts", a.prompts.split(",")[i % len(a.prompts.split(","))], "--max-tokens", str(a.max_tokens),
+               "--temperatures", a.temperatures,
                "--seed", str(a.seed)]
         proc = subprocess.Popen(cmd, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT)
         running.append((proc, job, log, cache, time.time()))
@@ -225,8 +201,9 @@ def summary_line(r: dict) -> str:
              f"{v['distinct_completions']} distinct, mean logp {v['mean_logp']:.2f})" for t, v in r["temps"].items()]
     e = r.get("engine", {})
     return (f"START {r['model']} {r['config']} #{r['start']}: " + "; ".join(parts)
-            + f"; engine {r['engine_s']} s; linear picks {e.get('linear_digest')} "
-              f"({e.get('linear_cublaslt_buckets')} cuBLASLt buckets); compile {e.get('compile')}")
+            + f"; engine {r['engine_s']} s; linear picks {e.get('linear', {}).get('digest')} "
+              f"({e.get('linear_cublaslt_buckets')} cuBLASLt buckets); compile: {e.get('compile', {}).get('state')}; "
+              f"decode graphs {json.dumps({k: v.get('replays') for k, v in e.get('decode_graphs', {}).items()})}")
 
 
 def table(path: str) -> str:
@@ -235,17 +212,18 @@ def table(path: str) -> str:
     for r in rows:
         k = (r["model"], r["config"])
         a = agg.setdefault(k, {"starts": 0, "errors": 0, "below": 0, "tokens": 0, "equal": 0, "digests": set()})
-        a["starts"] += 1
         if "temps" not in r:
-            a["errors"] += 1
+            a["errors"] += 1  # an engine that did not start (reported apart: no tokens compared)
             continue
+        a["starts"] += 1
         tok = sum(v["tokens"] for v in r["temps"].values())
         eq = sum(v["equal"] for v in r["temps"].values())
         a["tokens"] += tok
         a["equal"] += eq
         a["below"] += eq < tok
-        a["digests"].add(r.get("engine", {}).get("linear_digest"))
-    out = ["| model | configuration | starts | starts below 100% | tokens bitwise | distinct linear pick sets | errors |",
+        eng = r.get("engine", {})
+        a["digests"].add(eng.get("linear", {}).get("digest") if "linear" in eng else eng.get("linear_digest"))
+    out = ["| model | configuration | starts compared | starts below 100% | tokens bitwise | distinct linear pick sets | starts that failed to start |",
            "|---|---|---|---|---|---|---|"]
     for (m, c), a in agg.items():
         out.append(f"| {m} | {c} | {a['starts']} | {a['below']} | {a['equal']}/{a['tokens']} | "
@@ -273,7 +251,7 @@ def main() -> None:
     p.add_argument("--configs", default="shipped,off", help="NAME[:STARTS],... (off: 1 start unless given)")
     p.add_argument("--starts", type=int, default=10)
     p.add_argument("--parallel", type=int, default=4)
-    p.add_argument("--prompts", type=int, default=64)
+    p.add_argument("--prompts", default="16,64", help="prompts per start, cycled over the starts (batch shapes)")
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--temperatures", default="1.0,0.7")
     p.add_argument("--seed", type=int, default=0)

@@ -126,6 +126,36 @@ def identity(algo: Algo) -> tuple:
     return tuple(algo.data)
 
 
+def to_json(algo: Algo) -> list[str]:
+    """An algorithm descriptor as text (valid for this cuBLASLt version only: see `versions`)."""
+    return [f"{v:016x}" for v in algo.data]
+
+
+def from_json(words: list) -> Algo:
+    if not isinstance(words, list) or len(words) != len(Algo().data):
+        raise ValueError(f"not a cuBLASLt algorithm descriptor: {words!r}")
+    algo = Algo()
+    for i, v in enumerate(words):
+        algo.data[i] = int(v, 16)
+    return algo
+
+
+def versions() -> str:
+    """What a stored descriptor is valid for: torch, CUDA, cuBLASLt and Triton versions, as a file-name part."""
+    import re
+
+    try:
+        import triton
+
+        tv = triton.__version__
+    except ImportError:
+        tv = "none"
+    lib = _lib()
+    lib.cublasLtGetVersion.restype = ctypes.c_size_t
+    raw = f"torch{torch.__version__}-cuda{torch.version.cuda}-cublaslt{lib.cublasLtGetVersion()}-triton{tv}"
+    return re.sub(r"[^A-Za-z0-9.]+", "_", raw)
+
+
 def describe(algo: Algo) -> str:
     c = config(algo)
     return "cuBLASLt tile {tile} stages {stages} cluster {cluster} option {custom}".format(

@@ -30,6 +30,12 @@ too few tiles to fill the GPU; its no-split kernels still have more tile shapes
 express, which closes most of the gap at mid M
 (benchmarks/linear_cublaslt_experiment.py).
 
+The same kernels in every process: a pick is kept on disk (PickStore, one file per
+torch/CUDA/cuBLASLt/Triton versions, keyed by device name, dtype, weight shape and
+bucket; ONPOLICY_LINEAR_CACHE names the folder, 0 keeps none), so the timing that
+chooses runs once per device and versions, and every later engine start runs what
+the first chose -- after verifying it again at every M of its bucket.
+
 Tuning needs a synchronizing comparison, so it never runs inside CUDA-graph
 capture: a bucket first seen while capturing runs the Triton kernel (same bits).
 `warm_up_rows` gives one M per bucket so the vLLM worker tunes before capture.
@@ -159,6 +165,73 @@ def verification_operands(n: int, k: int, m: int, dtype: torch.dtype, device, ge
     return w, probes
 
 
+CACHE_ENV = "ONPOLICY_LINEAR_CACHE"  # a folder for the picks (default ~/.cache/onpolicy), or 0: none kept
+
+
+class PickStore:
+    """The picks kept on disk: one JSON file per (torch, CUDA, cuBLASLt, Triton) versions, one entry per
+    (device name, dtype, N, K, bucket). A later process on that device and those versions takes the
+    stored pick instead of timing again -- the same kernels in every engine start -- and still
+    verifies a stored cuBLASLt algorithm at every M of its bucket before using it (a descriptor
+    serialised by one cuBLASLt version is valid for that version only, hence the file per version).
+    A store that cannot be read or written is logged once and the chooser times as before."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self._data: Optional[dict] = None
+        self._warned = False
+
+    @classmethod
+    def default(cls, versions: str) -> Optional["PickStore"]:
+        folder = os.environ.get(CACHE_ENV, "").strip()
+        if folder.lower() in ("0", "off", "false", "no"):
+            return None
+        if not folder:
+            folder = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "onpolicy")
+        return cls(os.path.join(folder, f"linear_picks_{versions}.json"))
+
+    def _warn(self, what: str, e: Exception) -> None:
+        if not self._warned:
+            self._warned = True
+            logger.warning("onpolicy: the linear picks file %s could not be %s (%s); picks are timed in this process "
+                           "(%s=0 turns the file off)", self.path, what, e, CACHE_ENV)
+
+    def _read(self) -> dict:
+        import json
+
+        try:
+            with open(self.path) as f:
+                data = json.load(f)
+            return data if isinstance(data, dict) else {}
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError) as e:
+            self._warn("read", e)
+            return {}
+
+    def get(self, key: str) -> Optional[dict]:
+        if self._data is None:
+            self._data = self._read()
+        v = self._data.get(key)
+        return v if isinstance(v, dict) else None
+
+    def put(self, key: str, value: dict) -> None:
+        import json
+        import tempfile
+
+        data = self._read()  # another process (a TP rank) may have added picks meanwhile
+        data[key] = value
+        self._data = data
+        try:
+            os.makedirs(os.path.dirname(self.path), exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=os.path.dirname(self.path), suffix=".tmp")
+            with os.fdopen(fd, "w") as f:
+                json.dump(data, f, indent=0, sort_keys=True)
+            os.replace(tmp, self.path)  # atomic: a reader sees the old file or the new one
+        except OSError as e:
+            self._warn("written", e)
+
+
 def _capturing() -> bool:
     return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
@@ -169,8 +242,10 @@ class Chooser:
     whether a CUDA graph is being captured."""
 
     def __init__(self, lt=None, triton: Optional[Callable] = None, timer: Callable = _cuda_times,
-                 capturing: Callable[[], bool] = _capturing, timing_weights: Callable = _timing_weights):
+                 capturing: Callable[[], bool] = _capturing, timing_weights: Callable = _timing_weights,
+                 store: Optional[PickStore] = None):
         self.lt = lt
+        self.store = store
         self.triton = triton
         self.timer = timer
         self.capturing = capturing
@@ -219,12 +294,37 @@ class Chooser:
         try:
             if w.is_cuda:
                 with torch.cuda.device(w.device):
-                    return self._tune(w, m)
-            return self._tune(w, m)
+                    return self._stored_or_tuned(w, m)
+            return self._stored_or_tuned(w, m)
         except Exception as e:  # noqa: BLE001 - the Triton kernel (the reference bits) serves instead
             logger.warning("onpolicy: tuning the linear for a [%d, %d] weight at M=%d failed (%s); "
                            "the Triton kernel serves that bucket", w.shape[0], w.shape[1], m, e)
             return Choice(None, f"triton (tuning failed: {e})")
+
+    def _stored_or_tuned(self, w: torch.Tensor, m: int) -> Choice:
+        """The stored pick of this bucket where there is one and it still verifies, else a new one (stored)."""
+        if self.store is None:
+            return self._tune(w, m)
+        name = torch.cuda.get_device_name(w.device) if w.is_cuda else str(w.device)
+        key = f"{name}|{str(w.dtype).removeprefix('torch.')}|{w.shape[0]}x{w.shape[1]}|M<={m}"
+        kept = self.store.get(key)
+        if kept is not None:
+            if kept.get("algo") is None:
+                return Choice(None, "triton")
+            try:
+                algo = self.lt.from_json(kept["algo"])
+            except (TypeError, ValueError, KeyError):
+                algo = None
+            gen = torch.Generator(device=w.device).manual_seed(0)
+            probe = torch.empty(m, w.shape[1], device=w.device, dtype=w.dtype)
+            out = torch.empty(m, w.shape[0], dtype=w.dtype, device=w.device)
+            if algo is not None and self.lt.check(probe, w, out, algo) and self._verified(algo, w, m, gen, []):
+                return Choice(algo, self.lt.describe(algo))
+            logger.warning("onpolicy: the stored linear pick for %s no longer verifies; timing again", key)
+        choice = self._tune(w, m)
+        self.store.put(key, {"algo": None if choice.algo is None else self.lt.to_json(choice.algo),
+                             "label": choice.label})
+        return choice
 
     def _verified(self, algo, w: torch.Tensor, m: int, gen: torch.Generator, operands: list) -> bool:
         """Whether `algo` gives the Triton bits at every M of the bucket whose upper M is m (each M
@@ -321,5 +421,5 @@ def chooser(triton: Callable) -> Optional[Chooser]:
             logger.warning("onpolicy: cuBLASLt unavailable (%s); linear runs the Triton kernel only", e)
             _CHOOSER = Chooser(None, triton)
         else:
-            _CHOOSER = Chooser(_cublaslt, triton)
+            _CHOOSER = Chooser(_cublaslt, triton, store=PickStore.default(_cublaslt.versions()))
     return _CHOOSER if _CHOOSER.lt is not None else None

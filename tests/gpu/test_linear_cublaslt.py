@@ -52,8 +52,9 @@ def test_every_no_split_candidate_gives_the_triton_bits(K, N, dtype):
 
 
 @pytest.fixture
-def fresh_chooser(monkeypatch):
+def fresh_chooser(monkeypatch, tmp_path):
     monkeypatch.delenv(C.ENV, raising=False)
+    monkeypatch.setenv(C.CACHE_ENV, str(tmp_path))  # no picks from an earlier process
     monkeypatch.setattr(C, "_CHOOSER", None)
     yield
 
@@ -115,3 +116,31 @@ def test_switched_off_runs_triton(fresh_chooser, monkeypatch):
     assert torch.equal(linear(x, w), L.linear_triton(x, w, None, L.SAFE_TILE))
     assert L.path_for(x, w).startswith("triton")
     assert C._CHOOSER is None
+
+
+def test_stored_picks_come_back_in_the_next_process_with_the_same_bits(fresh_chooser, tmp_path):
+    """A pick stored by one chooser (the descriptor as text) is what the next one runs, untimed."""
+    require_compiled_triton()
+    if not is_hopper():
+        pytest.skip("the chooser is on by default on Hopper only")
+    K, N = 2048, 12288
+    w, g = _w(N, K, torch.bfloat16, 4)
+    x = torch.randn(200, K, device="cuda", dtype=torch.bfloat16, generator=g)
+    ref = L.linear_triton(x, w, None, L.SAFE_TILE)
+    assert torch.equal(linear(x, w), ref)
+    first = C._CHOOSER.label(x, w)
+    saved = C.PickStore.default(lt.versions())._read()
+    assert len(saved) >= 1 and all("label" in v for v in saved.values())
+    for v in saved.values():
+        if v["algo"] is not None:
+            assert lt.identity(lt.from_json(v["algo"])) == tuple(int(h, 16) for h in v["algo"])
+    timed = []
+
+    def timer(fns, weights):
+        timed.append(len(fns))
+        return C._cuda_times(fns, weights)
+
+    # the next engine start: a new chooser on the same store
+    C._CHOOSER = C.Chooser(lt, L._triton_reference, timer=timer, store=C.PickStore.default(lt.versions()))
+    assert torch.equal(linear(x, w), ref)
+    assert C._CHOOSER.label(x, w) == first and timed == []

@@ -75,6 +75,12 @@ class FakeLt:
         self.last_cost = a.cost
         return out
 
+    def to_json(self, a):
+        return a.name
+
+    def from_json(self, name):
+        return next(a for a in self.algos if a.name == name)
+
     def triton(self, x, w):
         self.last_cost = self.triton_cost
         self.triton_calls = getattr(self, "triton_calls", 0) + 1
@@ -377,3 +383,64 @@ def _tuned(ch, M):
     x, w, out = _operands(M=M)
     ch.pick(x, w, out)
     return ch.buckets
+
+
+def test_a_stored_pick_is_reused_by_the_next_process_without_timing(tmp_path):
+    """Two choosers on one store = two engine starts: the second runs what the first picked, even
+    where its own timing would have picked otherwise, after verifying it at every M of the bucket."""
+    store = str(tmp_path / "picks.json")
+    fast, close = FakeAlgo("fast", cost=0.5), FakeAlgo("close", cost=0.55)
+    lt = FakeLt([close, fast], triton_cost=1.0)
+    first = C.Chooser(lt, lt.triton, timer=_chooser(lt).timer, timing_weights=lambda w, gen: [w],
+                      store=C.PickStore(store))
+    x, w, out = _operands()
+    assert first.pick(x, w, out) is fast
+    rounds = []
+    lt2 = FakeLt([close, fast], triton_cost=1.0)
+    # this start's timing would favour "close"
+    second = _chooser(lt2, rounds=rounds, first_round=lambda c: 0.1 if c == close.cost else c)
+    second.store = C.PickStore(store)
+    assert second.pick(x, w, out) is fast and rounds == []  # nothing timed
+    assert sorted({m for n, m in lt2.runs if n == "fast"}) == list(C.bucket_rows(C.bucket(5)))  # verified
+    other = _chooser(FakeLt([close, fast], triton_cost=1.0), first_round=lambda c: 0.1 if c == close.cost else c)
+    assert other.pick(x, w, out) is close  # without the store, the timing decides
+
+
+def test_a_stored_pick_that_no_longer_verifies_is_timed_again_and_replaced(tmp_path, caplog):
+    store = C.PickStore(str(tmp_path / "picks.json"))
+    good = FakeAlgo("x", cost=0.5)
+    lt = FakeLt([good], triton_cost=1.0)
+    ch = _chooser(lt)
+    ch.store = store
+    x, w, out = _operands()
+    assert ch.pick(x, w, out) is good
+    lt2 = FakeLt([FakeAlgo("x", cost=0.1, good=False), FakeAlgo("y", cost=0.5)], triton_cost=1.0)
+    ch2 = _chooser(lt2)
+    ch2.store = C.PickStore(store.path)
+    with caplog.at_level(logging.WARNING, logger="onpolicy_kernels"):
+        assert ch2.pick(x, w, out).name == "y"
+    assert "no longer verifies" in caplog.text
+    assert list(C.PickStore(store.path)._read().values())[0]["algo"] == "y"
+
+
+def test_the_store_is_optional_and_a_broken_file_is_only_logged(tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv(C.CACHE_ENV, "0")
+    assert C.PickStore.default("v") is None
+    monkeypatch.setenv(C.CACHE_ENV, str(tmp_path))
+    assert C.PickStore.default("v1").path == str(tmp_path / "linear_picks_v1.json")
+    (tmp_path / "linear_picks_v1.json").write_text("{not json")
+    lt = FakeLt([FakeAlgo("fast", cost=0.5)], triton_cost=1.0)
+    ch = _chooser(lt)
+    ch.store = C.PickStore.default("v1")
+    x, w, out = _operands()
+    with caplog.at_level(logging.WARNING, logger="onpolicy_kernels"):
+        assert ch.pick(x, w, out).name == "fast"
+    assert "could not be read" in caplog.text
+    # a stored Triton pick is taken as it is (the Triton kernel is the reference)
+    lt3 = FakeLt([FakeAlgo("fast", cost=0.5)], triton_cost=0.1)
+    ch3 = _chooser(lt3)
+    ch3.store = C.PickStore(str(tmp_path / "t.json"))
+    assert ch3.pick(x, w, out) is None
+    ch4 = _chooser(FakeLt([FakeAlgo("fast", cost=0.01)], triton_cost=1.0))
+    ch4.store = C.PickStore(str(tmp_path / "t.json"))
+    assert ch4.pick(x, w, out) is None and ch4.label(x, w) == "triton"
