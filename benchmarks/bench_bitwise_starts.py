@@ -207,11 +207,14 @@ def summary_line(r: dict) -> str:
 
 
 def table(path: str) -> str:
+    """Per model and configuration: starts, those below 100%, tokens, and how many (weight shape, M
+    bucket) keys the linear chooser picked differently in different starts."""
     rows = [json.loads(ln) for ln in open(path) if ln.strip()]
     agg: dict = collections.OrderedDict()
     for r in rows:
         k = (r["model"], r["config"])
-        a = agg.setdefault(k, {"starts": 0, "errors": 0, "below": 0, "tokens": 0, "equal": 0, "digests": set()})
+        a = agg.setdefault(k, {"starts": 0, "errors": 0, "below": 0, "tokens": 0, "equal": 0,
+                               "picks": collections.defaultdict(set)})
         if "temps" not in r:
             a["errors"] += 1  # an engine that did not start (reported apart: no tokens compared)
             continue
@@ -221,13 +224,14 @@ def table(path: str) -> str:
         a["tokens"] += tok
         a["equal"] += eq
         a["below"] += eq < tok
-        eng = r.get("engine", {})
-        a["digests"].add(eng.get("linear", {}).get("digest") if "linear" in eng else eng.get("linear_digest"))
-    out = ["| model | configuration | starts compared | starts below 100% | tokens bitwise | distinct linear pick sets | starts that failed to start |",
-           "|---|---|---|---|---|---|---|"]
+        for key, label in r.get("engine", {}).get("linear", {}).get("picks", {}).items():
+            a["picks"][key].add(label)
+    out = ["| model | configuration | starts | starts below 100% | tokens bitwise | linear keys picked "
+           "differently between starts | engines that did not start |", "|---|---|---|---|---|---|---|"]
     for (m, c), a in agg.items():
+        differ = sum(len(v) > 1 for v in a["picks"].values())
         out.append(f"| {m} | {c} | {a['starts']} | {a['below']} | {a['equal']}/{a['tokens']} | "
-                   f"{len(a['digests'] - {None})} | {a['errors']} |")
+                   f"{differ} of {len(a['picks'])} | {a['errors']} |")
     return "\n".join(out)
 
 
