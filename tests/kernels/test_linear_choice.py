@@ -444,3 +444,14 @@ def test_the_store_is_optional_and_a_broken_file_is_only_logged(tmp_path, monkey
     ch4 = _chooser(FakeLt([FakeAlgo("fast", cost=0.01)], triton_cost=1.0))
     ch4.store = C.PickStore(str(tmp_path / "t.json"))
     assert ch4.pick(x, w, out) is None and ch4.label(x, w) == "triton"
+
+
+def test_an_algorithm_the_check_refuses_at_the_buckets_upper_m_is_not_timed():
+    """cuBLASLt's heuristic offers algorithms its own check then refuses (every LM-head one on an
+    H100): such a one must not win the bucket on timing and leave it to the Triton kernel."""
+    short, good = FakeAlgo("short", cost=0.1, max_m=3), FakeAlgo("good", cost=0.5)
+    lt = FakeLt([short, good], triton_cost=1.0)
+    ch = _chooser(lt)
+    x, w, out = _operands(M=5)
+    assert ch.pick(x, w, out) is good
+    assert "short" not in {n for n, _ in lt.runs}
