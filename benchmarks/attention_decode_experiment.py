@@ -26,7 +26,6 @@ replays, rotating several caches so the keys stream from HBM as in a 28-layer mo
 from __future__ import annotations
 
 import argparse
-import importlib
 import os
 import sys
 
@@ -36,8 +35,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from bench_attention import paged_cache  # noqa: E402
 
-A = importlib.import_module("onpolicy_kernels.attention")
-FA = importlib.import_module("onpolicy_kernels.attention_fa3")
+import onpolicy_kernels.ops.attention as A
+import onpolicy_kernels.ops.attention.fa3 as FA
 triton, tl = A.triton, A.tl
 
 if A.HAS_TRITON:
@@ -80,7 +79,7 @@ if A.HAS_TRITON:
 
 
 def split_decode(q, kc, vc, bt, cu, sl, scale, config, combine_heads=0, parts="both"):
-    """The shipped split-KV launch (kernels/attention.py) with `config` = (q_tile, kv_tile, warps,
+    """The shipped split-KV launch (kernels/onpolicy_kernels/ops/attention/__init__.py) with `config` = (q_tile, kv_tile, warps,
     stages) for the split kernel; combine_heads > 0 folds with _combine_per_head (that many heads
     per program). parts: "both", "split" (the split kernel only) or "combine" (the combine only,
     over partials left by an earlier "both")."""

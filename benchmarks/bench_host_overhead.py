@@ -24,14 +24,13 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import importlib  # noqa: E402
 
 import onpolicy_kernels as K  # noqa: E402
 from onpolicy.vllm_plugin.graphs import RowGraphs  # noqa: E402
 
 # the modules (the package's `linear` / `log_softmax` attributes are the functions)
-L = importlib.import_module("onpolicy_kernels.linear")
-P = importlib.import_module("onpolicy_kernels.logprobs")
+import onpolicy_kernels.ops.linear as L
+import onpolicy_kernels.ops.logprobs as P
 
 HIDDEN, VOCAB = 2048, 151936  # Qwen3-1.7B
 

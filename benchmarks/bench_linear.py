@@ -5,7 +5,7 @@
 Prints one row per (shape, M): both times (CUDA-graph replay, weights rotated
 out of L2; cuBLAS's and ours replayed alternately, the median of each, so clock drift
 under sustained load weighs on both alike), the ratio cuBLAS time / ours (>= 1 means ours is as fast), and the
-kernel that ran (on Hopper the chooser of kernels/linear_choice.py may pick a
+kernel that ran (on Hopper the chooser of kernels/onpolicy_kernels/ops/linear/chooser.py may pick a
 cuBLASLt no-split algorithm over the Triton table's tile; same bits); then a
 summary per M. Needs a CUDA GPU.
 """
@@ -22,7 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import MS, SHAPES, copies_for, device_line, time_interleaved  # noqa: E402
 
 from onpolicy_kernels import linear  # noqa: E402
-from onpolicy_kernels.linear import path_for  # noqa: E402
+from onpolicy_kernels.ops.linear import path_for  # noqa: E402
 
 
 def main() -> None:

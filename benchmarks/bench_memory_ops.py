@@ -53,8 +53,8 @@ def vllm_c_ops():
 
 def launches() -> None:
     """log_softmax / token_logprobs: the split and the rows launch side by side (same bits), the
-    numbers behind kernels/logprobs.py's SPLIT_MAX_ROWS."""
-    LP = sys.modules["onpolicy_kernels.logprobs"]
+    numbers behind kernels/onpolicy_kernels/ops/logprobs.py's SPLIT_MAX_ROWS."""
+    import onpolicy_kernels.ops.logprobs as LP
     V = 151936
     print(device_line(), f"| V = {V} | us per call (CUDA-graph replays)")
     print("| logits | M | log_softmax split | log_softmax rows | token_logprobs split | token_logprobs rows |")

@@ -1,4 +1,4 @@
-"""Derive HOPPER_TABLE (kernels/linear.py) from tune_linear.py results.
+"""Derive HOPPER_TABLE (kernels/onpolicy_kernels/ops/linear/__init__.py) from tune_linear.py results.
 
     python3 benchmarks/fit_tile_table.py tune1.json [tune2.json ...]
 

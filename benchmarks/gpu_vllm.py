@@ -167,7 +167,7 @@ def throughput(path: str, conf: str, loads: str = "1000x100"):
 def linear_choices(_worker=None) -> dict:
     """{(N, K): {M bucket: what runs}} for every bucket the Hopper linear chooser tuned in this process:
     "T" the Triton kernel, else the cuBLASLt algorithm's "tile/stages/cluster"."""
-    from onpolicy_kernels import linear_choice
+    from onpolicy_kernels.ops.linear import chooser as linear_choice
 
     ch = linear_choice._CHOOSER
     out: dict = {}

@@ -4,7 +4,7 @@
 
 Per shape and M: cuBLAS (`F.linear`, free to split K), the shipped Triton
 `linear`, and every no-split algorithm cuBLASLt's heuristic offers with no
-workspace (kernels/_cublaslt.py). For each algorithm: whether its output is
+workspace (kernels/onpolicy_kernels/ops/linear/cublaslt.py). For each algorithm: whether its output is
 bitwise equal to the Triton kernel's (the invariant reference) and its time.
 Also what cuBLASLt picks when allowed a 32 MiB workspace (does it split K here?).
 Then per M: cuBLAS time / best of (ours, bit-equal no-split cuBLASLt).
@@ -22,7 +22,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import MS, SHAPES, copies_for, device_line, time_calls  # noqa: E402
 
-from onpolicy_kernels import _cublaslt as lt  # noqa: E402
+from onpolicy_kernels.ops.linear import cublaslt as lt  # noqa: E402
 from onpolicy_kernels import linear  # noqa: E402
 
 

@@ -1,6 +1,6 @@
 """Every M a cuBLASLt algorithm can serve, bitwise against the Triton kernel (GPU; Hopper).
 
-The chooser (kernels/linear_choice.py) picks one algorithm per weight shape and M
+The chooser (kernels/onpolicy_kernels/ops/linear/chooser.py) picks one algorithm per weight shape and M
 bucket and serves every M of the bucket with it. This scans, for each weight shape,
 every bucket, every no-split candidate cuBLASLt offers at the bucket's upper M, and
 every M of the bucket: the algorithm's output on x[:M] against the Triton kernel's
@@ -13,15 +13,14 @@ across its tile table).
 Prints one line per (shape, bucket, algorithm) that differs at some M, and a summary.
 """
 import argparse
-import sys
 import time
 
 import torch
 
-from onpolicy_kernels import _cublaslt as lt
-from onpolicy_kernels import linear_choice as C
+from onpolicy_kernels.ops.linear import cublaslt as lt
+from onpolicy_kernels.ops.linear import chooser as C
 
-L = sys.modules["onpolicy_kernels.linear"]
+import onpolicy_kernels.ops.linear as L
 
 SHAPES = {  # (N, K) of the projections without bias and the LM head
     "llama": [(3072, 2048), (2048, 2048), (16384, 2048), (2048, 8192), (128256, 2048)],  # Llama-3.2-1B

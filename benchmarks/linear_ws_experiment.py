@@ -29,11 +29,10 @@ import triton.language as tl
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import importlib  # noqa: E402
 
 from onpolicy_kernels import linear  # noqa: E402
 
-_L = importlib.import_module("onpolicy_kernels.linear")  # the module (`linear` above is the function)
+import onpolicy_kernels.ops.linear as _L  # the module (`linear` above is the function)
 _tile_coords = _L._tile_coords
 
 

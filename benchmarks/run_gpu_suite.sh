@@ -1,13 +1,12 @@
 #!/usr/bin/env bash
 # One GPU-machine session: GPU tests, both benchmarks, then the tile search with the time left.
 #   bash benchmarks/run_gpu_suite.sh [TOTAL_SECONDS]      (logs under $OUT, or ./.out/gpu)
-# The repo need not be installed: a shim makes `import onpolicy_kernels` resolve to kernels/.
+# The repo need not be installed: kernels/ and the checkout go on PYTHONPATH.
 set -u
 TOTAL=${1:-560}
 T0=$(date +%s)
 OUT=${OUT:-$PWD/.out/gpu}; mkdir -p "$OUT"
-mkdir -p /tmp/onpolicy_shim && ln -sfn "$PWD/kernels" /tmp/onpolicy_shim/onpolicy_kernels
-export PYTHONPATH=/tmp/onpolicy_shim:$PWD${PYTHONPATH:+:$PYTHONPATH}
+export PYTHONPATH=$PWD/kernels:$PWD${PYTHONPATH:+:$PYTHONPATH}
 export TRITON_INTERPRET=0 PYTHONUNBUFFERED=1
 if [ -f .out/triton_cache.tgz ]; then mkdir -p ~/.triton && tar xzf .out/triton_cache.tgz -C ~/.triton; fi
 left() { echo $(( TOTAL - ($(date +%s) - T0) )); }

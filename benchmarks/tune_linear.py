@@ -6,7 +6,7 @@ For every (shape, M) it times cuBLAS and each candidate tile (CUDA-graph replay,
 weights rotated out of L2), checks each candidate's output bitwise against
 SAFE_TILE on the same inputs (a candidate that differs is reported and never
 proposed), and prints the fastest bit-identical candidate. Used to fill
-HOPPER_TILES in kernels/linear.py; the table itself is then proven by
+HOPPER_TILES in kernels/onpolicy_kernels/ops/linear/__init__.py; the table itself is then proven by
 tests/gpu/test_linear_tiles.py. Stops early (printing what it has) when the
 time budget runs out.
 """
@@ -24,7 +24,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import MS, SHAPES, copies_for, device_line, time_calls  # noqa: E402
 
-from onpolicy_kernels.linear import SAFE_TILE, linear_triton, tile_for  # noqa: E402
+from onpolicy_kernels.ops.linear import SAFE_TILE, linear_triton, tile_for  # noqa: E402
 
 SMEM_LIMIT = 227 * 1024
 

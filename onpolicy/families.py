@@ -13,7 +13,7 @@ from typing import Optional
 import torch
 
 from onpolicy_kernels import build_cos_sin_cache
-from onpolicy_kernels.rotary import SUPPORTED_ROPE_TYPES
+from onpolicy_kernels.ops.rotary import SUPPORTED_ROPE_TYPES
 
 
 @dataclass(frozen=True)

@@ -179,7 +179,7 @@ def attention_forward(self, x: torch.Tensor, plan: TokenPlan) -> torch.Tensor:
     if cache.device != q.device:  # the model moved after patching (accelerate / FSDP2 place it on the GPU later)
         cache = self._onpolicy_cos_sin = cache.to(q.device)
     q, k = K.rotary_embedding(plan.positions, q, k, cache, is_neox=True)
-    from onpolicy_kernels.attention import attention, attention_contiguous  # noqa: PLC0415
+    from onpolicy_kernels.ops.attention import attention, attention_contiguous  # noqa: PLC0415
 
     if plan.cache is None:
         o = attention_contiguous(q, k, v, plan.cu_seqlens, self.scaling, max_seqlen=plan.max_len)

@@ -3,7 +3,7 @@
 One kernel for prefill, chunked prefill and decode, invariant to the batch, the
 block size and the block placement, and the same kernel the trainer runs on its
 packed sequences (`attention_contiguous`): our Triton kernel, or on Hopper
-FlashAttention-3 with one KV split (`onpolicy_kernels.attention_fa3`, chosen by the
+FlashAttention-3 with one KV split (`onpolicy_kernels.ops.attention.fa3`, chosen by the
 same rule on both sides; vLLM's `max_query_len` sizes its grid). The KV cache update is a separate
 call (`do_kv_cache_update` -> `reshape_and_cache`), as vLLM's CPU and
 FlexAttention backends do. Both run inside vLLM's opaque `unified_*` custom

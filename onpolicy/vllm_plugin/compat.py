@@ -69,7 +69,7 @@ def rotary_embedding(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, 
 def attention_ops():
     """(attention, reshape_and_cache, attention_schedule) from `onpolicy_kernels.attention`."""
     try:
-        from onpolicy_kernels.attention import attention, attention_schedule, reshape_and_cache
+        from onpolicy_kernels.ops.attention import attention, attention_schedule, reshape_and_cache
     except ImportError as e:
         raise OnpolicyVllmError(
             f"onpolicy_kernels.attention is not available or lacks an op ({e}); the vLLM plugin needs its "

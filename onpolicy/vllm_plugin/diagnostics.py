@@ -1,7 +1,7 @@
 """What an engine ran: the report a mismatch is filed with.
 
 Everything the plugin decides at run time, per worker: the linear kernel's pick per
-(weight shape, M bucket) (kernels/linear_choice.py: a Triton tile or a verified
+(weight shape, M bucket) (kernels/onpolicy_kernels/ops/linear/chooser.py: a Triton tile or a verified
 cuBLASLt algorithm, chosen per process), whether vLLM compiled the model afresh or
 loaded it from its compile cache, which decode-graph buckets the LM head and the
 sampler captured and replayed (graphs.py), the switches in the environment, the
@@ -47,7 +47,7 @@ def worker_report(worker) -> dict:
     """Run inside a vLLM worker (`LLM.collective_rpc`): what this worker runs."""
     import torch
 
-    from onpolicy_kernels import linear_choice
+    from onpolicy_kernels.ops.linear import chooser as linear_choice
 
     from .worker import _model_of
 

@@ -58,11 +58,11 @@ def warm_up_linears(worker) -> None:
     600 tokens) would compile on first use, seconds inside a live rollout. One
     call per (weight shape, bucket) compiles them all; Triton caches them on disk too.
     On Hopper the same calls tune the linear's cuBLASLt chooser per M bucket
-    (kernels/linear_choice.py), which must not happen during CUDA-graph capture.
+    (kernels/onpolicy_kernels/ops/linear/chooser.py), which must not happen during CUDA-graph capture.
     """
     import time
 
-    from onpolicy_kernels.linear import warm_up
+    from onpolicy_kernels.ops.linear import warm_up
 
     runner = getattr(worker, "model_runner", None)
     sched = getattr(getattr(worker, "vllm_config", None), "scheduler_config", None)

@@ -13,7 +13,6 @@ Run on the GPU machine: `pytest -m gpu tests/gpu/test_attention_gpu.py`.
 """
 from __future__ import annotations
 
-import importlib
 import math
 import os
 
@@ -27,8 +26,8 @@ pytestmark = [
 ]
 
 if torch.cuda.is_available():
-    A = importlib.import_module("onpolicy_kernels.attention")
-    FA = importlib.import_module("onpolicy_kernels.attention_fa3")
+    import onpolicy_kernels.ops.attention as A
+    import onpolicy_kernels.ops.attention.fa3 as FA
 
 DEV = "cuda"
 SHAPES = [(16, 8, 128), (32, 8, 128), (8, 2, 64)]

@@ -1,23 +1,22 @@
 """GPU: cuBLASLt algorithms that never split K give the Triton kernel's bits, and the chooser keeps them.
 
-kernels/linear_choice.py may serve a Hopper linear with a cuBLASLt no-split
+kernels/onpolicy_kernels/ops/linear/chooser.py may serve a Hopper linear with a cuBLASLt no-split
 algorithm instead of the Triton kernel. That is only sound if every such
 algorithm gives the Triton kernel's bits: the first test enumerates every
 candidate cuBLASLt's heuristic offers on the model shapes across M (the
 "table" the chooser picks from) and compares each bitwise with the Triton
 reference tile. The chooser checks this again at run time before using one.
 """
-import sys
 
 import pytest
 import torch
 
 from _gpu_util import is_hopper, pytestmark, require_compiled_triton  # noqa: F401
-from onpolicy_kernels import _cublaslt as lt
+from onpolicy_kernels.ops.linear import cublaslt as lt
 from onpolicy_kernels import linear
-from onpolicy_kernels import linear_choice as C
+from onpolicy_kernels.ops.linear import chooser as C
 
-L = sys.modules["onpolicy_kernels.linear"]
+import onpolicy_kernels.ops.linear as L
 
 # (K, N): Qwen3-1.7B and -8B projections (qkv, o, gate_up, down) and the LM head.
 SHAPES = [(2048, 4096), (2048, 2048), (2048, 12288), (6144, 2048),

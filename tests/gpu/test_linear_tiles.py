@@ -1,6 +1,6 @@
 """GPU: every tile configuration the Hopper table can pick gives the bits of SAFE_TILE.
 
-The table (kernels/linear.py: HOPPER_TABLE, flattened in HOPPER_TILES) may pick
+The table (kernels/onpolicy_kernels/ops/linear/__init__.py: HOPPER_TABLE, flattened in HOPPER_TILES) may pick
 a different tile per M bucket and N class only because tile shape, warps,
 stages and the load path (pointer, TMA, persistent) do not change the bits: each
 output is one fp32 accumulator over K in order, never split. This test is the
@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from _gpu_util import is_hopper, pytestmark, require_compiled_triton  # noqa: F401
-from onpolicy_kernels.linear import HOPPER_TILES, SAFE_TILE, linear_triton
+from onpolicy_kernels.ops.linear import HOPPER_TILES, SAFE_TILE, linear_triton
 
 ENTRIES = list(HOPPER_TILES)
 # (K, N, dtype, Ms, bias)

@@ -7,7 +7,6 @@ a kernel that reads past a sequence's length or a wrong block fails loudly.
 """
 from __future__ import annotations
 
-import importlib
 import math
 import os
 import subprocess
@@ -18,7 +17,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-A = importlib.import_module("onpolicy_kernels.attention")  # the module (the package exports the function `attention`)
+import onpolicy_kernels.ops.attention as A  # the module (the package exports the function `attention`)
 from onpolicy_kernels._triton import HAS_TRITON
 
 INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"

@@ -8,13 +8,12 @@ bound fails against the normal CPU result bitwise.
 """
 from __future__ import annotations
 
-import importlib
 
 import pytest
 import torch
 
-A = importlib.import_module("onpolicy_kernels.attention")
-FA = importlib.import_module("onpolicy_kernels.attention_fa3")
+import onpolicy_kernels.ops.attention as A
+import onpolicy_kernels.ops.attention.fa3 as FA
 
 
 def test_mode_is_validated(monkeypatch):

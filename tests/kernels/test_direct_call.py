@@ -1,4 +1,4 @@
-"""Eager calls run an op's body directly (kernels/_dispatch.py `call`): as is where no
+"""Eager calls run an op's body directly (kernels/onpolicy_kernels/_dispatch.py `call`): as is where no
 autograd is needed, inside an autograd.Function built from the op's registered autograd
 formula where it is (a training step).
 
@@ -13,14 +13,9 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
-import importlib
-
 import onpolicy_kernels as K
 from onpolicy_kernels import _dispatch
-
-# the modules (the package's attributes of these names are the functions)
-activation, attention, linear, logprobs, rms_norm, rotary = (importlib.import_module(f"onpolicy_kernels.{m}") for m in (
-    "activation", "attention", "linear", "logprobs", "rms_norm", "rotary"))
+from onpolicy_kernels.ops import activation, attention, linear, logprobs, rms_norm, rotary  # the op modules
 
 CACHE = K.build_cos_sin_cache(32, 32, 64, 1e4)
 

@@ -15,7 +15,6 @@ empty-query sequences; padding slots):
 """
 from __future__ import annotations
 
-import importlib
 import os
 
 import pytest
@@ -26,7 +25,7 @@ from onpolicy_kernels import (build_cos_sin_cache, fused_add_rms_norm, linear, l
                               rms_norm, rotary_embedding, silu_and_mul, token_logprobs)
 from onpolicy_kernels._triton import HAS_TRITON, tl, triton
 
-A = importlib.import_module("onpolicy_kernels.attention")
+import onpolicy_kernels.ops.attention as A
 
 INTERPRETING = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
 pytestmark = pytest.mark.skipif(not (HAS_TRITON and INTERPRETING),

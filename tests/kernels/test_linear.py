@@ -1,9 +1,8 @@
 """CPU path of `linear`: batch invariance, merged columns, correctness, backward, tile-table logic.
 
-The contract (kernels/linear.py): an output row's bits depend only on that input
+The contract (kernels/onpolicy_kernels/ops/linear/__init__.py): an output row's bits depend only on that input
 row, the weight and the bias; an output column's bits only on its weight row.
 """
-import sys
 from unittest import mock
 
 import pytest
@@ -14,7 +13,7 @@ from hypothesis import strategies as st
 from _invariance import DTYPE_IDS, DTYPES, REL_TOL, gen, hide, num_threads, randn, rel_err
 from onpolicy_kernels import linear
 
-L = sys.modules["onpolicy_kernels.linear"]  # the module (the package re-exports the function under its name)
+import onpolicy_kernels.ops.linear as L  # the module (the package re-exports the function under its name)
 
 # (K, N): realistic widths incl. non-multiples of 64 and the COL_TILE; 1536/2048 as in Qwen3 models
 WIDTHS = [(64, 96), (200, 300), (1536, 256), (2048, 1536), (100, 2048), (4096, 40)]

@@ -1,4 +1,4 @@
-"""The Hopper kernel chooser (kernels/linear_choice.py), on the CPU with a fake cuBLASLt.
+"""The Hopper kernel chooser (kernels/onpolicy_kernels/ops/linear/chooser.py), on the CPU with a fake cuBLASLt.
 
 The fake's algorithms compute x @ w.T exactly as the reference does ("good"), in
 another summation order (K split in two halves, as split-K would: rarely visible
@@ -10,7 +10,6 @@ is captured, and must fall back to the Triton kernel wherever an algorithm canno
 """
 import ctypes
 import logging
-import sys
 from unittest import mock
 
 import pytest
@@ -18,9 +17,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from onpolicy_kernels import linear_choice as C
+from onpolicy_kernels.ops.linear import chooser as C
 
-L = sys.modules["onpolicy_kernels.linear"]  # the module (the package re-exports the function under its name)
+import onpolicy_kernels.ops.linear as L  # the module (the package re-exports the function under its name)
 
 
 def _ref(x, w):
@@ -337,7 +336,7 @@ def test_engine_warm_up_adds_the_buckets_when_the_chooser_serves():
 def test_ctypes_layouts_match_cublaslt_h():
     """cublasLtMatmulAlgo_t is uint64_t[8]; cublasLtMatmulHeuristicResult_t is that, a size_t,
     a status, a float and int[4] (cublasLt.h). No library needed to check the layouts."""
-    from onpolicy_kernels import _cublaslt as lt
+    from onpolicy_kernels.ops.linear import cublaslt as lt
 
     assert ctypes.sizeof(lt.Algo) == 64
     assert ctypes.sizeof(lt._Heuristic) == 96

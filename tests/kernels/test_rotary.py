@@ -107,7 +107,7 @@ def test_llama3_scaling_matches_transformers():
     from transformers import LlamaConfig
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-    from onpolicy_kernels.rotary import _inv_freq
+    from onpolicy_kernels.ops.rotary import _inv_freq
 
     scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                "original_max_position_embeddings": 8192}

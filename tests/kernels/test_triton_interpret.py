@@ -18,7 +18,6 @@ looser tolerance, and the exact bf16 rounding semantics only on the GPU
 (tests/gpu/test_ops_gpu.py).
 """
 import os
-import sys
 
 import pytest
 import torch
@@ -30,7 +29,7 @@ from onpolicy_kernels import (build_cos_sin_cache, fused_add_rms_norm, linear, l
                               silu_and_mul, token_logprobs)
 from onpolicy_kernels._triton import HAS_TRITON
 
-L = sys.modules["onpolicy_kernels.linear"]
+import onpolicy_kernels.ops.linear as L
 
 INTERPRETING = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
 pytestmark = pytest.mark.skipif(not (HAS_TRITON and INTERPRETING),
@@ -284,7 +283,7 @@ def test_logprobs_split_and_rows_launches_give_the_same_bits(V):
     """The GPU kernels pick the split launch for few rows and the rows launch for many; both
     must compute the same operations: equal bits for the same rows, whichever launch, batch
     size or position, and token_logprobs == log_softmax indexed across launches."""
-    LP = sys.modules["onpolicy_kernels.logprobs"]
+    import onpolicy_kernels.ops.logprobs as LP
     g = gen(V)
     x = randn(5, V, dtype=torch.bfloat16, g=g, scale=5)
     x[1, : V // 2] = float("-inf")  # whole chunks masked out (m_c = -inf, s_c = 0)

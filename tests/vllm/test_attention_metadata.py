@@ -63,7 +63,7 @@ def test_forward_writes_in_place_and_shares_one_schedule_per_step(monkeypatch):
     the copy path, rows past the step's tokens untouched. Same values as a plain call."""
     from onpolicy.vllm_plugin import attention as backend
     from onpolicy.vllm_plugin import compat
-    from onpolicy_kernels.attention import attention
+    from onpolicy_kernels.ops.attention import attention
 
     attention_fn, cache_fn, schedule_fn = compat.attention_ops()
     asked = []

@@ -21,9 +21,9 @@ from typing import Optional
 
 import torch
 
-from ._cpu import chunked
-from ._dispatch import call, check_float, check_same, custom_op, shaped, use_triton
-from ._triton import HAS_TRITON, require_triton, tl, triton
+from .._cpu import chunked
+from .._dispatch import call, check_float, check_same, custom_op, shaped, use_triton
+from .._triton import HAS_TRITON, require_triton, tl, triton
 
 SUPPORTED_ROPE_TYPES = ("default", "llama3")
 

@@ -18,7 +18,7 @@ algorithm that never splits K, chosen per weight shape and M bucket for speed, a
 used only after its output was checked bitwise equal to this kernel's, per
 algorithm and bucket, on seeded operands built to expose any other summation
 order (linear_choice.py).
-CPU: BLAS on fixed [16, K] x [K, 256] tiles in fp32 (kernels/_cpu.py).
+CPU: BLAS on fixed [16, K] x [K, 256] tiles in fp32 (kernels/onpolicy_kernels/_cpu.py).
 Backward: standard matmuls (fast, not invariant: only the forward must be).
 """
 from __future__ import annotations
@@ -28,10 +28,10 @@ from typing import Optional
 
 import torch
 
-from . import linear_choice
-from ._cpu import tiled_matmul
-from ._dispatch import call, check_float, check_same, custom_op, rows, shaped, use_triton
-from ._triton import HAS_TRITON, num_sms, require_triton, tl, triton
+from . import chooser as linear_choice
+from ..._cpu import tiled_matmul
+from ..._dispatch import call, check_float, check_same, custom_op, rows, shaped, use_triton
+from ..._triton import HAS_TRITON, num_sms, require_triton, tl, triton
 
 # A tile configuration is (max M, BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)
 # or the same with a 7th field, the kernel variant: "ptr" (the default: pointer

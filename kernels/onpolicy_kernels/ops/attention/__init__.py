@@ -59,7 +59,7 @@ a decode query padded into the same tile as a prefill (needed: on an H200 a
 benchmarks/bench_attention.py's variants table). CPU: the same loop with
 BLAS only on fixed [16 rows] tiles, IEEE elementwise steps, fixed pairwise
 trees (row max, row sums) and exp2 on fixed 64-aligned chunks
-(kernels/_cpu.py), so invariant by construction. The two paths are different programs (bits differ between
+(kernels/onpolicy_kernels/_cpu.py), so invariant by construction. The two paths are different programs (bits differ between
 them); sampler and trainer must run on the same path.
 
 Not supported (a clear error names them): sliding window, logit soft-capping,
@@ -77,10 +77,10 @@ from typing import Optional
 
 import torch
 
-from . import attention_fa3 as fa3
-from ._cpu import ROW_TILE, chunked, next_pow2, round_up
-from ._dispatch import call, check_float, custom_op, use_triton
-from ._triton import HAS_TRITON, num_sms, require_triton, tl, triton
+from . import fa3
+from ..._cpu import ROW_TILE, chunked, next_pow2, round_up
+from ..._dispatch import call, check_float, custom_op, use_triton
+from ..._triton import HAS_TRITON, num_sms, require_triton, tl, triton
 
 KV_TILE = 64  # key positions per online-softmax step: fixed, part of the bits.
 Q_TILE = 64  # query rows (positions x grouped heads) per GPU program: fixed.
@@ -417,7 +417,7 @@ def _attention_cpu(q, k_cache, v_cache, block_table, cu_q, seq_lens, scale, caus
     fixed shape and layout, [16, D] x [D, KV_TILE] for q.k and [16, KV_TILE] x
     [KV_TILE, D] for p @ v, on fp32 copies (bf16/fp16 products are exact in
     fp32), so a row's bits depend only on that row and the key tile (the rule
-    kernels/_cpu.py's tiled_matmul relies on; the property tests check it).
+    kernels/onpolicy_kernels/_cpu.py's tiled_matmul relies on; the property tests check it).
     All the softmax steps are elementwise or fixed pairwise trees over the
     KV_TILE axis, batched over every row of every sequence. Sequences are
     sorted by their number of key tiles, so at step j the sequences still

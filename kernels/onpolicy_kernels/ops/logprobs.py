@@ -14,7 +14,7 @@ vLLM adapter and the trainer call these ops, so their logprobs are equal.
 
 Guarantee: a row's output bits depend only on that row (and its temperature),
 never on how many rows share the call or where the row sits. CPU: fixed
-pairwise trees and chunked exp/log (kernels/_cpu.py). Backward: standard.
+pairwise trees and chunked exp/log (kernels/onpolicy_kernels/_cpu.py). Backward: standard.
 
 GPU: the vocabulary is cut into chunks of CHUNK_STEPS x BLOCK columns, a size
 set by V alone. Per chunk c, one pass gives (m_c, s_c): an online max/sum per
@@ -39,9 +39,9 @@ from typing import Union
 
 import torch
 
-from ._cpu import chunked, tree_max, tree_sum
-from ._dispatch import call, check_float, custom_op, rows, shaped, use_triton
-from ._triton import HAS_TRITON, require_triton, tl, triton
+from .._cpu import chunked, tree_max, tree_sum
+from .._dispatch import call, check_float, custom_op, rows, shaped, use_triton
+from .._triton import HAS_TRITON, require_triton, tl, triton
 
 ROWS_PER_CALL = 64  # CPU: bound the fp32 temporaries; rows are independent anyway.
 VOCAB_BLOCK = 4096  # GPU: columns of one program step.

@@ -13,7 +13,7 @@ many rows share the call, nor where the row sits; float32, float16, bfloat16.
 GPU: one Triton program per row (rows of up to 128 elements: 16 rows per
 program, a launch shape fixed by the row width alone), the whole row in one
 block, one fixed reduction tree; per-head [T, H, D] views are read in place.
-CPU: elementwise IEEE steps and a fixed pairwise tree (kernels/_cpu.py).
+CPU: elementwise IEEE steps and a fixed pairwise tree (kernels/onpolicy_kernels/_cpu.py).
 Backward: standard fp32 formulas (on the GPU one Triton kernel over rows, the
 weight's gradient summed from per-program partials; not invariant: it need not be).
 """
@@ -21,9 +21,9 @@ from __future__ import annotations
 
 import torch
 
-from ._cpu import tree_sum
-from ._dispatch import call, check_float, check_same, custom_op, rows, shaped, use_triton
-from ._triton import HAS_TRITON, num_sms, require_triton, tl, triton
+from .._cpu import tree_sum
+from .._dispatch import call, check_float, check_same, custom_op, rows, shaped, use_triton
+from .._triton import HAS_TRITON, num_sms, require_triton, tl, triton
 
 if HAS_TRITON:
 

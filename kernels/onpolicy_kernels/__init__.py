@@ -6,12 +6,12 @@ row's output is bitwise identical whatever other rows share the call, however
 many there are, and wherever the row sits (float32, float16, bfloat16). The
 forward is invariant; the backward uses standard fast kernels.
 """
-from .activation import silu_and_mul
-from .attention import attention, attention_contiguous, attention_schedule, reshape_and_cache
-from .linear import linear
-from .logprobs import log_softmax, token_logprobs
-from .rms_norm import fused_add_rms_norm, rms_norm
-from .rotary import build_cos_sin_cache, rotary_embedding
+from .ops.activation import silu_and_mul
+from .ops.attention import attention, attention_contiguous, attention_schedule, reshape_and_cache
+from .ops.linear import linear
+from .ops.logprobs import log_softmax, token_logprobs
+from .ops.rms_norm import fused_add_rms_norm, rms_norm
+from .ops.rotary import build_cos_sin_cache, rotary_embedding
 
 __all__ = [
     "linear",

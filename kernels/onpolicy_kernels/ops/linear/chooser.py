@@ -416,7 +416,7 @@ def chooser(triton: Callable) -> Optional[Chooser]:
     """The process's chooser, or None where libcublasLt cannot be loaded (logged once)."""
     global _CHOOSER
     if _CHOOSER is None:
-        from . import _cublaslt
+        from . import cublaslt as _cublaslt
 
         try:
             _cublaslt._lib()

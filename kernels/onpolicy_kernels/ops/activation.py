@@ -3,7 +3,7 @@
 Computed in fp32 as g / (1 + exp(-g)) * u and rounded once to x.dtype.
 Guarantee: an element's bits depend only on its two inputs, never on the other
 rows in the call or their number; float32, float16, bfloat16. GPU: one Triton
-elementwise kernel. CPU: exp on fixed 64-aligned chunks (kernels/_cpu.py), the
+elementwise kernel. CPU: exp on fixed 64-aligned chunks (kernels/onpolicy_kernels/_cpu.py), the
 rest IEEE-exact elementwise steps. Backward: standard formula (on the GPU one
 fused Triton kernel, fp32 math, not invariant: it need not be).
 """
@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import torch
 
-from ._cpu import chunked
-from ._dispatch import call, check_float, custom_op, rows, shaped, use_triton
-from ._triton import HAS_TRITON, require_triton, tl, triton
+from .._cpu import chunked
+from .._dispatch import call, check_float, custom_op, rows, shaped, use_triton
+from .._triton import HAS_TRITON, require_triton, tl, triton
 
 if HAS_TRITON:
 

@@ -14,17 +14,6 @@ import torch
 from torch._library.custom_ops import OPDEFS
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
-if __name__ != "onpolicy_kernels._dispatch":
-    # This folder is also importable as the top-level package `kernels` wherever the
-    # checkout's root is on sys.path (`python -m pytest`, `python -m onpolicy.cli` or
-    # `python -c` run there) -- and transformers imports `kernels` when it probes for
-    # Hugging Face's package of that name. Let the real package define the ops first,
-    # so that the second copy only finds them (see `custom_op`).
-    try:
-        import onpolicy_kernels  # noqa: F401
-    except ImportError:  # not installed: this copy is the only one
-        pass
-
 _VALID = ("auto", "cpu", "triton")
 
 
@@ -67,8 +56,8 @@ def custom_op(name: str, *, mutates_args):
     body as `.body` and, once its autograd formula is registered, the same body and formula
     as an autograd.Function, `.function` (see `call`).
 
-    Defining an op again (these modules run a second time when the package is also
-    imported as `kernels`, see above, or on a reload) makes torch destroy the first
+    Defining an op again (these modules run a second time on a reload, e.g. a notebook's
+    autoreload) makes torch destroy the first
     definition: the dispatcher entry is freed while every op object bound before
     (torch.ops.onpolicy.*, the functions of the first import) still points at it. Calls
     through them then read freed memory -- intermittent segfaults, std::bad_alloc,
