@@ -30,6 +30,7 @@ from onpolicy.vllm_plugin.graphs import RowGraphs  # noqa: E402
 
 # the modules (the package's `linear` / `log_softmax` attributes are the functions)
 import onpolicy_kernels.ops.linear as L
+import onpolicy_kernels.ops.linear.triton as LT  # the Triton kernels and their tile table
 import onpolicy_kernels.ops.logprobs as P
 
 HIDDEN, VOCAB = 2048, 151936  # Qwen3-1.7B
@@ -90,7 +91,7 @@ def main() -> None:
           f"median of {a.calls} | LM head {a.vocab}x{HIDDEN} bf16, logits fp32", flush=True)
     print("| rows | op | host us |")
     print("|---|---|---|")
-    impl = L.linear_triton if cuda else L.linear_cpu
+    impl = LT.linear_triton if cuda else L.linear_cpu
     # rows past the graphs' largest bucket run eagerly (the same as the API rows)
     head_graphs = RowGraphs(lambda x, w: K.linear(x, w), "LM head")
     soft_graphs = RowGraphs(lambda lg, t: K.log_softmax(lg, t), "log_softmax")

@@ -20,7 +20,7 @@ import torch
 from onpolicy_kernels.ops.linear import cublaslt as lt
 from onpolicy_kernels.ops.linear import chooser as C
 
-import onpolicy_kernels.ops.linear as L
+import onpolicy_kernels.ops.linear.triton as LT  # the Triton kernels and their tile table
 
 SHAPES = {  # (N, K) of the projections without bias and the LM head
     "llama": [(3072, 2048), (2048, 2048), (16384, 2048), (2048, 8192), (128256, 2048)],  # Llama-3.2-1B
@@ -35,11 +35,11 @@ def scan(N: int, K: int, dtype, top: int = C.TUNE_MAX_ROWS):
     x = torch.randn(top, K, device="cuda", dtype=dtype, generator=g)
     wv, probes = C.verification_operands(N, K, top, dtype, "cuda", g)
     xp = probes[0]
-    ref = L.linear_triton(x, w, None)
-    refp = L.linear_triton(xp, wv, None)
+    ref = LT.linear_triton(x, w, None)
+    refp = LT.linear_triton(xp, wv, None)
     out = torch.empty(top, N, device="cuda", dtype=dtype)
     # Triton at every M against its own top-row output.
-    tri_bad = [m for m in range(1, top + 1) if not torch.equal(L.linear_triton(x[:m], w, None), ref[:m])]
+    tri_bad = [m for m in range(1, top + 1) if not torch.equal(LT.linear_triton(x[:m], w, None), ref[:m])]
     rows, tried, lo = [], 0, 1
     for b in C.BUCKETS:
         cands = lt.candidates(x[:b], w, out[:b])[: C.CANDIDATES]

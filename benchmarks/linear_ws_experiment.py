@@ -32,8 +32,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from onpolicy_kernels import linear  # noqa: E402
 
-import onpolicy_kernels.ops.linear as _L  # the module (`linear` above is the function)
-_tile_coords = _L._tile_coords
+import onpolicy_kernels.ops.linear.triton as _LT  # the Triton kernels and their tile table
+_tile_coords = _LT._tile_coords
 
 
 @triton.jit
@@ -112,7 +112,7 @@ def check_case(x, w, tiles, failed: set) -> tuple[int, int, list[str]]:
     """(mismatches, launches run, lines): every launch and tile vs the reference (the shipped
     kernel's SAFE_TILE, which every shipped table entry equals), and the last row alone. A launch
     that does not compile is added to `failed` (bench skips it) and counted as not run."""
-    ref = _L.linear_triton(x, w, None, _L.SAFE_TILE)
+    ref = _LT.linear_triton(x, w, None, _LT.SAFE_TILE)
     bad, ran, lines = 0, 0, []
     for tile in tiles:
         for persistent, ws in LAUNCHES:

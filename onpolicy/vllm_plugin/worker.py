@@ -15,6 +15,7 @@ import logging
 
 from . import compat
 from .errors import OnpolicyVllmError
+from .warmup import linear_warm_up_plan, warm_up_linears  # noqa: F401 -- linear_warm_up_plan: tests
 
 logger = logging.getLogger("vllm.onpolicy")  # child of vLLM's logger: printed with its messages
 
@@ -50,34 +51,6 @@ class OnpolicyWorkerMixin:
         return out
 
 
-def warm_up_linears(worker) -> None:
-    """Compile every linear kernel the model can launch, before vLLM captures graphs or serves.
-
-    vLLM's own warm-up runs a few batch sizes; the linear kernel picks its tile
-    configuration per M bucket, so a bucket vLLM never ran (e.g. a prefill of
-    600 tokens) would compile on first use, seconds inside a live rollout. One
-    call per (weight shape, bucket) compiles them all; Triton caches them on disk too.
-    On Hopper the same calls tune the linear's cuBLASLt chooser per M bucket
-    (kernels/onpolicy_kernels/ops/linear/chooser.py), which must not happen during CUDA-graph capture.
-    """
-    import time
-
-    from onpolicy_kernels.ops.linear import warm_up
-
-    runner = getattr(worker, "model_runner", None)
-    sched = getattr(getattr(worker, "vllm_config", None), "scheduler_config", None)
-    if runner is None or sched is None:
-        return
-    model = _model_of(runner)
-    plan = linear_warm_up_plan(model, sched.max_num_batched_tokens, sched.max_num_seqs)
-    if not plan or not plan[0][0].is_cuda:
-        return  # the CPU path compiles nothing
-    start = time.perf_counter()
-    calls = sum(warm_up(w, b, rows) for w, b, rows in plan)
-    logger.info("onpolicy: linear kernels warmed up (%d weight shapes, %d calls, %.1f s)", len(plan), calls,
-                time.perf_counter() - start)
-
-
 def warm_up_decode_graphs(worker) -> None:
     """Capture the LM head's and the sampler's decode-step graphs (graphs.py), if installed,
     once vLLM has captured its own: before the engine serves, not in its first steps."""
@@ -86,30 +59,6 @@ def warm_up_decode_graphs(worker) -> None:
     runner = getattr(worker, "model_runner", None)
     if runner is not None:
         graphs.warm_up(runner, _model_of(runner))
-
-
-def linear_warm_up_plan(model, max_tokens: int, max_seqs: int) -> list:
-    """(weight, bias, max rows) per distinct onpolicy linear of `model`: the projections see up
-    to max_num_batched_tokens rows, the LM head one row per sequence (max_num_seqs). Not
-    covered (they compile on first use): prompt logprobs (the head on more rows) and an
-    fp32 head_dtype."""
-    from .linear import classes
-
-    lin = classes()
-    plan, seen = [], set()
-    for m in model.modules():
-        method = getattr(m, "quant_method", None)
-        head = isinstance(method, lin["OnpolicyHeadMethod"])
-        if not (head or isinstance(method, lin["OnpolicyLinearMethod"])):
-            continue
-        w, b = m.weight, None if head else getattr(m, "bias", None)
-        # A layer with a bias also runs without it (skip_bias_add, row-parallel ranks > 0).
-        for bias in ((b, None) if b is not None else (None,)):
-            key = (tuple(w.shape), w.dtype, bias is not None, head)
-            if key not in seen:
-                seen.add(key)
-                plan.append((w, bias, max_seqs if head else max_tokens))
-    return plan
 
 
 @contextlib.contextmanager

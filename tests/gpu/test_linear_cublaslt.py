@@ -17,6 +17,7 @@ from onpolicy_kernels import linear
 from onpolicy_kernels.ops.linear import chooser as C
 
 import onpolicy_kernels.ops.linear as L
+import onpolicy_kernels.ops.linear.triton as LT  # the Triton kernels and their tile table
 
 # (K, N): Qwen3-1.7B and -8B projections (qkv, o, gate_up, down) and the LM head.
 SHAPES = [(2048, 4096), (2048, 2048), (2048, 12288), (6144, 2048),
@@ -43,7 +44,7 @@ def test_every_no_split_candidate_gives_the_triton_bits(K, N, dtype):
         cands = lt.candidates(x, w, out)
         assert cands, f"cuBLASLt offered no no-split algorithm at M={M}"
         for xs, ws in ((x, w), (probes[0], wv)):
-            ref = L.linear_triton(xs, ws, None, L.SAFE_TILE)
+            ref = LT.linear_triton(xs, ws, None, LT.SAFE_TILE)
             for algo, _ in cands:
                 out.fill_(float("nan"))
                 lt.run(xs, ws, out, algo)
@@ -75,7 +76,7 @@ def test_chooser_serves_buckets_with_cublaslt_and_rows_keep_their_bits(fresh_cho
         out = linear(x, w)
         paths.add(L.path_for(x, w))
         assert torch.equal(out[pos], alone[:n]), f"rows changed inside a batch of M={M} ({L.path_for(x, w)})"
-        assert torch.equal(out, L.linear_triton(x, w, None, L.SAFE_TILE)), f"M={M} ({L.path_for(x, w)})"
+        assert torch.equal(out, LT.linear_triton(x, w, None, LT.SAFE_TILE)), f"M={M} ({L.path_for(x, w)})"
     assert any(p.startswith("cuBLASLt") for p in paths), paths
     assert any(p.startswith("triton") for p in paths), paths  # M = 4096 and 9000: above TUNE_MAX_ROWS
 
@@ -88,7 +89,7 @@ def test_capture_tunes_nothing_and_replays_the_same_bits(fresh_chooser):
     w, g = _w(N, K, torch.bfloat16, 2)
     x1, x2 = (torch.randn(M, K, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(2))
     static_x = x1.clone()
-    L.linear_triton(static_x, w, None)  # compile outside the capture, without tuning
+    LT.linear_triton(static_x, w, None)  # compile outside the capture, without tuning
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
@@ -96,7 +97,7 @@ def test_capture_tunes_nothing_and_replays_the_same_bits(fresh_chooser):
     assert C._CHOOSER is not None and C._CHOOSER.label(static_x, w) is None, "tuned inside a capture"
     static_x.copy_(x2)
     graph.replay()
-    assert torch.equal(y, L.linear_triton(x2, w, None, L.SAFE_TILE))
+    assert torch.equal(y, LT.linear_triton(x2, w, None, LT.SAFE_TILE))
     linear(x1, w)  # eager: tunes the bucket
     label = L.path_for(x1, w)
     graph2 = torch.cuda.CUDAGraph()
@@ -104,7 +105,7 @@ def test_capture_tunes_nothing_and_replays_the_same_bits(fresh_chooser):
         y2 = linear(static_x, w)
     static_x.copy_(x1)
     graph2.replay()
-    assert torch.equal(y2, L.linear_triton(x1, w, None, L.SAFE_TILE)), label
+    assert torch.equal(y2, LT.linear_triton(x1, w, None, LT.SAFE_TILE)), label
 
 
 def test_switched_off_runs_triton(fresh_chooser, monkeypatch):
@@ -112,7 +113,7 @@ def test_switched_off_runs_triton(fresh_chooser, monkeypatch):
     monkeypatch.setenv(C.ENV, "0")
     w, g = _w(12288, 2048, torch.bfloat16, 3)
     x = torch.randn(256, 2048, device="cuda", dtype=torch.bfloat16, generator=g)
-    assert torch.equal(linear(x, w), L.linear_triton(x, w, None, L.SAFE_TILE))
+    assert torch.equal(linear(x, w), LT.linear_triton(x, w, None, LT.SAFE_TILE))
     assert L.path_for(x, w).startswith("triton")
     assert C._CHOOSER is None
 
@@ -125,7 +126,7 @@ def test_stored_picks_come_back_in_the_next_process_with_the_same_bits(fresh_cho
     K, N = 2048, 12288
     w, g = _w(N, K, torch.bfloat16, 4)
     x = torch.randn(200, K, device="cuda", dtype=torch.bfloat16, generator=g)
-    ref = L.linear_triton(x, w, None, L.SAFE_TILE)
+    ref = LT.linear_triton(x, w, None, LT.SAFE_TILE)
     assert torch.equal(linear(x, w), ref)
     first = C._CHOOSER.label(x, w)
     saved = C.PickStore.default(lt.versions())._read()

@@ -13,7 +13,8 @@ from hypothesis import strategies as st
 from _invariance import DTYPE_IDS, DTYPES, REL_TOL, gen, hide, num_threads, randn, rel_err
 from onpolicy_kernels import linear
 
-import onpolicy_kernels.ops.linear as L  # the module (the package re-exports the function under its name)
+import onpolicy.vllm_plugin.warmup as W  # the engine warm-up plan (no vLLM import)
+import onpolicy_kernels.ops.linear.triton as LT  # the Triton kernels and their tile table
 
 # (K, N): realistic widths incl. non-multiples of 64 and the COL_TILE; 1536/2048 as in Qwen3 models
 WIDTHS = [(64, 96), (200, 300), (1536, 256), (2048, 1536), (100, 2048), (4096, 40)]
@@ -130,30 +131,30 @@ def test_no_grad_for_inputs_that_do_not_need_it():
 
 def test_cpu_and_other_devices_use_the_safe_tile():
     for m in (1, 64, 5000):
-        assert L.tile_for(m, torch.device("cpu"), 2048, 2048) == L.SAFE_TILE
+        assert LT.tile_for(m, torch.device("cpu"), 2048, 2048) == LT.SAFE_TILE
 
 
 def test_table_rows_are_well_formed():
-    assert L.HOPPER_TABLE[-1][0] >= 1 << 62, "the last N class must cover every N"
-    assert [n for n, _ in L.HOPPER_TABLE] == sorted(n for n, _ in L.HOPPER_TABLE)
-    for _, tiles in L.HOPPER_TABLE:
+    assert LT.HOPPER_TABLE[-1][0] >= 1 << 62, "the last N class must cover every N"
+    assert [n for n, _ in LT.HOPPER_TABLE] == sorted(n for n, _ in LT.HOPPER_TABLE)
+    for _, tiles in LT.HOPPER_TABLE:
         assert tiles[-1][0] >= 1 << 62, "each N class must cover every M"
         assert [t[0] for t in tiles] == sorted(t[0] for t in tiles)
         for t in tiles:
-            assert len(t) in (6, 7) and L.variant_of(t) in L.VARIANTS
+            assert len(t) in (6, 7) and LT.variant_of(t) in LT.VARIANTS
             _, bm, bn, bk, warps, stages = t[:6]
             assert all(v & (v - 1) == 0 for v in (bm, bn, bk)), "Triton blocks are powers of two"
             assert bm >= 16 and bn >= 16 and bk >= 16 and warps in (4, 8) and 2 <= stages <= 6
-    assert set(L.HOPPER_TILES) == {t for _, tiles in L.HOPPER_TABLE for t in tiles}
+    assert set(LT.HOPPER_TILES) == {t for _, tiles in LT.HOPPER_TABLE for t in tiles}
 
 
 @settings(max_examples=200, deadline=None)
 @given(m=st.integers(1, 20000), n=st.integers(1, 300000))
 def test_hopper_selection_follows_the_buckets(m, n):
-    with mock.patch.object(L, "_is_hopper", lambda index: True):
-        tile = L.tile_for(m, torch.device("cuda", 0), n, 4096)
-    assert tile in L.HOPPER_TILES
-    max_n, tiles = next((mn, t) for mn, t in L.HOPPER_TABLE if n <= mn)
+    with mock.patch.object(LT, "_is_hopper", lambda index: True):
+        tile = LT.tile_for(m, torch.device("cuda", 0), n, 4096)
+    assert tile in LT.HOPPER_TILES
+    max_n, tiles = next((mn, t) for mn, t in LT.HOPPER_TABLE if n <= mn)
     i = tiles.index(tile)
     assert tile[0] >= m and (i == 0 or tiles[i - 1][0] < m)
 
@@ -162,24 +163,24 @@ def test_every_table_entry_is_reachable(monkeypatch_hopper):
     """HOPPER_TILES (what the bitwise tests enumerate) holds nothing the selection cannot pick."""
     picked = set()
     prev_n = 0
-    for max_n, tiles in L.HOPPER_TABLE:
+    for max_n, tiles in LT.HOPPER_TABLE:
         n = min(max_n, prev_n + 1)
         for t in tiles:
-            picked.add(L.tile_for(min(t[0], 1 << 20), torch.device("cuda", 0), n, 2048))
+            picked.add(LT.tile_for(min(t[0], 1 << 20), torch.device("cuda", 0), n, 2048))
         prev_n = max_n
-    assert picked == set(L.HOPPER_TILES)
+    assert picked == set(LT.HOPPER_TILES)
 
 
 @pytest.fixture
 def monkeypatch_hopper(monkeypatch):
-    monkeypatch.setattr(L, "_is_hopper", lambda index: True)
+    monkeypatch.setattr(LT, "_is_hopper", lambda index: True)
 
 
 def test_fit_smem_keeps_tiles_and_shrinks_only_pipeline():
     # fp32 operands take twice the bytes the bf16 table was tuned for
-    bk, st = L._fit_smem(128, 256, 64, 3, 4)
-    assert st * (128 + 256) * bk * 4 <= L.SMEM_BUDGET and bk >= 16 and st >= 2
-    assert L._fit_smem(64, 64, 32, 3, 2) == (32, 3)  # fits already: unchanged
+    bk, st = LT._fit_smem(128, 256, 64, 3, 4)
+    assert st * (128 + 256) * bk * 4 <= LT.SMEM_BUDGET and bk >= 16 and st >= 2
+    assert LT._fit_smem(64, 64, 32, 3, 2) == (32, 3)  # fits already: unchanged
 
 
 @settings(max_examples=100, deadline=None)
@@ -187,17 +188,17 @@ def test_fit_smem_keeps_tiles_and_shrinks_only_pipeline():
 def test_warm_up_rows_reach_every_tile_the_batch_can_pick(n, max_rows):
     """The engine's warm-up runs one M per tile configuration: exactly the set M in 1..max_rows picks."""
     cuda = torch.device("cuda", 0)
-    with mock.patch.object(L, "_is_hopper", lambda index: True):
-        rows = L.warm_up_rows(n, max_rows, cuda)
-        warmed = [L.tile_for(m, cuda, n) for m in rows]
-        bounds = [0] + [t[0] for t in next(tiles for mn, tiles in L.HOPPER_TABLE if n <= mn)]
-        reachable = {L.tile_for(min(b + 1, max_rows), cuda, n) for b in bounds if b < max_rows}
+    with mock.patch.object(LT, "_is_hopper", lambda index: True):
+        rows = W.warm_up_rows(n, max_rows, cuda)
+        warmed = [LT.tile_for(m, cuda, n) for m in rows]
+        bounds = [0] + [t[0] for t in next(tiles for mn, tiles in LT.HOPPER_TABLE if n <= mn)]
+        reachable = {LT.tile_for(min(b + 1, max_rows), cuda, n) for b in bounds if b < max_rows}
     assert all(1 <= m <= max_rows for m in rows)
     assert len(warmed) == len(set(warmed)), "one call per configuration"
     assert set(warmed) == reachable
 
 
 def test_warm_up_rows_off_hopper_and_off_cuda():
-    with mock.patch.object(L, "_is_hopper", lambda index: False):
-        assert L.warm_up_rows(4096, 8192, torch.device("cuda", 0)) == [1]
-    assert L.warm_up_rows(4096, 8192, torch.device("cpu")) == []
+    with mock.patch.object(LT, "_is_hopper", lambda index: False):
+        assert W.warm_up_rows(4096, 8192, torch.device("cuda", 0)) == [1]
+    assert W.warm_up_rows(4096, 8192, torch.device("cpu")) == []

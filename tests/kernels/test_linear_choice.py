@@ -19,7 +19,8 @@ from hypothesis import strategies as st
 
 from onpolicy_kernels.ops.linear import chooser as C
 
-import onpolicy_kernels.ops.linear as L  # the module (the package re-exports the function under its name)
+import onpolicy.vllm_plugin.warmup as W  # the engine warm-up plan (no vLLM import)
+import onpolicy_kernels.ops.linear.triton as LT  # the Triton kernels and their tile table
 
 
 def _ref(x, w):
@@ -326,9 +327,9 @@ def test_large_m_is_left_to_triton():
 
 def test_engine_warm_up_adds_the_buckets_when_the_chooser_serves():
     cuda = torch.device("cuda", 0)
-    with mock.patch.object(L, "_is_hopper", lambda index: True):
-        tiles_only = L.warm_up_rows(6144, 600, cuda)
-        both = L.warm_up_rows(6144, 600, cuda, buckets=True)
+    with mock.patch.object(LT, "_is_hopper", lambda index: True):
+        tiles_only = W.warm_up_rows(6144, 600, cuda)
+        both = W.warm_up_rows(6144, 600, cuda, buckets=True)
     assert set(tiles_only) < set(both)
     assert set(C.warm_up_rows(600)) <= set(both)
 

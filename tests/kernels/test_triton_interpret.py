@@ -29,7 +29,7 @@ from onpolicy_kernels import (build_cos_sin_cache, fused_add_rms_norm, linear, l
                               silu_and_mul, token_logprobs)
 from onpolicy_kernels._triton import HAS_TRITON
 
-import onpolicy_kernels.ops.linear as L
+import onpolicy_kernels.ops.linear.triton as LT  # the Triton kernels and their tile table
 
 INTERPRETING = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
 pytestmark = pytest.mark.skipif(not (HAS_TRITON and INTERPRETING),
@@ -85,8 +85,8 @@ def test_linear_merged_columns_and_strides():
 
 def _entry_reference(entry, elem):
     _, bm, bn, bk, _, stages = entry[:6]
-    bk, _ = L._fit_smem(bm, bn, bk, stages, elem)
-    ref = L.SAFE_TILE[:3] + (bk,) + L.SAFE_TILE[4:6]
+    bk, _ = LT._fit_smem(bm, bn, bk, stages, elem)
+    ref = LT.SAFE_TILE[:3] + (bk,) + LT.SAFE_TILE[4:6]
     return ref
 
 
@@ -100,18 +100,18 @@ def test_every_table_entry_gives_the_reference_bits(K, N, dtype):
     for M in (1, 20):
         x = randn(M, K, dtype=dtype, g=g)
         refs = {}
-        for entry in L.HOPPER_TILES:
+        for entry in LT.HOPPER_TILES:
             ref_tile = _entry_reference(entry, elem)
             if ref_tile not in refs:
-                refs[ref_tile] = L.linear_triton(x, w, b, ref_tile)
-            out = L.linear_triton(x, w, b, entry)
+                refs[ref_tile] = LT.linear_triton(x, w, b, ref_tile)
+            out = LT.linear_triton(x, w, b, entry)
             assert torch.equal(out, refs[ref_tile]), (M, entry)
         for ref in refs.values():  # and every reference is right
             assert rel_err(ref, _ref_linear(x, w, b)) < REL_TOL[dtype] * (20 if dtype == torch.float32 else 1)
 
 
 def test_table_entries_cover_every_variant():
-    assert {L.variant_of(t) for t in L.HOPPER_TILES} == set(L.VARIANTS)
+    assert {LT.variant_of(t) for t in LT.HOPPER_TILES} == set(LT.VARIANTS)
 
 
 # --- memory-bound ops -----------------------------------------------------------------------
