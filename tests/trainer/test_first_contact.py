@@ -39,21 +39,28 @@ def _batch(seed=0, B=4, L=20, vocab=1024):
 
 # --- item 1: autocast --------------------------------------------------------------------------------------------
 
-def test_bf16_autocast_does_not_change_the_patched_bits(model, monkeypatch):
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_autocast_does_not_change_the_patched_bits(model, monkeypatch, tmp_path, dtype):
+    """bf16=True / fp16=True in TRL: autocast in the model's dtype around the trainer's forward."""
     import contextlib
+
+    from transformers import AutoModelForCausalLM
 
     from onpolicy.trainer import forward
 
+    if dtype != torch.bfloat16:
+        model = AutoModelForCausalLM.from_pretrained(make_tiny_model(tmp_path / "m", "qwen3", dtype=dtype),
+                                                     dtype=dtype).eval()
     ids, mask = _batch()
     with torch.no_grad():
         plain = onpolicy.token_logprobs(model, ids, mask, temperature=0.7)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast("cpu", dtype=dtype):
             auto = onpolicy.token_logprobs(model, ids, mask, temperature=0.7)
     assert auto.dtype == torch.float32 and torch.equal(plain, auto)
     assert float(plain[mask[:, 1:].bool()].mean()) < -0.5  # a real distribution, not a degenerate one
     # control: without the fix (autocast left on inside the patched forward) the bits change
     monkeypatch.setattr(forward, "no_autocast", lambda device: contextlib.nullcontext())
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.no_grad(), torch.autocast("cpu", dtype=dtype):
         broken = onpolicy.token_logprobs(model, ids, mask, temperature=0.7)
     assert not torch.equal(plain, broken)
 
@@ -221,3 +228,17 @@ def test_patch_twice_unpatch_once_stays_patched_as_documented(model):
     assert not onpolicy.is_patched(model)
     doc = patch.patch_model.__doc__ + patch.unpatch_model.__doc__ + patch.__doc__
     assert "no-op" not in doc and "once per `patch_model`" in doc
+
+
+def test_the_trainer_names_config_or_kernels_as_the_likely_cause(model):
+    pytest.importorskip("trl")
+    from onpolicy.trl_grpo import make_trainer_class
+
+    cls = make_trainer_class()
+    me = types.SimpleNamespace(args=_cfg(repetition_penalty=1.1), model=model)
+    assert "repetition_penalty=1.1" in cls._likely_cause(me, 1) and "configuration" in cls._likely_cause(me, 1)
+    me = types.SimpleNamespace(args=_cfg(), model=model)
+    hint = cls._likely_cause(me, 1)
+    assert "likely the kernels" in hint and "--dtype bfloat16" in hint and "onpolicy check --model" in hint
+    me._onpolicy_bitwise_steps = 2  # earlier steps were bitwise: the weights, not the kernels
+    assert "weight sync" in cls._likely_cause(me, 3)
