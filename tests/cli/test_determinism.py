@@ -295,3 +295,11 @@ def test_sigkill_of_the_bench_leaves_no_server_process(model_dir, tmp_path):
                 os.kill(int(line), signal.SIGKILL)
             except ProcessLookupError:
                 pass
+
+
+def test_a_model_dir_without_weights_is_refused_before_any_server(model_dir, tmp_path):
+    import shutil
+
+    d = tmp_path / "no-weights"
+    shutil.copytree(model_dir, d, ignore=shutil.ignore_patterns("*.safetensors"))
+    _one_line_error(_cli("--model", str(d)), "holds no weights")
