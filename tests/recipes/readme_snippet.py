@@ -49,6 +49,7 @@ def check(trainer) -> dict:
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "vllm"))
     from vllm_helpers import degeneracy_report
 
+    trainer.vllm_generation.sync_weights()  # vLLM holds the weights of before the last optimizer step
     llm = trainer.vllm_generation.llm
     tok = trainer.processing_class
     prompts = [tok(f"{a}+{b}=", add_special_tokens=False).input_ids for a, b in ((1, 2), (3, 4), (0, 0), (4, 1))]
