@@ -302,8 +302,9 @@ def make_trainer_class():
                         raise ValueError(f"resume_from_checkpoint=True but {self.args.output_dir} holds no "
                                          "checkpoint-* directory")
                 resume_step = checkpoint_step(ckpt)
-            self.onpolicy_log = RunLog.open(self.onpolicy_run_dir, overwrite=self.onpolicy_overwrite,
-                                            resume_step=resume_step)
+            if self.accelerator.is_main_process:  # the one process that writes the run's records
+                self.onpolicy_log = RunLog.open(self.onpolicy_run_dir, overwrite=self.onpolicy_overwrite,
+                                                resume_step=resume_step)
             return super().train(resume_from_checkpoint, *args, **kwargs)
 
         def _verify_plugin(self):
