@@ -55,6 +55,19 @@ def earlier_records(run_dir) -> list[str]:
     return out
 
 
+def check_run_dir(run_dir, overwrite: bool = False) -> list[str]:
+    """RunDirError unless `run_dir` is free for a new run (or `overwrite`); returns the earlier records found.
+    Read-only: every process of a run can call it and reach the same verdict."""
+    d = Path(run_dir)
+    found = earlier_records(d)
+    if found and not overwrite:
+        raise RunDirError(f"run directory {d} already holds an earlier run's records ({', '.join(found)}); a "
+                          "second run would mix its steps with them. Choose a new run directory, resume with "
+                          "train(resume_from_checkpoint=...), or pass overwrite_run_dir=True (the recipe: "
+                          "--overwrite_run_dir true) to remove them")
+    return found
+
+
 class RunLog:
     def __init__(self, run_dir, max_samples: int = MAX_SAMPLES):
         self.dir = Path(run_dir)
@@ -73,12 +86,7 @@ class RunLog:
             log = cls(d, max_samples)
             log.truncate_after(resume_step)
             return log
-        found = earlier_records(d)
-        if found and not overwrite:
-            raise RunDirError(f"run directory {d} already holds an earlier run's records ({', '.join(found)}); a "
-                              "second run would mix its steps with them. Choose a new run directory, resume with "
-                              "train(resume_from_checkpoint=...), or pass overwrite_run_dir=True (the recipe: "
-                              "--overwrite_run_dir true) to remove them")
+        found = check_run_dir(d, overwrite)
         if found:
             (d / "metrics.jsonl").unlink(missing_ok=True)
             shutil.rmtree(d / "tokens", ignore_errors=True)

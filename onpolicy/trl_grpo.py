@@ -35,7 +35,7 @@ from typing import Optional
 import torch
 
 from .metrics import MismatchError, describe_mismatch, mismatch_metrics
-from .runlog import RunLog, checkpoint_step
+from .runlog import RunLog, check_run_dir, checkpoint_step
 from .trainer import patch_model
 from .trainer.forward import SUPPORTED_TP
 from .trainer.logprobs import score_tokens
@@ -302,6 +302,8 @@ def make_trainer_class():
                         raise ValueError(f"resume_from_checkpoint=True but {self.args.output_dir} holds no "
                                          "checkpoint-* directory")
                 resume_step = checkpoint_step(ckpt)
+            if resume_step is None:  # every process reaches the same verdict (none waits in a collective alone)
+                check_run_dir(self.onpolicy_run_dir, self.onpolicy_overwrite)
             if self.accelerator.is_main_process:  # the one process that writes the run's records
                 self.onpolicy_log = RunLog.open(self.onpolicy_run_dir, overwrite=self.onpolicy_overwrite,
                                                 resume_step=resume_step)
