@@ -10,6 +10,13 @@
    whose outputs differ is reported ("layer 3 post_attention_layernorm: max |Δ|
    2e-3; everything before identical").
 
+Both sides run one dtype: `--dtype` (default: what vLLM runs the checkpoint in, e.g. bfloat16
+for a float32 checkpoint on the CPU) for the engine, and the trainer loads the model in the
+dtype the engine reports; the report states each side's dtype.
+
+Exit status: 0 bitwise (or --off), 1 not bitwise, 2 bad input (one line, checked before any
+engine starts), 3 the check itself failed (the engine or the trainer raised).
+
 The engine runs eagerly (enforce_eager) so module hooks can see activations; with
 --cuda-graphs it runs as a production engine does (vLLM's CUDA graphs for the model,
 onpolicy's for the LM head and sampler), and a mismatch is reported without locating it
@@ -58,6 +65,9 @@ class CheckResult:
     notes: list = field(default_factory=list)
     tensor_parallel_size: int = 1
     cuda_graphs: bool = False
+    sampler_dtype: Optional[str] = None
+    trainer_dtype: Optional[str] = None
+    max_model_len: int = 512
 
     @property
     def ok(self) -> bool:
@@ -101,6 +111,10 @@ def load_prompts(prompt_file: Optional[Path], n: int, vocab: int, seed: int, tok
     return out[:n] if n else out
 
 
+WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.pt", "*.pth")
+DTYPES = ("auto", "bfloat16", "float16", "float32")
+
+
 def validate_model(model: str):
     from transformers import AutoConfig
 
@@ -108,6 +122,8 @@ def validate_model(model: str):
 
     if not Path(model).exists():
         raise CheckError(f"model path {model} does not exist (give a local directory with config.json and weights)")
+    if not Path(model).is_dir():
+        raise CheckError(f"model path {model} is not a directory (give a local directory with config.json and weights)")
     try:
         cfg = AutoConfig.from_pretrained(model)
     except Exception as e:  # noqa: BLE001
@@ -116,13 +132,41 @@ def validate_model(model: str):
         check_supported(cfg)
     except UnsupportedModelError as e:
         raise CheckError(str(e)) from None
+    if not any(next(Path(model).glob(p), None) for p in WEIGHT_PATTERNS):
+        raise CheckError(f"model directory {model} holds no weights ({', '.join(WEIGHT_PATTERNS)})")
     return cfg
 
 
 # --- the two sides ----------------------------------------------------------------------------------------------------
 
+def validate_inputs(prompts: int, max_tokens: int, temperature: float, tp: int, dtype: str, max_model_len: int):
+    """CheckError (exit 2, one line) for a bad command line, before any model or engine is loaded."""
+    import math
+
+    from .trainer.forward import SUPPORTED_TP
+
+    if prompts < 1:
+        raise CheckError(f"--prompts must be >= 1, got {prompts}")
+    if max_tokens < 1:
+        raise CheckError(f"--max-tokens must be >= 1, got {max_tokens}")
+    if not (math.isfinite(temperature) and temperature > 0):
+        raise CheckError(f"--temperature must be a finite number > 0, got {temperature} (logprobs of greedy sampling "
+                         "are taken at temperature 1: use 1.0)")
+    if tp not in SUPPORTED_TP:
+        raise CheckError(f"--tp {tp}: onpolicy mirrors vLLM tensor parallelism of size 1 or 2")
+    if dtype not in DTYPES:
+        raise CheckError(f"--dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
+    if max_model_len < 2:
+        raise CheckError(f"--max-model-len must be >= 2, got {max_model_len}")
+
+
+def engine_dtype(llm) -> torch.dtype:
+    """The dtype the engine runs the model in (what the trainer must load it in)."""
+    return llm.llm_engine.model_config.dtype
+
+
 def make_engine(model: str, plugin: bool, max_model_len: int = 512, seed: int = 0, tp: int = 1,
-                cuda_graphs: bool = False):
+                cuda_graphs: bool = False, dtype: str = "auto"):
     """An in-process vLLM engine, eager unless `cuda_graphs`, with the onpolicy plugin on or off
     (tp > 1: one worker process a rank)."""
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
@@ -134,7 +178,7 @@ def make_engine(model: str, plugin: bool, max_model_len: int = 512, seed: int = 
         raise CheckError("the onpolicy vLLM plugin is already on in this process; run --off in a fresh process")
     from vllm import LLM
 
-    kw = dict(model=model, dtype="auto", max_model_len=max_model_len, seed=seed, enforce_eager=not cuda_graphs,
+    kw = dict(model=model, dtype=dtype, max_model_len=max_model_len, seed=seed, enforce_eager=not cuda_graphs,
               logprobs_mode="processed_logprobs")
     if not torch.cuda.is_available():
         kw["gpu_memory_utilization"] = 0.3
@@ -172,12 +216,13 @@ def sample(llm, prompts, max_tokens: int, temperature: float, seed: int):
     return comps, lps
 
 
-def load_trainer(model: str, patch: bool, tp: int = 1):
+def load_trainer(model: str, patch: bool, tp: int = 1, dtype="auto"):
+    """The trainer side: transformers, in `dtype` (pass the engine's, `engine_dtype(llm)`), patched or not."""
     from transformers import AutoModelForCausalLM
 
     from .trainer import patch_model
 
-    m = AutoModelForCausalLM.from_pretrained(model, dtype="auto").eval()
+    m = AutoModelForCausalLM.from_pretrained(model, dtype=dtype).eval()
     if torch.cuda.is_available():
         m = m.cuda()
     return patch_model(m, tensor_parallel_size=tp) if patch else m
@@ -308,33 +353,53 @@ def describe_op(op: str) -> str:
 
 # --- the check ----------------------------------------------------------------------------------------------------------
 
+def _short(dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
 def run_check(model: str, prompts: int = 16, max_tokens: int = 32, temperature: float = 1.0, off: bool = False,
               prompt_file: Optional[Path] = None, seed: int = 0, llm=None, trainer=None,
               trainer_hook: Optional[Callable] = None, progress: Optional[Callable[[str], None]] = None,
-              tp: int = 1, cuda_graphs: bool = False) -> CheckResult:
-    """Sample, recompute, compare; localise the first divergence. `llm`/`trainer` may be passed in to reuse them."""
-    say = progress or (lambda _msg: None)
-    cfg = validate_model(model)
-    if temperature <= 0:
-        raise CheckError("--temperature must be > 0 (logprobs of greedy sampling are taken at temperature 1)")
-    from .trainer.forward import SUPPORTED_TP
+              tp: int = 1, cuda_graphs: bool = False, dtype: str = "auto", max_model_len: int = 512,
+              warn: Optional[Callable[[str], None]] = None) -> CheckResult:
+    """Sample, recompute, compare; localise the first divergence. `llm`/`trainer` may be passed in to reuse them.
 
-    if tp not in SUPPORTED_TP:
-        raise CheckError(f"--tp {tp}: onpolicy mirrors vLLM tensor parallelism of size 1 or 2")
+    Every input is checked (CheckError) before an engine starts; `warn` hears what the check will do
+    differently from what was asked (e.g. fewer tokens than --max-tokens where the context is full)."""
+    say = progress or (lambda _msg: None)
+    validate_inputs(prompts, max_tokens, temperature, tp, dtype, max_model_len)
+    cfg = validate_model(model)
     tok = None
     if prompt_file is not None:
         from transformers import AutoTokenizer
 
         tok = AutoTokenizer.from_pretrained(model)
     prompt_ids = load_prompts(prompt_file, prompts, cfg.vocab_size, seed, tok)
+    longest = max(len(p) for p in prompt_ids)
+    if longest >= max_model_len:
+        raise CheckError(f"a prompt of {longest} tokens does not fit the {max_model_len}-token context "
+                         "(--max-model-len)")
+    notes = []
+    if longest + max_tokens > max_model_len:
+        notes.append(f"--max-tokens {max_tokens} does not fit the {max_model_len}-token context after the prompts "
+                     f"(up to {longest} tokens): sequences are cut at the context, so as few as "
+                     f"{max_model_len - longest} tokens are compared for some (raise --max-model-len)")
+        (warn or say)(notes[-1])
     if llm is None:
         say("starting vLLM" + (" (onpolicy plugin off)" if off else " with the onpolicy plugin"))
-        llm = make_engine(model, plugin=not off, seed=seed, tp=tp, cuda_graphs=cuda_graphs)
-    say(f"sampling {len(prompt_ids)} prompts x {max_tokens} tokens at temperature {temperature}")
+        llm = make_engine(model, plugin=not off, seed=seed, tp=tp, cuda_graphs=cuda_graphs, dtype=dtype,
+                          max_model_len=max_model_len)
+    sampler_dtype = engine_dtype(llm)
+    say(f"sampling {len(prompt_ids)} prompts x {max_tokens} tokens at temperature {temperature} "
+        f"(vLLM runs {_short(sampler_dtype)})")
     comps, slps = sample(llm, prompt_ids, max_tokens, temperature, seed)
     if trainer is None:
-        say("loading the trainer model" + ("" if off else " (patched)"))
-        trainer = load_trainer(model, patch=not off, tp=tp)
+        say(f"loading the trainer model in {_short(sampler_dtype)}" + ("" if off else " (patched)"))
+        trainer = load_trainer(model, patch=not off, tp=tp, dtype=sampler_dtype)
+    trainer_dtype = next(trainer.parameters()).dtype
+    if trainer_dtype != sampler_dtype:
+        notes.append(f"the trainer model is {_short(trainer_dtype)} but vLLM runs {_short(sampler_dtype)}: no token "
+                     "can match; load it in vLLM's dtype")
     if trainer_hook is not None:
         trainer_hook(trainer)
     say("recomputing logprobs in the trainer")
@@ -354,7 +419,8 @@ def run_check(model: str, prompts: int = 16, max_tokens: int = 32, temperature: 
         bad = ((S[i] != R[i]) & M[i]).nonzero()
         firsts.append(int(bad[0]) if bad.numel() else None)
     res = CheckResult(model, not off, temperature, len(comps), metrics, firsts, tensor_parallel_size=tp,
-                      cuda_graphs=cuda_graphs)
+                      cuda_graphs=cuda_graphs, sampler_dtype=_short(sampler_dtype),
+                      trainer_dtype=_short(trainer_dtype), max_model_len=max_model_len, notes=notes)
     if metrics["first_mismatch"] is not None:
         i, j = metrics["first_mismatch"]["seq"], metrics["first_mismatch"]["pos"]
         ids = prompt_ids[i] + comps[i][:j]
@@ -380,7 +446,10 @@ def render(res: CheckResult, console) -> None:
     m = res.metrics
     tp = f", TP={res.tensor_parallel_size}" if res.tensor_parallel_size > 1 else ""
     tp += ", CUDA graphs" if res.cuda_graphs else ""
-    t = Table(title=f"onpolicy check: {res.model} (plugin {'on' if res.plugin else 'off'}, T={res.temperature}{tp})")
+    dt = (f"dtype {res.sampler_dtype}" if res.sampler_dtype == res.trainer_dtype
+          else f"dtype: vLLM {res.sampler_dtype}, trainer {res.trainer_dtype}")
+    t = Table(title=f"onpolicy check: {res.model} (plugin {'on' if res.plugin else 'off'}, T={res.temperature}{tp})\n"
+                    f"vLLM runs {res.sampler_dtype}, the trainer {res.trainer_dtype} ({dt})")
     for c in ("tokens compared", "bitwise equal", "mean |Δlogp|", "max |Δlogp|", "KL k3", "sequences with a mismatch"):
         t.add_column(c, justify="right")
     nbad = sum(f is not None for f in res.first_mismatch_per_sequence)
@@ -417,19 +486,34 @@ def check(
     tp: Annotated[int, typer.Option("--tp", help="vLLM tensor_parallel_size (1 or 2); the trainer mirrors it.")] = 1,
     cuda_graphs: Annotated[bool, typer.Option("--cuda-graphs", help="Sample with CUDA graphs on, as a production "
                                               "engine does (a mismatch is then not located: rerun without).")] = False,
+    dtype: Annotated[str, typer.Option("--dtype", help="Dtype of both sides: auto (what vLLM runs the checkpoint "
+                                       "in, e.g. bfloat16 for float32 weights), bfloat16, float16, float32.")] = "auto",
+    max_model_len: Annotated[int, typer.Option("--max-model-len", help="vLLM's context (prompt + completion).")]
+    = 512,
 ) -> None:
     """Sample with vLLM, recompute with the trainer, and prove bitwise equality (or name the first diverging layer)."""
     from rich.console import Console
+
+    from rich.markup import escape
 
     console = Console(stderr=as_json)
     try:
         with console.status("onpolicy check") as status:
             res = run_check(model, prompts, max_tokens, temperature, off, prompt_file, seed,
                             progress=lambda msg: (status.update(msg), console.log(msg)), tp=tp,
-                            cuda_graphs=cuda_graphs)
+                            cuda_graphs=cuda_graphs, dtype=dtype, max_model_len=max_model_len,
+                            warn=lambda msg: console.print(f"[bold yellow]warning:[/] {escape(msg)}",
+                                                           soft_wrap=True))
     except CheckError as e:
-        console.print(f"[bold red]error:[/] {e}", soft_wrap=True)
+        console.print(f"[bold red]error:[/] {escape(str(e))}", soft_wrap=True, highlight=False)
         raise typer.Exit(2) from None
+    except Exception as e:  # noqa: BLE001 - exit 1 means "not bitwise" only: a failed check is 3
+        import traceback
+
+        traceback.print_exc()
+        console.print(f"[bold red]error: the check failed:[/] {escape(type(e).__name__ + ': ' + str(e))}",
+                      soft_wrap=True, highlight=False)
+        raise typer.Exit(3) from None
     if as_json:
         sys.stdout.write(json.dumps({**asdict(res), "ok": res.ok}) + "\n")
     else:

@@ -45,10 +45,11 @@ class MismatchError(AssertionError):
     """Strict mode: a token's sampler and trainer logprobs differ."""
 
 
-def describe_mismatch(metrics: dict, step: Optional[int] = None) -> str:
+def describe_mismatch(metrics: dict, step: Optional[int] = None, cause: Optional[str] = None) -> str:
+    """One message for a strict-mode mismatch; `cause` is the caller's best guess of why (config vs kernels)."""
     fm = metrics["first_mismatch"]
     where = f"step {step}: " if step is not None else ""
     return (f"{where}sampler and trainer logprobs differ on {(1 - metrics['bitwise_equal_frac']) * metrics['tokens']:.0f}"
             f" of {metrics['tokens']} tokens (max |dlogp| {metrics['logp_abs_diff_max']:.3g}); first at sequence "
             f"{fm['seq']}, completion token {fm['pos']}: sampler {fm['sampler']!r} vs trainer {fm['trainer']!r}. "
-            "Run `onpolicy check --model <path>` to find the first layer where the two stacks part.")
+            + (cause or "Run `onpolicy check --model <path>` to find the first layer where the two stacks part."))

@@ -1,13 +1,25 @@
-"""Append-only run log: metrics.jsonl plus bounded per-token samples (docs/metrics-format.md)."""
+"""Append-only run log: metrics.jsonl plus bounded per-token samples (docs/metrics-format.md).
+
+A run directory holds one run. `RunLog.open` follows Transformers' output-dir conventions:
+a directory with an earlier run's records (metrics.jsonl, tokens/, TensorBoard event files)
+is refused unless told to overwrite (the records are removed) or resuming from a checkpoint
+(the records after the checkpoint's step are dropped; the run continues after it).
+"""
 from __future__ import annotations
 
 import json
 import math
+import shutil
 import time
 from pathlib import Path
 from typing import Optional
 
 MAX_SAMPLES = 8  # sequences kept per step for the dashboard's drill-down
+EVENTS_GLOB = "events.out.tfevents.*"
+
+
+class RunDirError(ValueError):
+    """The run directory holds an earlier run's records."""
 
 
 def _clean(v):
@@ -20,6 +32,42 @@ def _clean(v):
     return v
 
 
+def checkpoint_step(checkpoint) -> int:
+    """The global step a Transformers checkpoint directory was saved at (trainer_state.json)."""
+    path = Path(checkpoint) / "trainer_state.json"
+    try:
+        return int(json.loads(path.read_text())["global_step"])
+    except (OSError, ValueError, KeyError) as e:
+        raise ValueError(f"cannot read the step of checkpoint {checkpoint} ({path}: {e})") from None
+
+
+def earlier_records(run_dir) -> list[str]:
+    """What in `run_dir` belongs to an earlier run (relative paths; empty when none)."""
+    d = Path(run_dir)
+    out = []
+    if (d / "metrics.jsonl").exists():
+        out.append("metrics.jsonl")
+    if (d / "tokens").is_dir() and any((d / "tokens").iterdir()):
+        out.append("tokens/")
+    events = sorted(d.rglob(EVENTS_GLOB)) if d.is_dir() else []
+    if events:
+        out.append(f"{len(events)} TensorBoard event file(s) ({events[0].relative_to(d)}...)")
+    return out
+
+
+def check_run_dir(run_dir, overwrite: bool = False) -> list[str]:
+    """RunDirError unless `run_dir` is free for a new run (or `overwrite`); returns the earlier records found.
+    Read-only: every process of a run can call it and reach the same verdict."""
+    d = Path(run_dir)
+    found = earlier_records(d)
+    if found and not overwrite:
+        raise RunDirError(f"run directory {d} already holds an earlier run's records ({', '.join(found)}); a "
+                          "second run would mix its steps with them. Choose a new run directory, resume with "
+                          "train(resume_from_checkpoint=...), or pass overwrite_run_dir=True (the recipe: "
+                          "--overwrite_run_dir true) to remove them")
+    return found
+
+
 class RunLog:
     def __init__(self, run_dir, max_samples: int = MAX_SAMPLES):
         self.dir = Path(run_dir)
@@ -27,6 +75,40 @@ class RunLog:
         (self.dir / "tokens").mkdir(exist_ok=True)
         self.path = self.dir / "metrics.jsonl"
         self.max_samples = max_samples
+
+    @classmethod
+    def open(cls, run_dir, overwrite: bool = False, resume_step: Optional[int] = None,
+             max_samples: int = MAX_SAMPLES) -> "RunLog":
+        """The run log of a new run (refusing, or with overwrite removing, an earlier run's records), or of
+        a run resumed at `resume_step` (keeping the records up to that step, dropping those after it)."""
+        d = Path(run_dir)
+        if resume_step is not None:
+            log = cls(d, max_samples)
+            log.truncate_after(resume_step)
+            return log
+        found = check_run_dir(d, overwrite)
+        if found:
+            (d / "metrics.jsonl").unlink(missing_ok=True)
+            shutil.rmtree(d / "tokens", ignore_errors=True)
+            for ev in d.rglob(EVENTS_GLOB):
+                ev.unlink()
+        return cls(d, max_samples)
+
+    def truncate_after(self, step: int) -> None:
+        """Drop the records of steps after `step` (a resumed run redoes them)."""
+        if self.path.exists():
+            keep = [ln for ln in self.path.read_text().splitlines()
+                    if ln.strip() and json.loads(ln).get("step", 0) <= step]
+            tmp = self.path.with_suffix(".jsonl.tmp")
+            tmp.write_text("".join(ln + "\n" for ln in keep))
+            tmp.rename(self.path)
+        for f in (self.dir / "tokens").glob("step_*.json"):
+            try:
+                n = int(f.stem.removeprefix("step_"))
+            except ValueError:
+                continue
+            if n > step:
+                f.unlink()
 
     def log_step(self, step: int, metrics: dict, samples: Optional[list] = None) -> None:
         rec = {"step": int(step), "time": time.time(), **_clean(metrics)}

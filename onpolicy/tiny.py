@@ -45,8 +45,13 @@ def make_tiny_model(path, family: str = "qwen3", shape: str = "tiny", dtype: tor
                     max_position_embeddings: int = 2048, overrides: Optional[dict] = None) -> Path:
     """Save a random model of `family` ('qwen3', 'qwen2', 'llama') and its tokenizer to `path`.
 
-    head_scale multiplies the LM head so logits are sharp enough that a
-    mismatch shows in the sampled tokens (random weights give flat logits).
+    head_scale multiplies the logits so they are sharp enough that a mismatch
+    shows in the sampled tokens (random weights give flat logits). It scales
+    the LM head; with tied embeddings (overrides={"tie_word_embeddings": True})
+    the LM head *is* the input embedding table, and scaling it would scale
+    every input embedding too (the residual stream then drowns the layers and
+    the model repeats its input with probability 1), so the final norm's
+    weight is scaled instead: the same logits x head_scale, inputs untouched.
     """
     from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
@@ -74,7 +79,10 @@ def make_tiny_model(path, family: str = "qwen3", shape: str = "tiny", dtype: tor
                 for p in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
                     p.bias.normal_(0, 0.02)
     with torch.no_grad():
-        model.lm_head.weight.mul_(head_scale)
+        if cfg.tie_word_embeddings:
+            model.model.norm.weight.mul_(head_scale)  # see the docstring: the head is the embedding table
+        else:
+            model.lm_head.weight.mul_(head_scale)
     model = model.to(dtype)
     path = Path(path)
     model.save_pretrained(path)

@@ -16,7 +16,14 @@ logprobs with `onpolicy_kernels.token_logprobs` (so TRL's own
 `sampling/sampling_logp_difference` reads exactly 0 and its importance ratio
 exactly 1), and after every generation writes mismatch metrics to TRL's logs
 (`onpolicy/*`, through `report_to`) and to `<run_dir>/metrics.jsonl` with a
-bounded sample of per-token data for the dashboard.
+bounded sample of per-token data for the dashboard, at TRL's step (`global_step`).
+
+Before the engine is built it refuses the settings it cannot make bitwise (top-k/p,
+min-p, penalties, Liger, an fp32 LM head: `check_settings`); TRL's default
+`bf16=True` is made bitwise (the patched forward runs with autocast off). After the
+engine is built it checks that the plugin runs every layer and the sampler. A run
+directory holding an earlier run's records is refused unless `overwrite_run_dir=True`
+or `train(resume_from_checkpoint=...)` continues it.
 """
 from __future__ import annotations
 
@@ -28,12 +35,84 @@ from typing import Optional
 import torch
 
 from .metrics import MismatchError, describe_mismatch, mismatch_metrics
-from .runlog import RunLog
+from .runlog import RunLog, check_run_dir, checkpoint_step
 from .trainer import patch_model
 from .trainer.forward import SUPPORTED_TP
 from .trainer.logprobs import score_tokens
 
 MODES = ("strict", "monitor", "off")
+
+# vLLM sampling options that change the sampled distribution before the logprobs are taken, where the
+# trainer (which scores the full, unpenalised distribution at the temperature) cannot follow.
+_GENERATION_KWARGS_OFF_POLICY = {
+    "repetition_penalty": 1.0, "presence_penalty": 0.0, "frequency_penalty": 0.0, "top_k": (0, -1, None),
+    "top_p": 1.0, "min_p": (0.0, None), "logit_bias": (None, {}), "bad_words": (None, []),
+    "allowed_token_ids": (None, []), "min_tokens": (0, None), "logits_processors": (None, []),
+}
+
+
+def _is_default(value, default) -> bool:
+    return value in default if isinstance(default, tuple) else value == default
+
+
+def check_settings(cfg, mode: str) -> list[str]:
+    """Refuse, before the engine is built, the TRL settings that change the trainer's (or the sampler's)
+    numbers in a way onpolicy cannot make bitwise. Returns warnings for those that are only logged.
+
+    Made bitwise rather than refused: `bf16` / `fp16` (the patched forward runs with autocast off: the
+    weights are already in the dtype vLLM runs, which `_check_dtypes` checks once the model is loaded).
+    """
+    if mode == "off":
+        if not getattr(cfg, "vllm_importance_sampling_correction", True):
+            raise ValueError("vllm_importance_sampling_correction=False: TRL then does not recompute the trainer's "
+                             "logprobs of the sampled tokens, so even the control run has nothing to compare. Set "
+                             "vllm_importance_sampling_correction=True")
+        return []
+    problems, warnings = [], []
+    sampling = [("top_k", getattr(cfg, "top_k", 0), (0, -1, None), "top_k=0"),
+                ("top_p", getattr(cfg, "top_p", 1.0), 1.0, "top_p=1.0"),
+                ("min_p", getattr(cfg, "min_p", None), (0.0, None), "min_p=0.0 (or None)")]
+    for name, value, default, fix in sampling:
+        if not _is_default(value, default):
+            problems.append(f"{name}={value!r}: vLLM samples from the truncated distribution but TRL's trainer "
+                            f"scores the full one, so no logprob can match; set {fix}")
+    rp = getattr(cfg, "repetition_penalty", 1.0)
+    if rp != 1.0:
+        msg = (f"repetition_penalty={rp!r}: vLLM penalises the logits before sampling and the trainer does not, so "
+               "penalised tokens are off-policy; set repetition_penalty=1.0")
+        if mode == "strict":
+            problems.append(msg + " (or use onpolicy='monitor' to log the mismatch instead of failing)")
+        else:
+            warnings.append(msg)
+    for key, value in (getattr(cfg, "generation_kwargs", None) or {}).items():
+        if key in _GENERATION_KWARGS_OFF_POLICY and not _is_default(value, _GENERATION_KWARGS_OFF_POLICY[key]):
+            problems.append(f"generation_kwargs[{key!r}]={value!r}: changes vLLM's sampled distribution, which the "
+                            f"trainer does not reproduce; remove it from generation_kwargs")
+    if getattr(cfg, "use_liger_kernel", False):
+        problems.append("use_liger_kernel=True: Liger's kernels replace the model's layers, while onpolicy runs the "
+                        "trainer on the kernels vLLM runs; set use_liger_kernel=False (onpolicy's kernels replace "
+                        "them)")
+    if getattr(cfg, "cast_lm_head_to_fp32", False):
+        problems.append("cast_lm_head_to_fp32=True: the trainer's LM head would run in float32 while vLLM's runs in "
+                        "the model dtype; set cast_lm_head_to_fp32=False")
+    if not getattr(cfg, "vllm_importance_sampling_correction", True):
+        problems.append("vllm_importance_sampling_correction=False: TRL then does not recompute the trainer's "
+                        "logprobs of the sampled tokens, so onpolicy has nothing to compare; set it to True (with "
+                        "onpolicy the importance ratio is exactly 1, so the correction changes nothing)")
+    if problems:
+        raise ValueError(f"OnPolicyGRPOTrainer(onpolicy={mode!r}) cannot make this GRPOConfig bitwise on-policy:\n  - "
+                         + "\n  - ".join(problems))
+    return warnings
+
+
+def config_suspects(cfg) -> list[str]:
+    """Settings of this run that change the numbers without touching the kernels (for the mismatch hint)."""
+    out = []
+    if getattr(cfg, "repetition_penalty", 1.0) != 1.0:
+        out.append(f"repetition_penalty={cfg.repetition_penalty}")
+    for key, value in (getattr(cfg, "generation_kwargs", None) or {}).items():
+        out.append(f"generation_kwargs[{key!r}]={value!r}")
+    return out
 
 
 @contextlib.contextmanager
@@ -155,7 +234,8 @@ def make_trainer_class():
     class OnPolicyGRPOTrainer(GRPOTrainer):
         """trl.GRPOTrainer with onpolicy's kernels on both sides (see the module docstring)."""
 
-        def __init__(self, *args, onpolicy: str = "strict", run_dir: Optional[str] = None, **kwargs):
+        def __init__(self, *args, onpolicy: str = "strict", run_dir: Optional[str] = None,
+                     overwrite_run_dir: bool = False, **kwargs):
             if onpolicy not in MODES:
                 raise ValueError(f"onpolicy must be one of {MODES}, got {onpolicy!r}")
             cfg = kwargs.get("args")
@@ -165,9 +245,10 @@ def make_trainer_class():
             if cfg.vllm_mode != "colocate":
                 raise NotImplementedError("OnPolicyGRPOTrainer supports vllm_mode='colocate' only so far "
                                           "(server mode is not supported yet)")
-            # TRL computes the trainer's old logprobs and compares them with vLLM's only with this on; with
-            # onpolicy the ratio is exactly 1, so the correction changes nothing.
-            cfg.vllm_importance_sampling_correction = True
+            import warnings
+
+            for w in check_settings(cfg, onpolicy):  # refuses what cannot be bitwise, before the engine is built
+                warnings.warn(f"onpolicy: {w}", stacklevel=2)
             tp = int(getattr(cfg, "vllm_tensor_parallel_size", 1) or 1)
             if onpolicy != "off" and tp not in SUPPORTED_TP:  # before the engine is built, not after
                 raise ValueError(f"vllm_tensor_parallel_size={tp} is not supported with onpolicy: use 1 or 2 "
@@ -176,7 +257,13 @@ def make_trainer_class():
             plugin = None if onpolicy == "off" else "1"
             cpu_control = onpolicy == "off" and not torch.cuda.is_available()
             with _env("ONPOLICY_VLLM", plugin), _cpu_weights_loadable(cpu_control):
+                if plugin:
+                    from . import vllm_plugin
+
+                    vllm_plugin.register()  # in-process, so it needs no entry points (VLLM_PLUGINS may exclude them)
                 super().__init__(*args, **kwargs)
+            if plugin:
+                self._verify_plugin()
             if cpu_control:
                 gen = self.vllm_generation
                 sync = gen.sync_weights
@@ -192,8 +279,51 @@ def make_trainer_class():
                     if m is not None:
                         patch_model(m, tensor_parallel_size=tp)  # mirrors vLLM's TP reductions (1 or 2)
                         add_onpolicy_lm_head(m, self.temperature)
-            self.onpolicy_log = RunLog(run_dir or cfg.output_dir)
-            self._onpolicy_step = 0
+            self.onpolicy_run_dir = run_dir or cfg.output_dir
+            self.onpolicy_overwrite = overwrite_run_dir
+            self.onpolicy_log = None  # opened by train(): a fresh run, or a resumed one continuing its records
+
+        def train(self, resume_from_checkpoint=None, *args, **kwargs):
+            """`trl.GRPOTrainer.train`, opening the run directory first (before the first step).
+
+            A run directory holding an earlier run's records (metrics.jsonl, tokens/, TensorBoard events) is
+            refused unless the trainer was built with overwrite_run_dir=True (they are removed) or this call
+            resumes from a checkpoint: the records after the checkpoint's global step are dropped, and the
+            run continues them at the next step.
+            """
+            resume_step = None
+            if resume_from_checkpoint:
+                ckpt = resume_from_checkpoint
+                if ckpt is True:
+                    from transformers.trainer_utils import get_last_checkpoint
+
+                    ckpt = get_last_checkpoint(self.args.output_dir)
+                    if ckpt is None:
+                        raise ValueError(f"resume_from_checkpoint=True but {self.args.output_dir} holds no "
+                                         "checkpoint-* directory")
+                resume_step = checkpoint_step(ckpt)
+            if resume_step is None:  # every process reaches the same verdict (none waits in a collective alone)
+                check_run_dir(self.onpolicy_run_dir, self.onpolicy_overwrite)
+            if self.accelerator.is_main_process:  # the one process that writes the run's records
+                self.onpolicy_log = RunLog.open(self.onpolicy_run_dir, overwrite=self.onpolicy_overwrite,
+                                                resume_step=resume_step)
+            return super().train(resume_from_checkpoint, *args, **kwargs)
+
+        def _verify_plugin(self):
+            """The engine TRL built must run on onpolicy (layers, attention, sampler), or the run fails now,
+            not at the first weight sync or with a mismatch."""
+            from .vllm_plugin import OnpolicyVllmError, verify
+
+            llm = getattr(getattr(self, "vllm_generation", None), "llm", None)
+            if llm is None:
+                return
+            try:
+                verify(llm)
+            except OnpolicyVllmError as e:
+                raise OnpolicyVllmError(
+                    f"the onpolicy vLLM plugin is not active on the sampler TRL built ({e}). Check that "
+                    "onpolicy is installed in this Python (`pip install -e .`), that VLLM_PLUGINS (if set) does "
+                    "not exclude it, and that no other platform or worker plugin replaced it") from None
 
         def _check_dtypes(self):
             """The trainer must compute in the dtype vLLM runs the model in, or no token can match."""
@@ -206,7 +336,24 @@ def make_trainer_class():
             if want != have and self.onpolicy_mode != "off":
                 raise ValueError(f"the trainer model is {have} but vLLM runs it in {want}: pass "
                                  f"model_init_kwargs={{'dtype': '{str(want).removeprefix('torch.')}'}} in the "
-                                 "GRPOConfig (and keep bf16/fp16 autocast off)")
+                                 "GRPOConfig (bf16=True / fp16=True autocast is not enough: onpolicy runs the "
+                                 "trainer in its weights' dtype, with autocast off, as vLLM runs the model)")
+
+        def _likely_cause(self, step: int) -> str:
+            """What most likely parted sampler and trainer, for the mismatch hint (config vs kernels)."""
+            suspects = config_suspects(self.args)
+            if suspects:
+                return (f"likely cause: this run's configuration ({', '.join(suspects)}) changes vLLM's numbers "
+                        "but not the trainer's; remove it")
+            model = getattr(self.model, "name_or_path", None) or "<path>"
+            dtype = str(next(self.model.parameters()).dtype).removeprefix("torch.")
+            if step > 1 and getattr(self, "_onpolicy_bitwise_steps", 0):
+                return (f"likely cause: the weights vLLM samples with differ from the trainer's (earlier steps "
+                        f"were bitwise, so the kernels agree): a weight sync that did not reach vLLM, or a "
+                        f"parameter TRL's sync skipped. Else: run `onpolicy check --model {model} --dtype {dtype}`")
+            return (f"no setting of this run is known to change the numbers, so likely the kernels: run "
+                    f"`onpolicy check --model {model} --dtype {dtype}` to find the first layer where the two "
+                    "stacks part")
 
         def _generate_and_score_completions(self, inputs):
             out = super()._generate_and_score_completions(inputs)
@@ -220,12 +367,15 @@ def make_trainer_class():
                 mask &= out["tool_mask"].bool()
             g_s, g_t, g_m = (acc.gather(acc.pad_across_processes(x, dim=1)) for x in (sampler, trainer, mask.int()))
             m = mismatch_metrics(g_s, g_t, g_m.bool())
-            self._onpolicy_step += 1
-            step = self._onpolicy_step
+            # TRL's step: this generation feeds the optimizer step global_step + 1 (and, with
+            # num_iterations / steps_per_generation > 1, the steps after it), where TRL logs its metrics.
+            step = self.state.global_step + 1
             for k, v in m.items():
                 if isinstance(v, (int, float)):
                     self._metrics[mode][f"onpolicy/{k}"].append(float(v))
             if acc.is_main_process:
+                if self.onpolicy_log is None:  # a generation outside train() (e.g. evaluate())
+                    self.onpolicy_log = RunLog.open(self.onpolicy_run_dir, overwrite=self.onpolicy_overwrite)
                 rewards = self._metrics[mode].get("reward", [None])[-1]
                 rec = {**m, "onpolicy": self.onpolicy_mode != "off", "reward_mean": rewards,
                        "weights": weights_fingerprint(self.model),
@@ -233,8 +383,10 @@ def make_trainer_class():
                 samples = _token_samples(self.processing_class, out["completion_ids"].cpu(), mask.cpu(),
                                          sampler.cpu(), trainer.cpu(), None, self.onpolicy_log.max_samples)
                 self.onpolicy_log.log_step(step, rec, samples)
+            if m["bitwise_equal_frac"] == 1.0:
+                self._onpolicy_bitwise_steps = getattr(self, "_onpolicy_bitwise_steps", 0) + 1
             if self.onpolicy_mode == "strict" and m["bitwise_equal_frac"] < 1.0:
-                raise MismatchError(describe_mismatch(m, step))
+                raise MismatchError(describe_mismatch(m, step, cause=self._likely_cause(step)))
             return out
 
     return OnPolicyGRPOTrainer

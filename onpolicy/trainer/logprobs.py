@@ -1,6 +1,7 @@
 """`token_logprobs(model, input_ids, ...)`: per-token logprobs exactly as the patched sampler computes them."""
 from __future__ import annotations
 
+import math
 from typing import Optional, Union
 
 import torch
@@ -13,6 +14,52 @@ from .patch import patched
 Temperature = Union[float, torch.Tensor]
 
 
+def check_inputs(input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor], temperature: Temperature,
+                 chunk_rows: int, vocab_size: Optional[int], score_mask: Optional[torch.Tensor] = None) -> None:
+    """Raise a ValueError naming the argument for input the kernels would turn into a raw torch error or,
+    worse, into silent zeros."""
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
+        shape = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
+        raise ValueError(f"input_ids must be a [batch, seq] tensor of token ids, got {shape}")
+    if input_ids.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"input_ids must hold integer token ids (int64 or int32), got {input_ids.dtype}")
+    B, L = input_ids.shape
+    if B == 0 or L < 2:
+        raise ValueError(f"input_ids has shape {(B, L)}: need at least one sequence of at least 2 tokens "
+                         "(a logprob scores a token given the tokens before it)")
+    if isinstance(chunk_rows, bool) or not isinstance(chunk_rows, int) or chunk_rows <= 0:
+        raise ValueError(f"chunk_rows must be a positive int (rows of logits per LM-head call), got {chunk_rows!r}")
+    if attention_mask is not None:
+        if not isinstance(attention_mask, torch.Tensor) or tuple(attention_mask.shape) != (B, L):
+            shape = tuple(attention_mask.shape) if isinstance(attention_mask, torch.Tensor) else type(attention_mask).__name__
+            raise ValueError(f"attention_mask must have input_ids' shape {(B, L)} (1 = token, 0 = padding), got {shape}")
+        if not bool(attention_mask.bool().any()):
+            raise ValueError("attention_mask is all padding (0): there is no token to score")
+    if score_mask is not None and tuple(score_mask.shape) != (B, L - 1):
+        raise ValueError(f"score_mask must have shape {(B, L - 1)} (one entry per scored token), "
+                         f"got {tuple(score_mask.shape)}")
+    lo, hi = int(input_ids.min()), int(input_ids.max())
+    if lo < 0 or (vocab_size is not None and hi >= vocab_size):
+        bad = lo if lo < 0 else hi
+        raise ValueError(f"input_ids holds token id {bad}, outside the model's vocabulary [0, {vocab_size})")
+    if isinstance(temperature, torch.Tensor):
+        if temperature.numel() not in (1, B):
+            raise ValueError(f"temperature must be a float or a tensor of one value per row ({B}), got "
+                             f"{temperature.numel()} values (shape {tuple(temperature.shape)})")
+        t = temperature.detach().double()
+        if not bool(torch.isfinite(t).all()) or not bool((t > 0).all()):
+            raise ValueError(f"temperature must be finite and > 0 (vLLM refuses other values; greedy samples' "
+                             f"logprobs are taken at 1.0), got {temperature.tolist()}")
+    else:
+        try:
+            t = float(temperature)
+        except (TypeError, ValueError):
+            raise ValueError(f"temperature must be a float or a tensor, got {temperature!r}") from None
+        if not math.isfinite(t) or t <= 0:
+            raise ValueError(f"temperature must be finite and > 0 (vLLM refuses other values; greedy samples' "
+                             f"logprobs are taken at 1.0), got {temperature!r}")
+
+
 def score_tokens(model, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
                  position_ids: Optional[torch.Tensor] = None, score_mask: Optional[torch.Tensor] = None,
                  temperature: Temperature = 1.0, with_entropy: bool = False, chunk_rows: int = 2048):
@@ -21,8 +68,16 @@ def score_tokens(model, input_ids: torch.Tensor, attention_mask: Optional[torch.
     Only entries where score_mask [B, L-1] is true (and both tokens are real)
     are computed; the others are 0. The model must be patched.
     """
+    check_inputs(input_ids, attention_mask, temperature, chunk_rows, getattr(model.config, "vocab_size", None),
+                 score_mask)
     B, L = input_ids.shape
     hidden, plan, _ = F.packed_hidden(model.model, input_ids, attention_mask, position_ids)
+    with F.no_autocast(hidden.device):
+        return _score(model, input_ids, hidden, plan, score_mask, temperature, with_entropy, chunk_rows)
+
+
+def _score(model, input_ids, hidden, plan, score_mask, temperature, with_entropy, chunk_rows):
+    B, L = input_ids.shape
     dev = hidden.device
     slot = torch.full((B * L,), -1, dtype=torch.long, device=dev)
     slot[plan.idx] = torch.arange(plan.idx.numel(), device=dev)
@@ -76,10 +131,13 @@ def token_logprobs(
     predecessor is padding (attention_mask 0) hold 0.0. Differentiable (the
     backward uses standard kernels). The model is patched for the call if it
     is not already. tensor_parallel_size: that of the vLLM engine that sampled
-    (1 or 2), so the forward reproduces its sharded reductions.
+    (1 or 2), so the forward reproduces its sharded reductions. Bad input
+    (no token to score, a mask or temperature of the wrong shape, token ids
+    outside the vocabulary, a temperature that is not finite and > 0,
+    chunk_rows <= 0) raises a ValueError naming the argument. Runs with
+    autocast off (see trainer.forward.no_autocast).
     """
-    if input_ids.dim() != 2:
-        raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
+    check_inputs(input_ids, attention_mask, temperature, chunk_rows, getattr(model.config, "vocab_size", None))
     B, L = input_ids.shape
     k = L - 1 if logits_to_keep is None else int(logits_to_keep)
     if not 0 < k < L:

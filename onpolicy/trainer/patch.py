@@ -3,8 +3,10 @@
 Patching swaps the forward of the base model, of each decoder layer, attention
 and MLP block, and of the LM head, on this model instance only (the classes
 are untouched), and stores the rotary cache the vLLM adapter also uses.
-`unpatch_model` restores every original forward. `patched(model)` does both as
-a context manager and nests. The module names are the same for every family in
+`unpatch_model` restores every original forward. Patches nest: patching an
+already patched model counts one more level, and each `unpatch_model` undoes one
+(the forwards come back with the last; `unpatch_model(model, force=True)` undoes
+all at once). `patched(model)` does both as a context manager. The module names are the same for every family in
 onpolicy.families, so one patch serves them all.
 """
 from __future__ import annotations
@@ -42,7 +44,11 @@ def _parts(model):
 
 
 def patch_model(model: torch.nn.Module, tensor_parallel_size: Optional[int] = None) -> torch.nn.Module:
-    """Patch `model` in place (idempotent: patching twice is a no-op); returns it.
+    """Patch `model` in place; returns it.
+
+    Patching an already patched model changes nothing but a nesting count: the
+    model stays patched until `unpatch_model` was called once per `patch_model`
+    (or once with force=True).
 
     tensor_parallel_size: the vLLM engine's tensor-parallel size the forward
     must mirror (1 or 2; see forward.row_parallel_linear). None keeps the size
@@ -78,7 +84,11 @@ def patch_model(model: torch.nn.Module, tensor_parallel_size: Optional[int] = No
 
 
 def unpatch_model(model: torch.nn.Module, force: bool = False) -> torch.nn.Module:
-    """Undo one `patch_model` (all of them with force=True); restores the original forwards."""
+    """Undo one level of `patch_model` (all of them with force=True).
+
+    The original forwards come back when the last level is undone: after
+    patch_model twice, the first unpatch_model leaves the model patched. A
+    model that is not patched is returned unchanged."""
     state = getattr(model, _STATE, None)
     if state is None:
         return model

@@ -238,3 +238,62 @@ def engine_model(llm):
     if len(models) != 1 or not isinstance(models[0], torch.nn.Module):
         raise OnpolicyVllmError("cannot reach the engine's model (multiprocess engine?): use LLM.apply_model")
     return models[0]
+
+
+# ---------------------------------------------------------------------------
+# Per-request validation in the front end (API server / LLM), before a request reaches the engine
+# ---------------------------------------------------------------------------
+#
+# 0.26 and 0.32 both validate each request's SamplingParams in
+# `vllm/v1/engine/input_processor.py: InputProcessor._validate_params(self, params, supported_tasks)`
+# (0.32 returns the resolved watermarking flag, 0.26 None), in the process that accepts the request
+# (the OpenAI server's API process, or the `LLM` process). A ValueError or
+# `vllm.exceptions.VLLMValidationError` (which also names the parameter) raised there is answered
+# with HTTP 400 by the OpenAI server and raised by `LLM.generate`; the engine core never sees it.
+
+def install_request_check(check) -> bool:
+    """Run `check(input_processor, params)` after vLLM's own validation of every request.
+
+    Idempotent; returns False when this vLLM has no such hook (the sampler's own check is then
+    the only one, and a bad request fails the engine step)."""
+    try:
+        from vllm.v1.engine.input_processor import InputProcessor
+    except ImportError:  # pragma: no cover - other vLLM layouts
+        return False
+    orig = getattr(InputProcessor, "_validate_params", None)
+    if orig is None:  # pragma: no cover
+        return False
+    if getattr(orig, "_onpolicy_check", None) is not None:
+        return True
+
+    def _validate_params(self, params, *args, **kwargs):
+        out = orig(self, params, *args, **kwargs)
+        check(self, params)
+        return out
+
+    _validate_params._onpolicy_check = check
+    _validate_params.__wrapped__ = orig
+    InputProcessor._validate_params = _validate_params
+    return True
+
+
+def validation_error(message: str, parameter: str, value) -> Exception:
+    """The error vLLM's front end answers with a 400 naming `parameter`: `vllm.exceptions.VLLMValidationError`
+    (a ValueError in 0.26, a VLLMClientError in 0.32; `LLM.generate` raises it as is), else a ValueError."""
+    try:
+        from vllm.exceptions import VLLMValidationError
+    except ImportError:  # pragma: no cover
+        return ValueError(message)
+    try:
+        return VLLMValidationError(message, parameter=parameter, value=value)
+    except TypeError:  # pragma: no cover - an older signature
+        return VLLMValidationError(message)
+
+
+def processor_logprobs_mode(input_processor) -> str:
+    mode = getattr(getattr(input_processor, "model_config", None), "logprobs_mode", "raw_logprobs")
+    return str(getattr(mode, "value", mode))
+
+
+def processor_vocab_size(input_processor) -> int:
+    return int(input_processor.model_config.get_vocab_size())

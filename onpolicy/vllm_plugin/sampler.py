@@ -15,9 +15,11 @@ vLLM's argmax, so the sampled policy is exactly exp(lp).
 vLLM's distribution-changing options that run before temperature (logit bias,
 min_tokens, allowed/bad words, penalties) are applied by vLLM as usual; the
 trainer does not see them, so tokens they touch are not on-policy (documented).
-top-k / top-p / min-p are applied to lp before sampling. A step fails loudly
-(not on-policy) when a request asks for processed logprobs *and* sets top-k,
-top-p or min-p: the decision reads the requests' sampling parameters (host-side
+top-k / top-p / min-p are applied to lp before sampling. A request that asks
+for processed logprobs *and* sets top-k, top-p or min-p is refused in the front
+end with a ValueError naming the parameter (HTTP 400 in the OpenAI server;
+`check_request`, installed by `register()`), so the engine never sees it; the
+sampler still fails such a step loudly (not on-policy) as a last line: the decision reads the requests' sampling parameters (host-side
 state), never the tensors. vLLM's own warm-up requests (0.26:
 `SamplingParams.for_sampler_warmup()`, top_k=50, top_p=0.9, min_p=0.1,
 logprobs=5, run by `warmup_kernels` while the engine is built) are exempt: the
@@ -36,6 +38,47 @@ from .errors import OnpolicyVllmError
 
 _NOT_ON_POLICY = ("a request asked for processed logprobs together with top-k / top-p / min-p: the returned "
                   "logprobs would not be the trainer's. Use top_k=-1 (0 in TRL), top_p=1.0, min_p=0.0 with onpolicy")
+
+
+def masking_params(params, vocab_size: int) -> list[tuple[str, object]]:
+    """The (name, value) of each top-k / top-p / min-p setting of one request that truncates the
+    distribution (as vLLM's input batches decide it: 0 < top_k < vocab, top_p < 1, min_p > 0)."""
+    out = []
+    top_k = getattr(params, "top_k", 0) or 0
+    if 0 < top_k < vocab_size:
+        out.append(("top_k", top_k))
+    top_p = getattr(params, "top_p", 1.0)
+    if top_p is not None and top_p < 1.0:
+        out.append(("top_p", top_p))
+    min_p = getattr(params, "min_p", 0.0)
+    if min_p is not None and min_p > 0.0:
+        out.append(("min_p", min_p))
+    return out
+
+
+def wants_sample_logprobs(params) -> bool:
+    return getattr(params, "logprobs", None) is not None or bool(getattr(params, "logprob_token_ids", None))
+
+
+def check_request(input_processor, params) -> None:
+    """Front-end check of one request (compat.install_request_check): refuse with a ValueError naming the
+    parameter -- HTTP 400 in the OpenAI server -- a request the sampler cannot serve on-policy, i.e.
+    processed logprobs of a top-k / top-p / min-p truncated distribution. The engine never sees it (in
+    the worker the same request would fail the whole step, and with it every request in flight)."""
+    from vllm import SamplingParams
+
+    if not isinstance(params, SamplingParams) or not wants_sample_logprobs(params):
+        return
+    if compat.processor_logprobs_mode(input_processor) != "processed_logprobs":
+        return
+    bad = masking_params(params, compat.processor_vocab_size(input_processor))
+    if bad:
+        name, value = bad[0]
+        raise compat.validation_error(
+            f"{name}={value} cannot be served on-policy with logprobs: this server returns processed logprobs "
+            f"(--logprobs-mode processed_logprobs) and the onpolicy plugin returns them for the full "
+            f"distribution at the temperature, which {name} would truncate. Drop {name} (or the logprobs) from "
+            f"the request, or run the server with --logprobs-mode raw_logprobs", name, value)
 
 
 def v1_masking_requested(md) -> bool:

@@ -1,6 +1,10 @@
 """`onpolicy check` (issue 10): 100% with the plugin on, names a perturbed layer, reports the plain stack's
 first diverging layer with the plugin off, and rejects bad input cleanly.
 
+The model is a float32 checkpoint (issue 28 item 3): vLLM runs it in bfloat16, and the trainer side
+must follow (both sides' dtypes are reported). Bad input exits 2 in one line before any engine
+starts (item 7).
+
 vLLM plugins are process-global, so each engine configuration runs in its own subprocess.
 """
 import json
@@ -19,7 +23,8 @@ ENV = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "ONPOLICY_VLLM": "0"
 def model_dir(tmp_path_factory):
     from onpolicy.tiny import make_tiny_model
 
-    return str(make_tiny_model(tmp_path_factory.mktemp("check") / "qwen3", "qwen3", dtype=torch.bfloat16))
+    # float32 weights: vLLM's dtype="auto" runs them in bfloat16, and so must the trainer side
+    return str(make_tiny_model(tmp_path_factory.mktemp("check") / "qwen3", "qwen3", dtype=torch.float32))
 
 
 def _cli(*args, timeout=600):
@@ -31,18 +36,20 @@ def _cli(*args, timeout=600):
 def test_plugin_on_is_bitwise_and_a_perturbed_norm_is_named(model_dir):
     script = textwrap.dedent(f"""
         import json
-        from onpolicy.check import make_engine, run_check, load_trainer
+        from onpolicy.check import engine_dtype, make_engine, run_check, load_trainer
         llm = make_engine({model_dir!r}, plugin=True)
         ok = run_check({model_dir!r}, prompts=8, max_tokens=16, llm=llm)
-        print("ON " + json.dumps({{"metrics": ok.metrics, "divergence": ok.divergence}}))
+        print("ON " + json.dumps({{"metrics": ok.metrics, "divergence": ok.divergence,
+                                   "dtypes": [ok.sampler_dtype, ok.trainer_dtype]}}))
+        dt = engine_dtype(llm)
         def perturb(model):  # a test hook: one layer's norm epsilon changed on the trainer side
             model.model.layers[2].post_attention_layernorm.variance_epsilon = 1e-2
-        bad = run_check({model_dir!r}, prompts=8, max_tokens=16, llm=llm, trainer=load_trainer({model_dir!r}, True),
-                        trainer_hook=perturb)
+        bad = run_check({model_dir!r}, prompts=8, max_tokens=16, llm=llm,
+                        trainer=load_trainer({model_dir!r}, True, dtype=dt), trainer_hook=perturb)
         print("PERTURBED " + json.dumps({{"metrics": bad.metrics, "divergence": bad.divergence}}))
         # as sampled by a CUDA-graph engine (--cuda-graphs): reported, not located (hooks need an eager engine)
-        g = run_check({model_dir!r}, prompts=8, max_tokens=16, llm=llm, trainer=load_trainer({model_dir!r}, True),
-                      trainer_hook=perturb, cuda_graphs=True)
+        g = run_check({model_dir!r}, prompts=8, max_tokens=16, llm=llm,
+                      trainer=load_trainer({model_dir!r}, True, dtype=dt), trainer_hook=perturb, cuda_graphs=True)
         print("GRAPHS " + json.dumps({{"metrics": g.metrics, "divergence": g.divergence, "notes": g.notes}}))
     """)
     r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=ENV, timeout=600)
@@ -52,6 +59,7 @@ def test_plugin_on_is_bitwise_and_a_perturbed_norm_is_named(model_dir):
     on = lines["ON"]
     assert on["metrics"]["tokens"] == 8 * 16 and on["metrics"]["bitwise_equal_frac"] == 1.0
     assert on["divergence"] is None
+    assert on["dtypes"] == ["bfloat16", "bfloat16"]  # a float32 checkpoint: both sides run what vLLM runs
     bad = lines["PERTURBED"]
     assert bad["metrics"]["bitwise_equal_frac"] < 1.0
     d = bad["divergence"]
@@ -72,6 +80,7 @@ def test_plugin_off_reports_the_mismatch_and_the_first_diverging_layer(model_dir
     assert not res["ok"] and not res["plugin"]
     assert res["metrics"]["bitwise_equal_frac"] < 1.0 and res["metrics"]["logp_abs_diff_max"] > 0
     assert res["divergence"]["op"].startswith("layers.0.")
+    assert res["sampler_dtype"] == res["trainer_dtype"] == "bfloat16"
 
 
 def test_bad_input_gets_a_clear_error_and_no_traceback(tmp_path, model_dir):
@@ -86,3 +95,48 @@ def test_bad_input_gets_a_clear_error_and_no_traceback(tmp_path, model_dir):
     bad.write_text('{"prompt": "1+1="}\n{not json\n')
     r = _cli("--model", model_dir, "--prompt-file", str(bad))
     assert r.returncode == 2 and "prompts.jsonl:2" in r.stdout + r.stderr and "Traceback" not in r.stderr
+
+
+def _one_line(r, text):
+    assert r.returncode == 2, (r.returncode, r.stdout[-2000:], r.stderr[-2000:])
+    out = [ln for ln in (r.stdout + r.stderr).splitlines() if ln.strip()]
+    assert len(out) == 1 and out[0].startswith("error:") and text in out[0], out
+    assert "Traceback" not in r.stdout + r.stderr
+
+
+@pytest.mark.parametrize("args, text", [
+    (["--prompts", "0"], "--prompts must be >= 1"),
+    (["--max-tokens", "0"], "--max-tokens must be >= 1"),
+    (["--temperature", "nan"], "--temperature must be a finite number > 0"),
+    (["--temperature", "inf"], "--temperature must be a finite number > 0"),
+    (["--temperature", "0"], "--temperature must be a finite number > 0"),
+    (["--dtype", "int8"], "--dtype 'int8'"),
+    (["--tp", "3"], "--tp 3"),
+])
+def test_bad_numbers_exit_2_in_one_line_before_any_engine(model_dir, args, text):
+    _one_line(_cli("--model", model_dir, *args, timeout=120), text)
+
+
+def test_a_model_dir_without_weights_exits_2(model_dir, tmp_path):
+    import shutil
+
+    d = tmp_path / "no-weights"
+    shutil.copytree(model_dir, d, ignore=shutil.ignore_patterns("*.safetensors"))
+    _one_line(_cli("--model", str(d), timeout=120), "holds no weights")
+
+
+def test_max_tokens_beyond_the_context_is_said_before_the_engine_starts(model_dir):
+    from onpolicy.check import run_check
+
+    class NoEngine:  # stops the check where the engine would be used: the warning must come first
+        def __getattr__(self, name):
+            raise RuntimeError("engine reached")
+
+    heard = []
+    with pytest.raises(RuntimeError, match="engine reached"):
+        run_check(model_dir, prompts=4, max_tokens=1000, llm=NoEngine(), warn=heard.append)
+    assert len(heard) == 1 and "--max-tokens 1000 does not fit the 512-token context" in heard[0], heard
+    heard.clear()
+    with pytest.raises(RuntimeError, match="engine reached"):
+        run_check(model_dir, prompts=4, max_tokens=32, llm=NoEngine(), warn=heard.append)
+    assert heard == []

@@ -213,3 +213,93 @@ def test_plan_and_analysis():
     assert analysis.trainer_temperature("raw_logprobs", 0.0) == 1.0
     assert analysis.trainer_temperature("processed_logprobs", 0.7) == 0.7
     assert analysis.trainer_temperature("processed_logprobs", 0.0) == 1.0
+
+
+# --- issue 28: inputs checked before any server starts (item 7), logs not overwritten (item 10), and nothing of
+# the server outlives a SIGKILLed bench (item 9) ---------------------------------------------------------------------
+
+def test_nonexistent_python_is_refused_in_one_line_and_leaves_no_temp_dir(model_dir, tmp_path):
+    import tempfile
+
+    before = set(Path(tempfile.gettempdir()).glob("onpolicy-bench-*"))
+    _one_line_error(_cli("--model", model_dir, "--python", "/nonexistent/python"), "--python /nonexistent/python")
+    assert set(Path(tempfile.gettempdir()).glob("onpolicy-bench-*")) == before
+
+
+def test_log_dir_with_an_earlier_runs_logs_is_refused(model_dir, tmp_path):
+    (tmp_path / "vllm-onpolicy.log").write_text("an earlier run")
+    _one_line_error(_cli("--model", model_dir, "--log-dir", str(tmp_path)), "already holds an earlier run's logs")
+    assert (tmp_path / "vllm-onpolicy.log").read_text() == "an earlier run"
+
+
+FAKE_SERVER = r'''#!/usr/bin/env python3
+"""Stands in for `python -m vllm.entrypoints.openai.api_server`: starts a child (as vLLM's API server
+starts its EngineCore), never answers /health, and records both pids."""
+import multiprocessing, os, sys, time
+
+def engine_core():
+    time.sleep(3600)
+
+if __name__ == "__main__":
+    core = multiprocessing.get_context("spawn").Process(target=engine_core)
+    core.start()
+    with open(os.environ["FAKE_SERVER_PIDS"], "w") as f:
+        f.write(f"{os.getpid()} {core.pid}\n")
+    time.sleep(3600)
+'''
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ", 1)[1][0] != "Z"  # a zombie is dead, only not yet reaped
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="parent-death signals are Linux's")
+def test_sigkill_of_the_bench_leaves_no_server_process(model_dir, tmp_path):
+    import time
+
+    fake = tmp_path / "fake-python"
+    fake.write_text(FAKE_SERVER)
+    fake.chmod(0o755)
+    pids_file = tmp_path / "pids"
+    env = {**ENV, "FAKE_SERVER_PIDS": str(pids_file)}
+    bench = subprocess.Popen([sys.executable, "-m", "onpolicy.cli", "bench", "determinism", "--model", model_dir,
+                              "--python", str(fake), "--configs", "onpolicy", "--n", "2", "--start-timeout", "300",
+                              "--no-logprobs-check", "--log-dir", str(tmp_path / "logs")],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    try:
+        deadline = time.monotonic() + 120
+        while not (pids_file.exists() and len(pids_file.read_text().split()) == 2):
+            assert bench.poll() is None, "the bench exited before its server started"
+            assert time.monotonic() < deadline, "the fake server never started"
+            time.sleep(0.2)
+        server, core = (int(x) for x in pids_file.read_text().split())
+        supervisor = os.getpgid(server)  # the supervisor leads the server's process group
+        assert os.getpgid(core) == supervisor != os.getpgid(bench.pid)
+        assert _alive(server) and _alive(core) and _alive(supervisor)
+        bench.kill()  # SIGKILL: the bench gets no chance to stop anything
+        bench.wait(30)
+        deadline = time.monotonic() + 30
+        while any(_alive(p) for p in (supervisor, server, core)) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        left = [p for p in (supervisor, server, core) if _alive(p)]
+        assert not left, f"processes of the server outlived the bench: {left}"
+    finally:
+        if bench.poll() is None:
+            bench.kill()
+        for line in (pids_file.read_text().split() if pids_file.exists() else []):
+            try:
+                os.kill(int(line), signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+def test_a_model_dir_without_weights_is_refused_before_any_server(model_dir, tmp_path):
+    import shutil
+
+    d = tmp_path / "no-weights"
+    shutil.copytree(model_dir, d, ignore=shutil.ignore_patterns("*.safetensors"))
+    _one_line_error(_cli("--model", str(d)), "holds no weights")

@@ -120,6 +120,15 @@ def test_recipe_is_bitwise_every_step_and_the_control_is_not(tmp_path):
     assert len(off) == 3 and not any(x["onpolicy"] for x in off)
     assert min(x["bitwise_equal_frac"] for x in off) < 1.0 and max(x["logp_abs_diff_max"] for x in off) > 0
     assert "onpolicy GRPO: sampler vs trainer" in r.stdout
+    # issue 28 item 12: each run in a process of its own, the control's started only after the onpolicy run's
+    # process exited (so its engine and model were gone; the launching process builds neither)
+    import re
+
+    events = re.findall(r"\[recipe\] (onpolicy|control) run: process (\d+) (started|exited)[^\n]*", r.stdout)
+    assert [(w, e) for w, _, e in events] == [("onpolicy", "started"), ("onpolicy", "exited"), ("control", "started"),
+                                              ("control", "exited")], r.stdout[-3000:]
+    parent = re.search(r"parent (\d+) holds no engine", r.stdout).group(1)
+    assert len({events[0][1], events[2][1], parent}) == 3
 
 
 @pytest.mark.vllm

@@ -2,7 +2,10 @@
 
 usage: python family_check.py FAMILY OUT_DIR [--tied] [--eager] [--no-cudagraph] [--tp 2]
 Prints "PLUGIN {json}" (layer counts of the audit) and one line "RESULT {json}"
-with the equal/total counts per temperature. With --tp 2 vLLM runs tensor
+with the equal/total counts per temperature; "CONTROL {json}": the same counts for
+the plain (unpatched) transformers forward, which must not match; "DEGENERACY {json}":
+distinct completions per prompt over four seeds and the sampled logprobs
+(vllm_helpers.degeneracy_report), which must show a real distribution. With --tp 2 vLLM runs tensor
 parallel (one worker process per rank; on the CPU one core each) and the trainer
 mirrors it (token_logprobs(..., tensor_parallel_size=2)); "RESULT_TP1 {json}"
 then gives the counts of a trainer that does not mirror it. Run in its own process by
@@ -30,6 +33,9 @@ def main():
     import onpolicy.vllm_plugin as plugin
     from onpolicy.tiny import make_tiny_model
 
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from vllm_helpers import degeneracy_report, plain_logprobs, sample_seeds
+
     plugin.enable()
 
     family, out = sys.argv[1], sys.argv[2]
@@ -51,11 +57,11 @@ def main():
     dev = "cuda" if torch.cuda.is_available() else "cpu"  # the trainer runs where vLLM runs
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).to(dev).eval()
     prompts = [[3] + [100 + (i * 37 + j * 13) % 900 for j in range(5 + i % 9)] for i in range(16)]
-    result, diffs, result_tp1 = {}, {}, {}
+    result, diffs, result_tp1, control = {}, {}, {}, {}
     for temperature in (1.0, 0.7):
         params = SamplingParams(temperature=temperature, max_tokens=16, logprobs=0, seed=1, ignore_eos=True)
         outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
-        equal = total = equal_tp1 = 0
+        equal = total = equal_tp1 = equal_plain = 0
         for p, o in zip(prompts, outs):
             c = o.outputs[0]
             ids = torch.tensor([p + list(c.token_ids)], device=dev)
@@ -67,14 +73,20 @@ def main():
                                                   logits_to_keep=len(c.token_ids))[0].cpu()
             sampled = torch.tensor([c.logprobs[k][t].logprob for k, t in enumerate(c.token_ids)], dtype=torch.float32)
             equal += int((sampled.view(torch.int32) == lp.view(torch.int32)).sum())
+            plain = plain_logprobs(hf, p, list(c.token_ids), temperature)  # the control: must not match
+            equal_plain += int((sampled.view(torch.int32) == plain.view(torch.int32)).sum())
             if tp > 1:
                 equal_tp1 += int((sampled.view(torch.int32) == lp1.view(torch.int32)).sum())
             diffs[str(temperature)] = max(diffs.get(str(temperature), 0.0), float((sampled - lp).abs().max()))
             total += len(c.token_ids)
         result[str(temperature)] = [equal, total]
+        control[str(temperature)] = [equal_plain, total]
         result_tp1[str(temperature)] = [equal_tp1, total]
     if tp > 1:
         print("RESULT_TP1 " + json.dumps(result_tp1), flush=True)
+    comps, lps = sample_seeds(llm, prompts, 1.0)
+    print("DEGENERACY " + json.dumps(degeneracy_report(comps, lps)), flush=True)
+    print("CONTROL " + json.dumps(control), flush=True)
     print("MAXDIFF " + json.dumps(diffs), flush=True)
     print("RESULT " + json.dumps(result), flush=True)
 

@@ -2,12 +2,16 @@
 
 One shared engine (conftest `llm`): tiny Qwen3, bf16, default compilation
 (Dynamo + Inductor on CPU), logprobs_mode="processed_logprobs", prefix caching on.
+Every bitwise test also has a control that must fail (the plain transformers forward,
+not on onpolicy's kernels, gives other bits) and a non-degeneracy check (several
+distinct completions per prompt over seeds, logprobs well below 0: vllm_helpers).
 """
 from __future__ import annotations
 
 import pytest
 import torch
-from vllm_helpers import prompt_ids, sampled_logprobs, trainer_logprobs
+from vllm_helpers import (assert_not_degenerate, degeneracy_report, plain_logprobs, prompt_ids, sample_seeds,
+                          sampled_logprobs, trainer_logprobs)
 
 pytestmark = pytest.mark.vllm
 
@@ -66,6 +70,7 @@ def test_sampled_logprobs_equal_trainer_bitwise(llm, hf_model, temperature):
     # sanity: a real distribution was sampled (not a degenerate one-token model)
     assert len({t for c in completions for t in c}) > 50
     assert float(sampler.mean()) < -0.05
+    assert_not_degenerate(degeneracy_report(*sample_seeds(llm, prompts[:8], temperature)))
     # control: plain transformers (no onpolicy kernels) does not give these bits
     plain = _plain_transformers(hf_model, prompts[:4], completions[:4], temperature)
     plain_equal = int((_bits(plain) == _bits(sampler[:4])).sum())
@@ -84,8 +89,16 @@ def _plain_transformers(hf_model, prompts, completions, temperature):
     return torch.stack(rows)
 
 
-def test_seeded_prompt_same_alone_and_in_batches(llm):
-    """A seeded request: same tokens and bitwise logprobs alone, in a batch of 7 and of 64."""
+def _control_differs(hf_model, prompt, completion, sampled, temperature=1.0):
+    """The control that must fail: the plain transformers forward does not give the sampler's bits."""
+    plain = plain_logprobs(hf_model, prompt, completion, temperature)
+    assert not torch.equal(_bits(plain), _bits(torch.as_tensor(sampled, dtype=torch.float32))), \
+        "the plain transformers forward matched the sampler: this test could not fail"
+
+
+def test_seeded_prompt_same_alone_and_in_batches(llm, hf_model):
+    """A seeded request: same tokens and bitwise logprobs alone, in a batch of 7 and of 64 (equal to the
+    trainer's; the plain forward's differ; other seeds give other completions)."""
     target = prompt_ids(5)
     others = [prompt_ids(i) for i in range(100, 100 + N_PROMPTS)]
 
@@ -106,6 +119,10 @@ def test_seeded_prompt_same_alone_and_in_batches(llm):
         a = torch.tensor(sampled_logprobs(alone), dtype=torch.float32)
         b = torch.tensor(sampled_logprobs(out), dtype=torch.float32)
         assert torch.equal(_bits(a), _bits(b)), f"logprobs differ {name}"
+    lt = trainer_logprobs(hf_model, target, ref, 1.0)
+    assert torch.equal(_bits(lt), _bits(torch.tensor(sampled_logprobs(alone), dtype=torch.float32)))
+    _control_differs(hf_model, target, ref, sampled_logprobs(alone))
+    assert_not_degenerate(degeneracy_report(*sample_seeds(llm, [target, prompt_ids(6), prompt_ids(7), prompt_ids(8)])))
 
 
 def test_long_prompt_prefix_cache(llm, hf_model):
@@ -123,13 +140,23 @@ def test_long_prompt_prefix_cache(llm, hf_model):
     assert torch.equal(_bits(la), _bits(lb))
     lt = trainer_logprobs(hf_model, prompt, list(a.token_ids), 1.0)
     assert torch.equal(_bits(la), _bits(lt))
+    _control_differs(hf_model, prompt, list(a.token_ids), la)
+    assert float(la.mean()) < -0.3 and len(set(a.token_ids)) > 4  # a real distribution was sampled
 
 
 def test_greedy_logprobs_equal_trainer(llm, hf_model):
     """temperature=0: vLLM's argmax token, logprob at temperature 1 (vLLM's convention), bitwise."""
     prompts = [prompt_ids(i) for i in range(8)]
     outs = _generate(llm, prompts, _params(0.0, seed=0, max_tokens=8))
+    plain_equal = total = 0
     for p, o in zip(prompts, outs):
         lt = trainer_logprobs(hf_model, p, list(o.token_ids), 1.0)
         ls = torch.tensor(sampled_logprobs(o), dtype=torch.float32)
         assert torch.equal(_bits(ls), _bits(lt))
+        plain = plain_logprobs(hf_model, p, list(o.token_ids), 1.0)
+        plain_equal += int((_bits(plain) == _bits(ls)).sum())
+        total += ls.numel()
+    assert plain_equal < total, "control: the plain transformers forward matched every greedy logprob"
+    # not degenerate: the prompts' greedy completions differ, and their tokens are not certain
+    lps = torch.tensor([x for o in outs for x in sampled_logprobs(o)])
+    assert len({tuple(o.token_ids) for o in outs}) >= 6 and float(lps.mean()) < -0.3

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from vllm_helpers import prompt_ids, sampled_logprobs, trainer_logprobs
+from vllm_helpers import (assert_not_degenerate, degeneracy_report, plain_logprobs, prompt_ids, sample_seeds,
+                          sampled_logprobs, trainer_logprobs)
 
 pytestmark = pytest.mark.vllm
 
@@ -49,11 +50,15 @@ def test_weights_stay_loadable_parameters(llm):
 
 
 def test_weight_sync_then_bitwise_again(llm, model_dir):
-    """TRL colocate: push changed weights with model.load_weights, regenerate, still bitwise."""
+    """TRL colocate: push changed weights with model.load_weights, regenerate, still bitwise.
+
+    Controls that must fail: the trainer with the weights before the sync (so the sync reached
+    vLLM) and the plain transformers forward; and sampling is not degenerate."""
     from transformers import AutoModelForCausalLM
     from vllm import SamplingParams
 
     hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).eval()
+    before = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).eval()
     original = {n: p.detach().clone() for n, p in hf.state_dict().items()}
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():  # an "optimizer step": perturb every matrix a little
@@ -75,11 +80,17 @@ def test_weight_sync_then_bitwise_again(llm, model_dir):
     try:
         push(list(hf.state_dict().items()))
         outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+        stale = plain = 0
         for p, o in zip(prompts, outs):
             c = o.outputs[0]
             ls = torch.tensor(sampled_logprobs(c), dtype=torch.float32)
             lt = trainer_logprobs(hf, p, list(c.token_ids), 1.0)
             assert torch.equal(ls.view(torch.int32), lt.view(torch.int32))
+            stale += int(torch.equal(ls, trainer_logprobs(before, p, list(c.token_ids), 1.0)))
+            plain += int(torch.equal(ls, plain_logprobs(hf, p, list(c.token_ids), 1.0)))
+        assert stale == 0, "the trainer's pre-sync weights matched: the sync did not change what vLLM runs"
+        assert plain == 0, "the plain transformers forward matched: this test could not fail"
+        assert_not_degenerate(degeneracy_report(*sample_seeds(llm, prompts[:4])))
     finally:
         push(list(original.items()))  # the engine is shared by the session
 

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from vllm_helpers import assert_not_degenerate
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
@@ -34,6 +35,38 @@ def test_family_bitwise(family, flags, env_extra, tmp_path):
     print(f"\n{family} {' '.join(flags)}: " + ", ".join(f"T={t}: {e}/{n} bitwise" for t, (e, n) in result.items()))
     for t, (equal, total) in result.items():
         assert equal == total and total == 256, f"T={t}: {equal}/{total}"
+    _controls(r.stdout)
+
+
+def _controls(stdout: str) -> None:
+    """The plain (unpatched) trainer must not match, and sampling must not be degenerate (issue 28 item 11:
+    a degenerate model makes any trainer match, so a bitwise result over it proves nothing)."""
+    lines = {ln.split(" ", 1)[0]: json.loads(ln.split(" ", 1)[1]) for ln in stdout.splitlines()
+             if ln.startswith(("CONTROL ", "DEGENERACY "))}
+    assert "CONTROL" in lines and "DEGENERACY" in lines, stdout[-3000:]
+    print("control (plain transformers): " + ", ".join(f"T={t}: {e}/{n}" for t, (e, n) in lines["CONTROL"].items())
+          + f"; sampling: {lines['DEGENERACY']}")
+    for t, (equal, total) in lines["CONTROL"].items():
+        assert equal < 0.5 * total, f"the unpatched trainer matched {equal}/{total} at T={t}: the test cannot fail"
+    assert_not_degenerate(lines["DEGENERACY"])
+
+
+def test_tied_embeddings_tiny_model_is_not_degenerate(tmp_path):
+    """The tied case's scale: head_scale on a tied model scales the final norm, not the shared embedding
+    table (which made the top next-token probability 1.0 for every prompt)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from onpolicy.tiny import make_tiny_model
+
+    path = make_tiny_model(tmp_path / "tied", "qwen3", dtype=torch.bfloat16, overrides={"tie_word_embeddings": True})
+    m = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).eval()
+    assert m.lm_head.weight.data_ptr() == m.model.embed_tokens.weight.data_ptr()
+    prompts = [[3] + [100 + (i * 37 + j * 13) % 900 for j in range(5 + i % 9)] for i in range(16)]
+    with torch.no_grad():
+        top = [float(m(torch.tensor([p])).logits[0, -1].float().softmax(-1).max()) for p in prompts]
+    assert max(top) < 0.95 and sum(top) / len(top) < 0.6, top
+    assert float(m.model.embed_tokens.weight.float().std()) < 0.05  # the inputs were not scaled
 
 
 def test_tensor_parallel_2_bitwise(tmp_path):
@@ -52,3 +85,4 @@ def test_tensor_parallel_2_bitwise(tmp_path):
     for t, (equal, total) in lines["RESULT"].items():
         assert equal == total and total == 256, f"T={t}: {equal}/{total}"
         assert lines["RESULT_TP1"][t][0] < total, "the TP=1 trainer matched too: the TP=2 reduction was not exercised"
+    _controls(r.stdout)

@@ -49,3 +49,53 @@ def trainer_logprobs(hf_model, prompt: list[int], completion: list[int], tempera
 def sampled_logprobs(completion_output) -> list[float]:
     c = completion_output
     return [c.logprobs[k][t].logprob for k, t in enumerate(c.token_ids)]
+
+
+def plain_logprobs(hf_model, prompt: list[int], completion: list[int], temperature: float):
+    """The control: plain transformers (not on onpolicy's kernels), fp32 log-softmax of logits / T."""
+    import torch
+
+    ids = torch.tensor([list(prompt) + list(completion)], device=next(hf_model.parameters()).device)
+    with torch.no_grad():
+        logits = hf_model(ids).logits[0, len(prompt) - 1 : -1].float()
+    lp = torch.log_softmax(logits / temperature, dim=-1)
+    return lp.gather(1, ids[0, len(prompt):, None])[:, 0].cpu()
+
+
+def degeneracy_report(completions_by_prompt, logprobs) -> dict:
+    """How far sampling is from degenerate: per prompt, the distinct completions among those sampled
+    (several seeds each), and the sampled tokens' logprobs. A degenerate model (top probability 1,
+    the tied-embedding trap of issue 28) gives one completion per prompt and logprobs of 0, and then
+    any trainer matches -- a bitwise test over it proves nothing."""
+    distinct = [len({tuple(c) for c in cs}) for cs in completions_by_prompt]
+    lps = [float(x) for x in logprobs]
+    return {"prompts": len(distinct), "seeds": max((len(cs) for cs in completions_by_prompt), default=0),
+            "prompts_with_several": sum(d >= 2 for d in distinct), "distinct": distinct,
+            "mean_logprob": sum(lps) / max(1, len(lps)), "share_near_zero": sum(x > -1e-3 for x in lps) / max(1, len(lps))}
+
+
+def assert_not_degenerate(report: dict) -> None:
+    """Most prompts give several distinct completions, and the sampled logprobs are well below 0."""
+    assert report["prompts"] > 0 and report["seeds"] >= 2, report
+    assert report["prompts_with_several"] >= 0.75 * report["prompts"], f"degenerate sampling: {report}"
+    assert report["mean_logprob"] < -0.3 and report["share_near_zero"] < 0.5, f"degenerate sampling: {report}"
+
+
+def sample_seeds(llm, prompts, temperature: float = 1.0, seeds=(11, 12, 13, 14), max_tokens: int = 8):
+    """Each prompt sampled once per seed: (completions per prompt, every sampled logprob)."""
+    from vllm import SamplingParams
+
+    reqs, params = [], []
+    for p in prompts:
+        for s in seeds:
+            reqs.append({"prompt_token_ids": list(p)})
+            params.append(SamplingParams(temperature=temperature, max_tokens=max_tokens, logprobs=0, seed=s,
+                                         ignore_eos=True))
+    outs = llm.generate(reqs, params, use_tqdm=False)
+    comps, lps = [], []
+    for i in range(len(prompts)):
+        group = [o.outputs[0] for o in outs[i * len(seeds):(i + 1) * len(seeds)]]
+        comps.append([list(c.token_ids) for c in group])
+        for c in group:
+            lps += sampled_logprobs(c)
+    return comps, lps
