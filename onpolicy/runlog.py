@@ -90,9 +90,15 @@ class RunLog:
         if found:
             (d / "metrics.jsonl").unlink(missing_ok=True)
             shutil.rmtree(d / "tokens", ignore_errors=True)
-            for ev in d.rglob(EVENTS_GLOB):
+            for ev in [*d.rglob(EVENTS_GLOB), *d.glob("engine_step*.json")]:
                 ev.unlink()
         return cls(d, max_samples)
+
+    def write_engine_report(self, step: int, report) -> Path:
+        """What the sampler's engine ran when step `step` mismatched (onpolicy.vllm_plugin.diagnostics)."""
+        path = self.dir / f"engine_step{step}.json"
+        path.write_text(json.dumps(report, indent=1, default=str) + "\n")
+        return path
 
     def truncate_after(self, step: int) -> None:
         """Drop the records of steps after `step` (a resumed run redoes them)."""

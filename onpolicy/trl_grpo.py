@@ -23,11 +23,14 @@ min-p, penalties, Liger, an fp32 LM head: `check_settings`); TRL's default
 `bf16=True` is made bitwise (the patched forward runs with autocast off). After the
 engine is built it checks that the plugin runs every layer and the sampler. A run
 directory holding an earlier run's records is refused unless `overwrite_run_dir=True`
-or `train(resume_from_checkpoint=...)` continues it.
+or `train(resume_from_checkpoint=...)` continues it. A step whose tokens differ gets
+`engine_step<N>.json` beside the metrics: what the sampler's engine ran (every mismatch in
+strict mode, the first in monitor mode), so a report of a mismatch can be diagnosed.
 """
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import types
 from typing import Optional
@@ -41,6 +44,7 @@ from .trainer.forward import SUPPORTED_TP
 from .trainer.logprobs import score_tokens
 
 MODES = ("strict", "monitor", "off")
+logger = logging.getLogger("onpolicy")
 
 # vLLM sampling options that change the sampled distribution before the logprobs are taken, where the
 # trainer (which scores the full, unpenalised distribution at the temperature) cannot follow.
@@ -385,9 +389,33 @@ def make_trainer_class():
                 self.onpolicy_log.log_step(step, rec, samples)
             if m["bitwise_equal_frac"] == 1.0:
                 self._onpolicy_bitwise_steps = getattr(self, "_onpolicy_bitwise_steps", 0) + 1
-            if self.onpolicy_mode == "strict" and m["bitwise_equal_frac"] < 1.0:
-                raise MismatchError(describe_mismatch(m, step, cause=self._likely_cause(step)))
+            if m["bitwise_equal_frac"] < 1.0 and self.onpolicy_mode != "off":
+                report = self._record_engine(step)
+                if self.onpolicy_mode == "strict":
+                    msg = describe_mismatch(m, step, cause=self._likely_cause(step))
+                    raise MismatchError(msg + (f" What the sampler's engine ran: {report}" if report else ""))
             return out
+
+        def _record_engine(self, step: int):
+            """Write what the sampler's engine ran (linear picks, compile cache, decode graphs, versions)
+            next to the metrics: at every mismatch in strict mode, at the first in monitor mode. The
+            path, or None (not the main process, no in-process engine, or the report failed: logged)."""
+            if not self.accelerator.is_main_process or self.onpolicy_log is None:
+                return None
+            if self.onpolicy_mode == "monitor" and getattr(self, "_onpolicy_engine_reported", False):
+                return None
+            llm = getattr(getattr(self, "vllm_generation", None), "llm", None)
+            if llm is None:  # server mode: the engine is in another process
+                return None
+            try:
+                from .vllm_plugin.diagnostics import engine_report
+
+                path = self.onpolicy_log.write_engine_report(step, engine_report(llm))
+            except Exception as e:  # noqa: BLE001 -- the report must never hide the mismatch itself
+                logger.warning("onpolicy: could not record what the engine ran at step %d: %s", step, e)
+                return None
+            self._onpolicy_engine_reported = True
+            return path
 
     return OnPolicyGRPOTrainer
 
