@@ -100,3 +100,31 @@ def check_supported(config, dtype: Optional[torch.dtype] = None) -> Family:
     if problems:
         raise UnsupportedModelError(f"{fam.name} model not supported by onpolicy: " + "; ".join(problems))
     return fam
+
+
+WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.pt", "*.pth")
+
+
+def load_model_config(model) -> object:
+    """A local model directory's transformers config, once it is known to be usable: the directory
+    exists, its config reads, the architecture is supported, and it holds weights. Else
+    UnsupportedModelError naming what is wrong (for `onpolicy check` and `onpolicy bench`)."""
+    from pathlib import Path
+
+    from transformers import AutoConfig
+
+    d = Path(model)
+    if not d.exists():
+        raise UnsupportedModelError(f"model path {model} does not exist (give a local directory with config.json "
+                                    "and weights)")
+    if not d.is_dir():
+        raise UnsupportedModelError(f"model path {model} is not a directory (give a local directory with config.json "
+                                    "and weights)")
+    try:
+        cfg = AutoConfig.from_pretrained(model)
+    except Exception as e:  # noqa: BLE001 - any failure here is the user's model directory
+        raise UnsupportedModelError(f"cannot read a transformers config from {model}: {e}") from None
+    check_supported(cfg)
+    if not any(next(d.glob(p), None) for p in WEIGHT_PATTERNS):
+        raise UnsupportedModelError(f"model directory {model} holds no weights ({', '.join(WEIGHT_PATTERNS)})")
+    return cfg

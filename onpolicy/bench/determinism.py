@@ -48,11 +48,11 @@ def logprobs_mode(server_args: list[str]) -> str:
 
 def prepare(model: str) -> tuple[list, int]:
     """Validate the model; (token ids to draw prompts from, one past the largest known id)."""
-    from ..check import CheckError, validate_model
+    from ..families import UnsupportedModelError, load_model_config
 
     try:
-        cfg = validate_model(model)
-    except CheckError as e:
+        cfg = load_model_config(model)
+    except UnsupportedModelError as e:
         raise BenchError(str(e)) from None
     try:
         from transformers import AutoTokenizer

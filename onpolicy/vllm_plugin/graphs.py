@@ -32,15 +32,15 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 import time
 from typing import Callable
 
 import torch
+from onpolicy_kernels import envs
 
 logger = logging.getLogger("vllm.onpolicy")
 
-MAX_ROWS = 256  # decode batches up to this many rows can run from graphs; larger ones eagerly
+MAX_ROWS = envs.DECODE_GRAPH_MAX_ROWS  # decode batches up to this many rows can run from graphs; larger ones eagerly
 ENV = "ONPOLICY_DECODE_GRAPHS"  # 0: the head and sampler run eagerly
 ROWS_ENV = "ONPOLICY_DECODE_GRAPH_ROWS"  # fewer rows (1..MAX_ROWS): fewer graphs, less memory
 
@@ -59,26 +59,11 @@ def buckets(max_rows: int) -> list[int]:
 
 
 def env_enabled() -> bool:
-    v = os.environ.get(ENV, "1").strip().lower()
-    if v in ("1", "true", "yes", "on", ""):
-        return True
-    if v in ("0", "false", "no", "off"):
-        return False
-    raise ValueError(f"{ENV}={v!r}: use 1 (the default: graphs for the LM head and sampler) or 0 (eager)")
+    return envs.ONPOLICY_DECODE_GRAPHS
 
 
 def max_rows_from_env() -> int:
-    v = os.environ.get(ROWS_ENV, "").strip()
-    if not v:
-        return MAX_ROWS
-    try:
-        n = int(v)
-    except ValueError:
-        n = 0
-    if not 1 <= n <= MAX_ROWS:
-        raise ValueError(f"{ROWS_ENV}={v!r}: give the largest decode batch to run from graphs, 1 to {MAX_ROWS} "
-                         f"(or {ENV}=0 for none)")
-    return n
+    return envs.ONPOLICY_DECODE_GRAPH_ROWS
 
 
 def wanted(vllm_config, device, flavour: str) -> tuple[bool, str]:

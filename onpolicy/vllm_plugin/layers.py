@@ -8,6 +8,7 @@ instantiated*, so each supported RoPE class is registered under its own name.
 """
 from __future__ import annotations
 
+import onpolicy_kernels
 import torch
 
 from . import compat
@@ -30,14 +31,14 @@ def _bind_all(cls, fn):
 def _rms_norm_forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
     if getattr(self, "variance_size_override", None) is not None or not getattr(self, "has_weight", True):
         raise OnpolicyVllmError("RMSNorm with var_hidden_size or without weight is not supported")
-    K = compat.kernels()
+    K = onpolicy_kernels
     if residual is None:
         return K.rms_norm(x, self.weight, self.variance_epsilon)
     return K.fused_add_rms_norm(x, residual, self.weight, self.variance_epsilon)
 
 
 def _silu_and_mul_forward(self, x: torch.Tensor) -> torch.Tensor:
-    return compat.kernels().silu_and_mul(x)
+    return onpolicy_kernels.silu_and_mul(x)
 
 
 def _rotary_forward(self, positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor | None = None,

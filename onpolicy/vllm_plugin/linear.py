@@ -25,16 +25,16 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
+import onpolicy_kernels
 import torch
 
-from . import compat
 from .errors import OnpolicyVllmError
 
 QUANT_NAME = "onpolicy"
 
 
 def _linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
-    return compat.kernels().linear(x, weight, bias)
+    return onpolicy_kernels.linear(x, weight, bias)
 
 
 _CLASSES: dict[str, type] = {}

@@ -31,6 +31,7 @@ with VLLM_USE_V2_MODEL_RUNNER=0) and model-runner-V2 as in vLLM 0.26
 """
 from __future__ import annotations
 
+import onpolicy_kernels
 import torch
 
 from . import compat
@@ -151,7 +152,7 @@ def unit_rows(sampler, rows: int, device) -> torch.Tensor:
 
 
 def _log_softmax(logits: torch.Tensor, temperature) -> torch.Tensor:
-    return compat.kernels().log_softmax(logits, temperature)
+    return onpolicy_kernels.log_softmax(logits, temperature)
 
 
 class OnpolicySamplerMixin:

@@ -34,10 +34,11 @@ backward here; the trainer's backward is unchanged (attention.py).
 from __future__ import annotations
 
 import functools
-import os
 from typing import Callable, Optional
 
 import torch
+
+from ... import envs
 
 MODES = ("auto", "triton", "fa3")
 HEAD_SIZES = (128,)  # sizes whose one-query (decode) calls keep FA3's causal KV tiling
@@ -46,10 +47,7 @@ MAX_PAGE = 64  # larger blocks are handed to FA3 as sub-blocks of this size (see
 
 
 def mode() -> str:
-    m = os.environ.get("ONPOLICY_ATTENTION", "auto").lower()
-    if m not in MODES:
-        raise ValueError(f"ONPOLICY_ATTENTION={m!r} is not one of {MODES}")
-    return m
+    return envs.ONPOLICY_ATTENTION
 
 
 @functools.lru_cache(maxsize=None)

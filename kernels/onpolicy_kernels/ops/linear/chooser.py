@@ -52,6 +52,8 @@ from typing import Any, Callable, Optional
 
 import torch
 
+from ... import envs
+
 logger = logging.getLogger("onpolicy_kernels")
 
 ENV = "ONPOLICY_LINEAR_CUBLASLT"
@@ -183,12 +185,8 @@ class PickStore:
 
     @classmethod
     def default(cls, versions: str) -> Optional["PickStore"]:
-        folder = os.environ.get(CACHE_ENV, "").strip()
-        if folder.lower() in ("0", "off", "false", "no"):
-            return None
-        if not folder:
-            folder = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "onpolicy")
-        return cls(os.path.join(folder, f"linear_picks_{versions}.json"))
+        folder = envs.ONPOLICY_LINEAR_CACHE
+        return None if folder is None else cls(os.path.join(folder, f"linear_picks_{versions}.json"))
 
     def _warn(self, what: str, e: Exception) -> None:
         if not self._warned:
@@ -401,15 +399,15 @@ def snapshot() -> dict:
     picks = {} if ch is None else {
         f"{n}x{k} {str(dtype).removeprefix('torch.')} @ M<={b}": c.label
         for (_dev, dtype, n, k, b), c in ch.buckets.items()}
-    return {"env": os.environ.get(ENV), "cublaslt": ch is not None and ch.lt is not None, "picks": picks,
+    return {"env": envs.ONPOLICY_LINEAR_CUBLASLT, "cublaslt": ch is not None and ch.lt is not None, "picks": picks,
             "digest": hashlib.sha1(json.dumps(picks, sort_keys=True).encode()).hexdigest()[:12]}
 
 
 def enabled(device: torch.device, hopper: bool) -> bool:
-    flag = os.environ.get(ENV, "").strip().lower()
-    if device.type != "cuda" or flag in ("0", "false", "off", "no"):
+    flag = envs.ONPOLICY_LINEAR_CUBLASLT  # None: unset
+    if device.type != "cuda" or flag is False:
         return False
-    return hopper or flag in ("1", "true", "on", "yes")
+    return hopper or flag is True
 
 
 def chooser(triton: Callable) -> Optional[Chooser]:
