@@ -4,7 +4,7 @@
 
 vLLM replays a decode step's model as one CUDA graph, then runs the LM head and the
 sampler eagerly: their cost on the host (Python, dispatch, kernel launch) is paid at
-every step, and the engine is host-bound at the loads issue 12 measures (gpu_vllm.py
+every step, and the engine is host-bound at the loads issue 12 measures (bench_vllm.py
 timeline). This prints, per op, the median host time of one call -- from the call to
 its return, the GPU idle before it (a synchronize) so that no queue wait is counted --
 for onpolicy's op, its parts (the registered custom op, the implementation called

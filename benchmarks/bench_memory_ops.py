@@ -6,8 +6,7 @@ For each op: the fewest bytes it must move (each input read once, each output
 written once), its time (CUDA-graph replay; tensors far larger than L2), the
 achieved GB/s, that as a share of a device-to-device copy measured in the same
 run (bytes read + written), and the same for the plain-PyTorch equivalent
-(eager, not invariant) for context, and -- where vLLM is importable (the GPU
-bundle, ../shared/gpu) -- vLLM's own fused CUDA ops (`torch.ops._C`: rms_norm,
+(eager, not invariant) for context, and -- where vLLM is importable -- vLLM's own fused CUDA ops (`torch.ops._C`: rms_norm,
 fused_add_rms_norm, rotary_embedding, silu_and_mul; the in-place ones run on
 their buffers in place). Datasheet: H100 SXM ~3.35 TB/s, H200 ~4.8 TB/s.
 """

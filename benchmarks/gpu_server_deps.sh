@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Part c of the GPU bundle: what vLLM 0.26's OpenAI server imports that ../shared/gpu's bundle lacks
+# For a GPU machine without network access that has vLLM 0.26 from a bundle of wheels: what vLLM's OpenAI
+# server imports beyond vLLM itself
 # (found by running `onpolicy bench determinism` there: uvicorn, then model_hosting_container_standards).
 # Build here:   bash benchmarks/gpu_server_deps.sh            (writes .gpu/c, ~6 MB)
 # Use there:    carry [".gpu/b", ".gpu/c"]; source .gpu/b/setup.sh; source .gpu/c/setup.sh

@@ -1,6 +1,6 @@
 """Tables over repeated GPU benchmark runs, read back from their outputs (the machine is noisy run to run).
 
-    python3 benchmarks/summarize_runs.py throughput LOG...   # gpu_vllm.py throughput logs (THROUGHPUT lines)
+    python3 benchmarks/summarize_runs.py throughput LOG...   # bench_vllm.py throughput logs (THROUGHPUT lines)
     python3 benchmarks/summarize_runs.py linear OUT...       # bench_linear.py outputs, one per run
 
 throughput: per load and configuration the runs' count, mean, median, min and max tok/s, and each
@@ -28,7 +28,7 @@ def throughput(paths: list[str]) -> None:
             if m:
                 runs[m.group(2)][m.group(1)].append(int(m.group(3)))
     if not runs:
-        raise SystemExit("no THROUGHPUT lines in the logs given (gpu_vllm.py throughput writes them)")
+        raise SystemExit("no THROUGHPUT lines in the logs given (bench_vllm.py throughput writes them)")
     print("| load | configuration | runs | mean tok/s | median | min | max | mean / default (+- s.e.) "
           "| median / default |")
     print("|---|---|---|---|---|---|---|---|---|")

@@ -6,9 +6,9 @@ heuristic for algorithms with no workspace (so no split-K reduction buffer and n
 stream-K fix-up buffer) and keeps only those whose configuration reports
 SPLITK_NUM == 1 and REDUCTION_SCHEME == NONE. Such a kernel's output element is
 one fp32 dot product over K in order; on Hopper that gave the same bits as the
-Triton kernel (../shared/notes/vllm-facts.md, "Matmul bits on the GPU"). That is
+Triton kernel (benchmarks/RESULTS.md, "Linear vs cuBLAS"; benchmarks/linear_every_m.py). That is
 a measured fact about the kernels, not a cuBLAS promise, so the caller
-(linear_choice.py) uses an algorithm only after checking its bits against the Triton kernel.
+(chooser.py) uses an algorithm only after checking its bits against the Triton kernel.
 
 The library is the libcublasLt that torch itself loaded (found in /proc/self/maps),
 so its version is torch's.

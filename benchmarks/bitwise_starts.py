@@ -8,10 +8,10 @@ bitwise equal (torch.equal of the fp32 logprobs) at every temperature. Each star
 also records what the engine ran: the linear chooser's pick per (weight shape, M
 bucket), the compile counters, the decode graphs' captures and replays.
 
-    python3 benchmarks/bench_bitwise_starts.py make DIR --family llama_tied [--layers 4]
-    python3 benchmarks/bench_bitwise_starts.py run --model qwen3=DIR1 --model llama_tied=DIR2 \
+    python3 benchmarks/bitwise_starts.py make DIR --family llama_tied [--layers 4]
+    python3 benchmarks/bitwise_starts.py run --model qwen3=DIR1 --model llama_tied=DIR2 \
         --configs shipped,cublaslt_off,graphs_off,off --starts 10 --parallel 4 --out OUT
-    python3 benchmarks/bench_bitwise_starts.py table OUT/starts.jsonl
+    python3 benchmarks/bitwise_starts.py table OUT/starts.jsonl
 
 Configurations (`--configs shipped:10,cublaslt_off:3,off`): shipped (defaults), cublaslt_off (ONPOLICY_LINEAR_CUBLASLT=0),
 graphs_off (ONPOLICY_DECODE_GRAPHS=0), picks_timed (ONPOLICY_LINEAR_CACHE=0: every start

@@ -1,6 +1,6 @@
 """Trainer side on the GPU at a Qwen3-1.7B-like shape (issue 4): bitwise properties + step time/memory.
 
-    python benchmarks/gpu_trainer.py [--layers 28] [--batch 8] [--seq 512] [--profile] [--skip-checks]
+    python benchmarks/bench_trainer.py [--layers 28] [--batch 8] [--seq 512] [--profile] [--skip-checks]
                                      [--routes triton,fa3]
 
 Checks (torch.equal): one full-sequence forward == prefill + token-by-token
@@ -13,7 +13,7 @@ times the patched model once per attention route (ONPOLICY_ATTENTION), all
 interleaved in the same rounds.
 --profile adds, for one step of each, the GPU kernels that take the most time.
 --timeline adds, for one step of each: the GPU's busy time against the step's span, its
-idle gaps and what the host did meanwhile (gpu_vllm.py's analysis), the host time to
+idle gaps and what the host did meanwhile (bench_vllm.py's analysis), the host time to
 enqueue the forward and the backward (no sync), and the host syncs the patched step makes
 (torch.cuda sync debug mode) with the line of ours that made each.
 """
@@ -181,7 +181,7 @@ def profile_step(model, ids, mask, patched, top=22):
 
 
 def timeline_step(model, ids, mask, patched, top=10):
-    """One step under torch.profiler, analysed as gpu_vllm.py's timeline; then enqueue times."""
+    """One step under torch.profiler, analysed as bench_vllm.py's timeline; then enqueue times."""
     import json
     import os
     import sys

@@ -1,6 +1,6 @@
 """`onpolicy check` at the Qwen3-1.7B shape on the GPU machine (issue 10), three ways.
 
-    python3 benchmarks/gpu_check.py MODEL_DIR OUT_DIR [--tp 2]
+    python3 benchmarks/bitwise_check.py MODEL_DIR OUT_DIR [--tp 2]
 
 1. plugin on: `onpolicy check --model M --prompts 64 --max-tokens 32 --json` (must be 100%);
 2. plugin on, trainer perturbed (layer 13's post-attention norm epsilon) through run_check's

@@ -1,13 +1,13 @@
 """vLLM adapter on the GPU machine (issue 5): bitwise acceptance and throughput, real vLLM 0.26.
 
-    python benchmarks/gpu_vllm.py make MODEL_DIR [--family qwen3|qwen2|llama] [--layers N]
-    python benchmarks/gpu_vllm.py accept MODEL_DIR           # plugin on: sampler vs trainer, batch invariance
-    python benchmarks/gpu_vllm.py throughput MODEL_DIR CONF [NxT,...]  # CONF: default | batch_invariant | onpolicy;
+    python benchmarks/bench_vllm.py make MODEL_DIR [--family qwen3|qwen2|llama] [--layers N]
+    python benchmarks/bench_vllm.py accept MODEL_DIR           # plugin on: sampler vs trainer, batch invariance
+    python benchmarks/bench_vllm.py throughput MODEL_DIR CONF [NxT,...]  # CONF: default | batch_invariant | onpolicy;
                                                                   # NxT: prompts x tokens, default 1000x100
-    python benchmarks/gpu_vllm.py profile MODEL_DIR CONF [NxT]    # top GPU kernels under torch.profiler
-    python benchmarks/gpu_vllm.py hostprofile MODEL_DIR CONF [NxT] # host (Python) time by function, cProfile
-    python benchmarks/gpu_vllm.py steptimes MODEL_DIR CONF [NxT]   # host time per step in the runner's calls
-    python benchmarks/gpu_vllm.py timeline MODEL_DIR CONF [NxT]    # GPU idle gaps, blocking calls, host ops in gaps
+    python benchmarks/bench_vllm.py profile MODEL_DIR CONF [NxT]    # top GPU kernels under torch.profiler
+    python benchmarks/bench_vllm.py hostprofile MODEL_DIR CONF [NxT] # host (Python) time by function, cProfile
+    python benchmarks/bench_vllm.py steptimes MODEL_DIR CONF [NxT]   # host time per step in the runner's calls
+    python benchmarks/bench_vllm.py timeline MODEL_DIR CONF [NxT]    # GPU idle gaps, blocking calls, host ops in gaps
 
 `accept` samples 64 prompts x 32 tokens at T=1.0 and T=0.7 with the onpolicy
 plugin (CUDA graphs and torch.compile as vLLM defaults them), recomputes every
