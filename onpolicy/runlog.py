@@ -100,11 +100,17 @@ class RunLog:
         path.write_text(json.dumps(report, indent=1, default=str) + "\n")
         return path
 
+    def finish(self) -> None:
+        """The end record, `{"event": "finished", "time": ...}`: the run ended (the dashboard shows it
+        finished rather than stopped). Steps written after it (a resumed run) reopen the run."""
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"event": "finished", "time": time.time()}) + "\n")
+
     def truncate_after(self, step: int) -> None:
-        """Drop the records of steps after `step` (a resumed run redoes them)."""
+        """Drop the records of steps after `step`, and the end record (a resumed run redoes them)."""
         if self.path.exists():
             keep = [ln for ln in self.path.read_text().splitlines()
-                    if ln.strip() and json.loads(ln).get("step", 0) <= step]
+                    if ln.strip() and "step" in json.loads(ln) and json.loads(ln)["step"] <= step]
             tmp = self.path.with_suffix(".jsonl.tmp")
             tmp.write_text("".join(ln + "\n" for ln in keep))
             tmp.rename(self.path)
@@ -124,3 +130,8 @@ class RunLog:
             tmp = self.dir / "tokens" / f".step_{step:06d}.json.tmp"
             tmp.write_text(json.dumps({"step": int(step), "samples": _clean(samples[: self.max_samples])}))
             tmp.rename(self.dir / "tokens" / f"step_{step:06d}.json")
+
+
+def read_steps(path) -> list[dict]:
+    """The step records of a metrics.jsonl, in order (the end record and other events left out)."""
+    return [r for r in (json.loads(ln) for ln in Path(path).read_text().splitlines() if ln.strip()) if "step" in r]

@@ -275,7 +275,10 @@ def make_trainer_class():
             if self.accelerator.is_main_process:  # the one process that writes the run's records
                 self.onpolicy_log = RunLog.open(self.onpolicy_run_dir, overwrite=self.onpolicy_overwrite,
                                                 resume_step=resume_step)
-            return super().train(resume_from_checkpoint, *args, **kwargs)
+            out = super().train(resume_from_checkpoint, *args, **kwargs)
+            if self.accelerator.is_main_process and self.onpolicy_log is not None:
+                self.onpolicy_log.finish()  # the end record: the dashboard shows the run finished
+            return out
 
         def _verify_plugin(self):
             """The engine TRL built must run on onpolicy (layers, attention, sampler), or the run fails now,

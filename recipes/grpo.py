@@ -262,12 +262,12 @@ def reward_rise(rows, k: int = 3):
 
 
 def summary(paths, max_rows: int = 24):
-    import json
-
     from rich.console import Console
     from rich.table import Table
 
-    runs = [(name, [json.loads(line) for line in Path(p).read_text().splitlines()]) for name, p in paths]
+    from onpolicy.runlog import read_steps
+
+    runs = [(name, read_steps(p)) for name, p in paths]
     longest = max((len(rows) for _, rows in runs), default=0)
     every = 1 if longest <= max_rows else 10  # long runs: the first 3 steps, every 10th, the last 3
     table = Table(title="onpolicy GRPO: sampler vs trainer, per step",

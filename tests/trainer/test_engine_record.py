@@ -60,3 +60,23 @@ def test_overwriting_a_run_dir_removes_its_engine_reports(tmp_path):
     log.write_engine_report(1, [{}])
     RunLog.open(tmp_path, overwrite=True)
     assert not list(tmp_path.glob("engine_step*.json"))
+
+
+def test_the_end_record_closes_a_run_and_a_resume_reopens_it(tmp_path):
+    """`{"event": "finished"}` after the last step (the dashboard's "finished"); readers of steps skip it;
+    resuming drops it with the steps after the checkpoint."""
+    from onpolicy.dashboard.sources import JsonlSource
+    from onpolicy.runlog import RunLog, read_steps
+
+    log = RunLog(tmp_path)
+    for s in (1, 2, 3):
+        log.log_step(s, {"tokens": 4, "bitwise_equal_frac": 1.0})
+    log.finish()
+    assert [r["step"] for r in read_steps(log.path)] == [1, 2, 3]
+    last = json.loads(log.path.read_text().splitlines()[-1])
+    assert last["event"] == "finished" and last["time"] > 0
+    src = JsonlSource(log.path)
+    src.read_new()
+    assert src.finished is not None
+    RunLog.open(tmp_path, resume_step=2)
+    assert [json.loads(x).get("step") for x in log.path.read_text().splitlines()] == [1, 2]
