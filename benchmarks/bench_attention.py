@@ -31,6 +31,12 @@ import torch
 import torch.nn.functional as F
 
 import onpolicy_kernels.ops.attention as A  # the module (the package exports the function `attention`)
+
+import onpolicy_kernels.ops.attention.common as AC
+
+import onpolicy_kernels.ops.attention.paged as AP
+
+import onpolicy_kernels.ops.attention.triton_kernels as AT
 import onpolicy_kernels.ops.attention.fa3 as FA
 
 
@@ -129,9 +135,9 @@ def gpu(quick: bool, dry: bool = False):
             base, label = gqa_baseline(qs, k, v, True)
             t_ours = bench(lambda: A.attention(q, kc, vc, bt, cu, sl, scale))
             t_cont = bench(lambda: A.attention_contiguous(q, kp, vp, cu, scale))
-            view = A._as_pages(kp, vp, cu)
-            t_kern = bench(lambda: A._attention_triton(q, view[0], view[1], view[2], cu, view[3], scale, True))
-            t_copy = bench(lambda: A._attention_impl(q, *A._copy_to_pages(kp, vp, cu)[:3], cu,
+            view = AP._as_pages(kp, vp, cu)
+            t_kern = bench(lambda: AT._attention_triton(q, view[0], view[1], view[2], cu, view[3], scale, True))
+            t_copy = bench(lambda: A._attention_impl(q, *AP._copy_to_pages(kp, vp, cu)[:3], cu,
                                                      (cu[1:] - cu[:-1]).int(), scale, True))
             t_sdpa = bench(base)
             flops = 4 * B * Hq * D * L * L / 2
@@ -164,8 +170,8 @@ def gpu(quick: bool, dry: bool = False):
             t_gath = bench(gather_sdpa)
             gbs = 2 * B * L * Hkv * D * 2 / t_ours / 1e6
             args = (q, kc, vc, bt, cu, sl, scale, True)
-            t_one = bench(lambda: A._attention_triton(*args, split=False))
-            same = torch.equal(A._attention_triton(*args, split=True), A._attention_triton(*args, split=False))
+            t_one = bench(lambda: AT._attention_triton(*args, split=False))
+            same = torch.equal(AT._attention_triton(*args, split=True), AT._attention_triton(*args, split=False))
             print(f"| {Hq}/{Hkv}/{D} | {B} x {L} | {t_ours:.3f} | {t_sdpa:.3f} ({label}) | {t_gath:.3f} | "
                   f"{t_sdpa / t_ours:.2f} | {t_gath / t_ours:.2f} | {gbs:.0f} | {t_one:.3f} | "
                   f"{'yes' if same else 'NO'} |")
@@ -196,21 +202,21 @@ def gpu(quick: bool, dry: bool = False):
     print("|---|---|---|---|---|")
     Hq, Hkv, D = heads[0]
     variants = [(64, 64, 4, 3), (128, 64, 8, 2), (16, 64, 4, 2), (32, 64, 4, 2), (64, 32, 4, 2)]
-    shipped = (A.Q_TILE, A.KV_TILE, A.NUM_WARPS, A.NUM_STAGES)
+    shipped = (AC.Q_TILE, AC.KV_TILE, AC.NUM_WARPS, AC.NUM_STAGES)
     for name, (B, L, ql) in cases.items():
         kc, vc, bt = paged_cache(B, L, Hkv, D, dtype, dev)
         q = torch.randn(B * ql, Hq, D, device=dev).to(dtype)
         cu = torch.arange(0, B * ql + 1, ql, dtype=torch.int32, device=dev)
         sl = torch.full((B,), L, dtype=torch.int32, device=dev)
         args = (q, kc, vc, bt, cu, sl, D ** -0.5, True)
-        base = A._attention_triton(*args)
-        t_base = bench(lambda: A._attention_triton(*args))
+        base = AT._attention_triton(*args)
+        t_base = bench(lambda: AT._attention_triton(*args))
         for cfg in variants:
             if cfg == shipped:
                 continue
             try:
-                out = A._attention_triton(*args, config=cfg)
-                t = bench(lambda: A._attention_triton(*args, config=cfg))
+                out = AT._attention_triton(*args, config=cfg)
+                t = bench(lambda: AT._attention_triton(*args, config=cfg))
                 same = torch.equal(out, base)
                 print(f"| {name} | {cfg} | {t:.3f} | {t_base:.3f} | {'yes' if same else 'NO'} |")
             except Exception as e:  # noqa: BLE001 - e.g. out of shared memory
@@ -240,7 +246,7 @@ def fa3_table(bench, heads, prefill, decode, dtype, dev):
                 cu = torch.arange(0, B * ql + 1, ql, dtype=torch.int32, device=dev)
                 sl = torch.full((B,), L, dtype=torch.int32, device=dev)
                 args = (q, kc, vc, bt, cu, sl, D ** -0.5)
-                t_tri = bench(lambda: A._attention_triton(*args, True))
+                t_tri = bench(lambda: AT._attention_triton(*args, True))
                 t_fa3 = bench(lambda: FA.paged(*args, ql))
                 print(f"| {kind} | {Hq}/{Hkv}/{D} | {B} x {L} | {t_tri:.3f} | {t_fa3:.3f} | {t_tri / t_fa3:.2f} |")
                 del kc, vc

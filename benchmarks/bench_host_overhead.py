@@ -30,7 +30,7 @@ from onpolicy.vllm_plugin.graphs import RowGraphs  # noqa: E402
 
 # the modules (the package's `linear` / `log_softmax` attributes are the functions)
 import onpolicy_kernels.ops.linear as L
-import onpolicy_kernels.ops.linear.triton as LT  # the Triton kernels and their tile table
+import onpolicy_kernels.ops.linear.triton_kernels as LT  # the Triton kernels and their tile table
 import onpolicy_kernels.ops.logprobs as P
 
 HIDDEN, VOCAB = 2048, 151936  # Qwen3-1.7B

@@ -20,7 +20,7 @@ import torch
 from onpolicy_kernels.ops.linear import cublaslt as lt
 from onpolicy_kernels.ops.linear import chooser as C
 
-import onpolicy_kernels.ops.linear.triton as LT  # the Triton kernels and their tile table
+import onpolicy_kernels.ops.linear.triton_kernels as LT  # the Triton kernels and their tile table
 
 SHAPES = {  # (N, K) of the projections without bias and the LM head
     "llama": [(3072, 2048), (2048, 2048), (16384, 2048), (2048, 8192), (128256, 2048)],  # Llama-3.2-1B

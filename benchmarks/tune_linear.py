@@ -24,7 +24,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import MS, SHAPES, copies_for, device_line, time_calls  # noqa: E402
 
-from onpolicy_kernels.ops.linear.triton import SAFE_TILE, linear_triton, tile_for  # noqa: E402
+from onpolicy_kernels.ops.linear.triton_kernels import SAFE_TILE, linear_triton, tile_for  # noqa: E402
 
 SMEM_LIMIT = 227 * 1024
 

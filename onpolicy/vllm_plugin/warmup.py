@@ -1,7 +1,7 @@
 """Warming an engine up before it serves: every linear kernel compiled, every chooser bucket tuned.
 
 vLLM's own warm-up runs a few batch sizes; the invariant linear picks its Triton tile
-per M bucket (onpolicy_kernels.ops.linear.triton) and, on Hopper, a verified cuBLASLt
+per M bucket (onpolicy_kernels.ops.linear.triton_kernels) and, on Hopper, a verified cuBLASLt
 algorithm or the Triton kernel per M bucket (onpolicy_kernels.ops.linear.chooser). A
 bucket vLLM never ran would compile or tune on first use -- seconds inside a live
 rollout, or inside a CUDA-graph capture, where tuning cannot run. This plans one call
@@ -16,7 +16,7 @@ import torch
 
 from onpolicy_kernels import linear
 from onpolicy_kernels.ops.linear import chooser, chooser_for
-from onpolicy_kernels.ops.linear.triton import tile_for
+from onpolicy_kernels.ops.linear.triton_kernels import tile_for
 
 logger = logging.getLogger("vllm.onpolicy")
 

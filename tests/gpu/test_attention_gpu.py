@@ -27,6 +27,9 @@ pytestmark = [
 
 if torch.cuda.is_available():
     import onpolicy_kernels.ops.attention as A
+    import onpolicy_kernels.ops.attention.backward as AB
+    import onpolicy_kernels.ops.attention.common as AC
+    import onpolicy_kernels.ops.attention.triton_kernels as AT
     import onpolicy_kernels.ops.attention.fa3 as FA
 
 DEV = "cuda"
@@ -153,13 +156,13 @@ def test_split_kv_launch_equals_one_pass(shape, dtype, route):
     L = 2000
     q, k, v = seq(L, Hq, Hkv, D, dtype, 3)
     pre = paged([(k, v)], [L], [q], 16, 1)
-    one = A._attention_triton(*pre, 0.088, True, split=False)
-    assert torch.equal(A._attention_triton(*pre, 0.088, True, split=True), one)
-    S = A.KV_SPLIT
+    one = AT._attention_triton(*pre, 0.088, True, split=False)
+    assert torch.equal(AT._attention_triton(*pre, 0.088, True, split=True), one)
+    S = AC.KV_SPLIT
     pos = sorted({0, S - 1, S, S + 1, 3 * S, 1000, L - 1})
     dec = paged([(k[:i + 1], v[:i + 1]) for i in pos], [1] * len(pos), [q[i:i + 1] for i in pos], 16, 2)
     for split in (True, False, None):
-        assert torch.equal(A._attention_triton(*dec, 0.088, True, split=split), one[pos]), split
+        assert torch.equal(AT._attention_triton(*dec, 0.088, True, split=split), one[pos]), split
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -281,7 +284,7 @@ def test_gradients_vs_float64(route):
 
     expect = grads(torch.float64, reference)
     # bf16 takes PyTorch's FlashAttention varlen backward (fp32 the SDPA route)
-    assert A._flash_ok(base[0].to(torch.bfloat16)) and A.flash_max_len(cu, T) > 1
+    assert AB._flash_ok(base[0].to(torch.bfloat16)) and AB.flash_max_len(cu, T) > 1
     cases = ((torch.float32, 1e-3), (torch.bfloat16, 3e-2)) if route == "triton" else ((torch.bfloat16, 3e-2),)
     for dtype, tol in cases:
         got = grads(dtype, lambda q, k, v: A.attention_contiguous(q, k, v, cu, 0.088))
@@ -295,7 +298,7 @@ def test_gradients_single_token_and_empty_sequences():
     one-query path fails there); the gradients still match float64."""
     Hq, Hkv, D = 16, 8, 128
     cu = torch.tensor([0, 0, 1], dtype=torch.int32, device=DEV)
-    assert A.flash_max_len(cu, 1) == 1  # the SDPA route
+    assert AB.flash_max_len(cu, 1) == 1  # the SDPA route
     g = gen(1)
     base = [torch.randn(1, H, D, generator=g, device=DEV) for H in (Hq, Hkv, Hkv)]
     w = torch.randn(1, Hq, D, generator=g, device=DEV)

@@ -17,7 +17,7 @@ from onpolicy_kernels import linear
 from onpolicy_kernels.ops.linear import chooser as C
 
 import onpolicy_kernels.ops.linear as L
-import onpolicy_kernels.ops.linear.triton as LT  # the Triton kernels and their tile table
+import onpolicy_kernels.ops.linear.triton_kernels as LT  # the Triton kernels and their tile table
 
 # (K, N): Qwen3-1.7B and -8B projections (qkv, o, gate_up, down) and the LM head.
 SHAPES = [(2048, 4096), (2048, 2048), (2048, 12288), (6144, 2048),

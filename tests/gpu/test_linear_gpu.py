@@ -10,7 +10,7 @@ import torch
 
 from _gpu_util import pytestmark, require_compiled_triton  # noqa: F401
 from onpolicy_kernels import linear
-from onpolicy_kernels.ops.linear.triton import tile_for
+from onpolicy_kernels.ops.linear.triton_kernels import tile_for
 
 DIMS = (2048, 4096, 6144, 151936)
 # Every (K, N) pair from DIMS with at most one 151936 (the vocab size appears as N

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from _gpu_util import is_hopper, pytestmark, require_compiled_triton  # noqa: F401
-from onpolicy_kernels.ops.linear.triton import HOPPER_TILES, SAFE_TILE, linear_triton
+from onpolicy_kernels.ops.linear.triton_kernels import HOPPER_TILES, SAFE_TILE, linear_triton
 
 ENTRIES = list(HOPPER_TILES)
 # (K, N, dtype, Ms, bias)

@@ -18,6 +18,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import onpolicy_kernels.ops.attention as A  # the module (the package exports the function `attention`)
+
+import onpolicy_kernels.ops.attention.backward as AB
+
+import onpolicy_kernels.ops.attention.common as AC
+
+import onpolicy_kernels.ops.attention.paged as AP
+
+import onpolicy_kernels.ops.attention.triton_kernels as AT
 from onpolicy_kernels._triton import HAS_TRITON
 
 INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
@@ -141,11 +149,11 @@ def test_split_choice_depends_on_shapes_only():
     """The GPU launch choice: split-KV for decode of few sequences on a long cache, one pass
     when the tiles fill the SMs, the cache holds one split, or the partials would be large."""
     sms = 132
-    assert A.use_split(programs=8 * 8, n_split=16, row_elems=8 * 16 * 128, sms=sms)  # 8 decodes, 8 KV heads
-    assert not A.use_split(programs=66 * 8, n_split=16, row_elems=64 * 16 * 128, sms=sms)  # 64 decodes
-    assert not A.use_split(programs=8, n_split=1, row_elems=16 * 128, sms=sms)  # cache of <= 256 positions
-    assert not A.use_split(programs=8, n_split=1 << 12, row_elems=1 << 13, sms=sms)  # partials too big
-    assert A.use_split(programs=66, n_split=2, row_elems=1, sms=sms) and not A.use_split(67, 2, 1, sms)
+    assert AT.use_split(programs=8 * 8, n_split=16, row_elems=8 * 16 * 128, sms=sms)  # 8 decodes, 8 KV heads
+    assert not AT.use_split(programs=66 * 8, n_split=16, row_elems=64 * 16 * 128, sms=sms)  # 64 decodes
+    assert not AT.use_split(programs=8, n_split=1, row_elems=16 * 128, sms=sms)  # cache of <= 256 positions
+    assert not AT.use_split(programs=8, n_split=1 << 12, row_elems=1 << 13, sms=sms)  # partials too big
+    assert AT.use_split(programs=66, n_split=2, row_elems=1, sms=sms) and not AT.use_split(67, 2, 1, sms)
 
 
 @pytest.mark.skipif(not (HAS_TRITON and INTERPRETING), reason="the Triton path; runs under TRITON_INTERPRET=1")
@@ -153,18 +161,18 @@ def test_split_kv_launch_equals_one_pass():
     """The GPU path's two launches, KV splits in separate programs folded by a second kernel
     (what small decode batches use) and one program per query tile: the same bits, for
     rows at and around split edges, in prefill, a chunk and decode."""
-    Hq, Hkv, D, L = 4, 2, 64, 2 * A.KV_SPLIT + 40
+    Hq, Hkv, D, L = 4, 2, 64, 2 * AC.KV_SPLIT + 40
     for dtype in (torch.float16, torch.float32):
         q, k, v = make_seq(L, Hq, Hkv, D, dtype, 5)
 
         def run(batch, split):
-            return A._attention_triton(batch.q, batch.k_cache, batch.v_cache, batch.block_table, batch.cu,
+            return AT._attention_triton(batch.q, batch.k_cache, batch.v_cache, batch.block_table, batch.cu,
                                        batch.seq_lens, 0.125, True, split=split)
 
         whole = Batch([(k, v)], [L], [q], 16, seed=1)
         ref = run(whole, False)
         assert torch.equal(run(whole, True), ref), dtype
-        S = A.KV_SPLIT
+        S = AC.KV_SPLIT
         pos = [0, S - 1, S, S + 1, 2 * S - 1, 2 * S, L - 1]
         dec = Batch([(k[:i + 1], v[:i + 1]) for i in pos], [1] * len(pos), [q[i:i + 1] for i in pos], 32, seed=2)
         for split in (True, False):
@@ -268,7 +276,7 @@ def test_out_buffer(backend):
     if backend == "triton":  # both GPU launches write through `out`'s strides
         for split in (True, False):
             out = wide[:, 1:].fill_(float("nan"))
-            A._attention_triton(*args, True, split=split, out=out)
+            AT._attention_triton(*args, True, split=split, out=out)
             assert torch.equal(out, ref), split
     for bad in (torch.empty(2, Hq, D, dtype=torch.float64), torch.empty(3, Hq, D, dtype=dtype),
                 torch.empty(2, D, Hq, dtype=dtype).transpose(1, 2)):
@@ -308,11 +316,11 @@ def test_trainer_contiguous_equals_paged_sampler(backend, monkeypatch):
         assert torch.equal(trainer, paged), dtype
         # The block table sized by the widest sequence (the path for huge packs) and the
         # copy into blocks of 16 (the benchmark's alternative) give the same bits.
-        max_table = A.MAX_TABLE
-        monkeypatch.setattr(A, "MAX_TABLE", 1)
+        max_table = AP.MAX_TABLE
+        monkeypatch.setattr(AP, "MAX_TABLE", 1)
         assert torch.equal(A.attention_contiguous(qc, kc, vc, cu, 0.125), trainer)
-        monkeypatch.setattr(A, "MAX_TABLE", max_table)
-        pk, pv, pbt, psl = A._copy_to_pages(kc, vc, cu)
+        monkeypatch.setattr(AP, "MAX_TABLE", max_table)
+        pk, pv, pbt, psl = AP._copy_to_pages(kc, vc, cu)
         assert torch.equal(A._attention_impl(qc, pk, pv, pbt, cu, psl, 0.125, True), trainer)
         # Sampler's view of sequence 2: decodes of a few positions, batched with other sequences.
         q, k, v = seqs[2]
@@ -346,7 +354,7 @@ def test_gradients_match_float64(backend):
         outs = [ref_attention(q[s:e], k[s:e], v[s:e], e - s, 0.2) for s, e in zip(cu[:-1].tolist(), cu[1:].tolist())]
         return torch.cat(outs)
 
-    std = A.standard_attention(q0, k0, v0, cu, 0.2)
+    std = AB.standard_attention(q0, k0, v0, cu, 0.2)
     assert (std.double() - ref(q0, k0, v0)).abs().max() < 1e-5
 
     expect = grads(q0.double(), k0.double(), v0.double(), ref)
@@ -510,7 +518,7 @@ def test_flash_backward_grid_bound():
     """The flash backward's max length: T (no host sync) for moderate batches, the exact
     longest sequence where T would make a mostly-empty grid."""
     cu = torch.tensor([0, 5, 5, 12], dtype=torch.int32)
-    assert A.flash_max_len(cu, 12) == 12
-    big = A.FLASH_GRID_MAX  # 3 sequences x T > FLASH_GRID_MAX: exact
+    assert AB.flash_max_len(cu, 12) == 12
+    big = AB.FLASH_GRID_MAX  # 3 sequences x T > FLASH_GRID_MAX: exact
     cu = torch.tensor([0, 7, big // 2, big], dtype=torch.int32)
-    assert A.flash_max_len(cu, big) == big // 2
+    assert AB.flash_max_len(cu, big) == big // 2

@@ -13,6 +13,10 @@ import pytest
 import torch
 
 import onpolicy_kernels.ops.attention as A
+
+import onpolicy_kernels.ops.attention.cpu as ACPU
+
+import onpolicy_kernels.ops.attention.paged as AP
 import onpolicy_kernels.ops.attention.fa3 as FA
 
 
@@ -57,7 +61,7 @@ def _paged_queries(lens, q_lens, seed=1):
     16, each with its last q_lens[b] positions as queries."""
     q, k, v = _seqs(lens, 4, 2, 64, seed)
     cu_k = [0] + torch.tensor(lens).cumsum(0).tolist()
-    pk, pv, table, seq_lens = A._copy_to_pages(k, v, torch.tensor(cu_k, dtype=torch.int32), 16)
+    pk, pv, table, seq_lens = AP._copy_to_pages(k, v, torch.tensor(cu_k, dtype=torch.int32), 16)
     rows = torch.cat([torch.arange(e - n, e) for e, n in zip(cu_k[1:], q_lens)])
     cu_q = torch.tensor([0] + torch.tensor(q_lens).cumsum(0).tolist(), dtype=torch.int32)
     return q[rows], pk, pv, table, cu_q, seq_lens
@@ -71,7 +75,7 @@ def fake_fa3(monkeypatch):
     def paged(q, k_cache, v_cache, block_table, cu, seq_lens, scale, max_seqlen_q, out=None, schedule=None):
         calls.append(dict(block_size=k_cache.shape[1], table=block_table, cu=cu, seq_lens=seq_lens,
                           max_seqlen_q=max_seqlen_q, blocks=k_cache.shape[0], out=out, schedule=schedule))
-        res = A._attention_cpu(q, k_cache, v_cache, block_table, cu, seq_lens, scale, True)
+        res = ACPU._attention_cpu(q, k_cache, v_cache, block_table, cu, seq_lens, scale, True)
         return res if out is None else out.copy_(res)
 
     monkeypatch.setenv("ONPOLICY_KERNELS_BACKEND", "cpu")
@@ -132,7 +136,7 @@ def test_vllm_call_hands_fa3_the_shared_schedule_and_buffer(fake_fa3, monkeypatc
 def test_non_causal_calls_stay_off_fa3(fake_fa3):
     lens = [20]
     q, k, v = _seqs(lens, 2, 2, 64, 2)
-    pk, pv, table, seq_lens = A._copy_to_pages(k, v, torch.tensor([0, 20], dtype=torch.int32), 16)
+    pk, pv, table, seq_lens = AP._copy_to_pages(k, v, torch.tensor([0, 20], dtype=torch.int32), 16)
     A.attention(q, pk, pv, table, torch.tensor([0, 20], dtype=torch.int32), seq_lens, 0.125, causal=False)
     assert fake_fa3 == []
 
@@ -182,7 +186,7 @@ def test_query_bound_below_the_longest_query_is_an_error():
     lens, q_lens = [40, 7], [40, 1]
     q, k, v = _seqs(lens, 4, 2, 64, 4)
     cu_k = [0, 40, 47]
-    pk, pv, table, seq_lens = A._copy_to_pages(k, v, torch.tensor(cu_k, dtype=torch.int32), 16)
+    pk, pv, table, seq_lens = AP._copy_to_pages(k, v, torch.tensor(cu_k, dtype=torch.int32), 16)
     rows = torch.cat([torch.arange(e - n, e) for e, n in zip(cu_k[1:], q_lens)])
     cu_q = torch.tensor([0, 40, 41], dtype=torch.int32)
     with pytest.raises(ValueError, match="max_seqlen_q=39 is below the longest query count"):

@@ -14,7 +14,7 @@ from _invariance import DTYPE_IDS, DTYPES, REL_TOL, gen, hide, num_threads, rand
 from onpolicy_kernels import linear
 
 import onpolicy.vllm_plugin.warmup as W  # the engine warm-up plan (no vLLM import)
-import onpolicy_kernels.ops.linear.triton as LT  # the Triton kernels and their tile table
+import onpolicy_kernels.ops.linear.triton_kernels as LT  # the Triton kernels and their tile table
 
 # (K, N): realistic widths incl. non-multiples of 64 and the COL_TILE; 1536/2048 as in Qwen3 models
 WIDTHS = [(64, 96), (200, 300), (1536, 256), (2048, 1536), (100, 2048), (4096, 40)]

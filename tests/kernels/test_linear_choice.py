@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from onpolicy_kernels.ops.linear import chooser as C
 
 import onpolicy.vllm_plugin.warmup as W  # the engine warm-up plan (no vLLM import)
-import onpolicy_kernels.ops.linear.triton as LT  # the Triton kernels and their tile table
+import onpolicy_kernels.ops.linear.triton_kernels as LT  # the Triton kernels and their tile table
 
 
 def _ref(x, w):

@@ -29,7 +29,7 @@ from onpolicy_kernels import (build_cos_sin_cache, fused_add_rms_norm, linear, l
                               silu_and_mul, token_logprobs)
 from onpolicy_kernels._triton import HAS_TRITON
 
-import onpolicy_kernels.ops.linear.triton as LT  # the Triton kernels and their tile table
+import onpolicy_kernels.ops.linear.triton_kernels as LT  # the Triton kernels and their tile table
 
 INTERPRETING = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
 pytestmark = pytest.mark.skipif(not (HAS_TRITON and INTERPRETING),

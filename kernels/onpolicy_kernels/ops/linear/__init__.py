@@ -9,7 +9,7 @@ K accumulated in order (no split-K), plus the bias in fp32, rounded once.
 
 GPU: a Triton matmul (pointer loads, or on Hopper TMA tensor-descriptor loads,
 optionally persistent). Its tile configuration is picked per M bucket and N
-class (triton.py, configs/sm_90.json): on Hopper neither the tile shape, the warps, the pipeline
+class (triton_kernels.py, configs/sm_90.json): on Hopper neither the tile shape, the warps, the pipeline
 depth nor the load path changes the bits -- only split-K would, and this kernel
 never splits K (tests/gpu/test_linear_tiles.py proves every table entry
 bitwise equal to SAFE_TILE). Other GPUs use SAFE_TILE for every M.
@@ -30,7 +30,7 @@ import torch
 from . import chooser as linear_choice
 from ..._dispatch import call, check_float, check_same, custom_op, rows, shaped, use_triton
 from .cpu import linear_cpu
-from .triton import _is_hopper, linear_triton, tile_for
+from .triton_kernels import _is_hopper, linear_triton, tile_for
 
 
 def chooser_for(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor]):

@@ -1,0 +1,144 @@
+"""The attention on the CPU: the same fixed KV tiles and fold order in fp32 torch ops."""
+from __future__ import annotations
+
+
+import torch
+
+from ..._cpu import ROW_TILE, chunked, next_pow2, round_up
+from .common import KV_TILE, _qk_scale
+
+
+def _exp2(x: torch.Tensor) -> torch.Tensor:
+    return chunked(torch.exp2, x)
+
+
+def _tree0(x: torch.Tensor, op, pad: float) -> torch.Tensor:
+    """Reduce dim 0 by pairwise halving (element i with i + n/2), padded to a power of two.
+
+    The same fixed tree as `_cpu.tree_sum`, laid out with the reduced axis
+    outermost so every step is one long contiguous elementwise op.
+    """
+    n = x.shape[0]
+    w = next_pow2(n)
+    if w != n:
+        x = torch.cat([x, x.new_full((w - n, *x.shape[1:]), pad)])
+    while x.shape[0] > 1:
+        h = x.shape[0] // 2
+        x = op(x[:h], x[h:])
+    return x[0]
+
+
+def _attention_cpu(q, k_cache, v_cache, block_table, cu_q, seq_lens, scale, causal):
+    """The kernel's loop on the CPU: fixed-shape BLAS tiles and elementwise IEEE steps.
+
+    Rows are (query position, head of the group) of one sequence and KV head,
+    padded to groups of ROW_TILE = 16. Every product is one BLAS call of one
+    fixed shape and layout, [16, D] x [D, KV_TILE] for q.k and [16, KV_TILE] x
+    [KV_TILE, D] for p @ v, on fp32 copies (bf16/fp16 products are exact in
+    fp32), so a row's bits depend only on that row and the key tile (the rule
+    kernels/onpolicy_kernels/_cpu.py's tiled_matmul relies on; the property tests check it).
+    All the softmax steps are elementwise or fixed pairwise trees over the
+    KV_TILE axis, batched over every row of every sequence. Sequences are
+    sorted by their number of key tiles, so at step j the sequences still
+    running are a prefix; rows of a sequence that cannot see tile j are masked
+    to -inf, which leaves them bit-identical (as in the Triton kernel).
+    """
+    T, Hq, D = q.shape
+    nb, bs, Hkv, _ = k_cache.shape
+    G = Hq // Hkv
+    N = KV_TILE
+    out = q.new_empty(q.shape)
+    B = seq_lens.shape[0]
+    if T == 0 or B == 0:
+        return out
+    cu = cu_q.tolist()
+    sl = seq_lens.tolist()
+    q_lens = [cu[b + 1] - cu[b] for b in range(B)]
+    ntiles = [-(-sl[b] // N) if q_lens[b] else 0 for b in range(B)]  # the last query sees them all
+    order = sorted((b for b in range(B) if q_lens[b]), key=lambda b: -ntiles[b])
+    # Global rows: sequence after sequence (in `order`), each padded to ROW_TILE rows.
+    R = [q_lens[b] * G for b in order]
+    Rp = [round_up(r, ROW_TILE) for r in R]
+    offs = [0]
+    for rp in Rp:
+        offs.append(offs[-1] + rp)
+    Rtot = offs[-1]
+    Rp_t = torch.tensor(Rp)
+    start = torch.tensor(offs[:-1])
+    ridx = torch.arange(Rtot) - torch.repeat_interleave(start, Rp_t)  # row index within its sequence
+
+    def per_row(values):
+        return torch.repeat_interleave(torch.tensor(values), Rp_t)
+
+    valid = ridx < per_row(R)
+    pos = ridx // G
+    tok = torch.where(valid, per_row([cu[b] for b in order]) + pos, -1)
+    g_of = ridx % G
+    row_ctx = per_row([sl[b] - q_lens[b] for b in order])
+    qpos = torch.where(valid, row_ctx + pos, -1)
+    row_len = torch.where(valid, per_row([sl[b] for b in order]), 0)
+    real = valid
+    q4 = q.view(T, Hkv, G, D)
+    Q = torch.zeros(Rtot, Hkv, D)
+    Q[real] = q4[tok[real], :, g_of[real], :].float()
+    Q = Q.permute(1, 0, 2).contiguous()  # [Hkv, Rtot, D]
+    k_flat = k_cache.reshape(nb * bs, Hkv, D)
+    v_flat = v_cache.reshape(nb * bs, Hkv, D)
+    bt = block_table.long()
+    max_blocks = bt.shape[1]
+    qk_scale = _qk_scale(scale)
+    ninf = float("-inf")
+    cols = torch.arange(N)
+    seq_ids = torch.tensor(order, dtype=torch.long)
+    lens_t = torch.tensor([sl[b] for b in order], dtype=torch.long)
+    m = torch.full((Hkv, Rtot), ninf)
+    l = torch.zeros(Hkv, Rtot)
+    acc = torch.zeros(Hkv, Rtot, D)
+    S = torch.empty(Hkv, Rtot, N)
+    n_act = len(order)
+    for j in range(ntiles[order[0]]):
+        while ntiles[order[n_act - 1]] <= j:
+            n_act -= 1
+        R_act = offs[n_act]
+        kpos = j * N + cols
+        kv_ok = kpos[None, :] < lens_t[:n_act, None]  # [n_act, N]
+        blk = (kpos // bs).clamp(max=max_blocks - 1)
+        page = torch.where(kv_ok, bt[seq_ids[:n_act, None], blk[None, :]], 0)
+        slot = page * bs + kpos % bs
+        # Keys past a sequence's end hold anything (even NaN): their scores become
+        # -inf below; values are zeroed (0 * NaN would be NaN).
+        Kt = k_flat[slot].float().permute(0, 2, 3, 1)  # [n_act, Hkv, D, N] (a view: one fixed layout)
+        Vt = torch.where(kv_ok[:, :, None, None], v_flat[slot], 0).float().permute(0, 2, 1, 3)  # [n_act, Hkv, N, D]
+        first = []  # per active sequence: the first 16-row group that can see tile j
+        for i in range(n_act):
+            b = order[i]
+            lo = max(0, (j * N - (sl[b] - q_lens[b])) * G) if causal else 0
+            first.append(offs[i] + lo // ROW_TILE * ROW_TILE)
+            for h in range(Hkv):
+                for r0 in range(first[i], offs[i + 1], ROW_TILE):
+                    torch.mm(Q[h, r0:r0 + ROW_TILE], Kt[i, h], out=S[h, r0:r0 + ROW_TILE])
+        s = S[:, :R_act] * qk_scale
+        visible = (kpos[None, :] < row_len[:R_act, None]) & (tok[:R_act, None] >= 0)
+        if causal:
+            visible &= kpos[None, :] <= qpos[:R_act, None]
+            # Rows of a group below `first` were not computed this step: masked out too.
+            lo_row = ((j * N - row_ctx[:R_act]).clamp(min=0) * G) // ROW_TILE * ROW_TILE
+            visible &= (ridx[:R_act] >= lo_row)[:, None]
+        sT = torch.where(visible[None], s, ninf).permute(2, 0, 1).contiguous()  # [N, Hkv, R_act]
+        m_old = m[:, :R_act]
+        m_new = torch.maximum(m_old, _tree0(sT, torch.maximum, ninf))
+        m_use = torch.where(m_new == ninf, 0.0, m_new)
+        alpha = torch.where(m_new == m_old, 1.0, _exp2(m_old - m_use))
+        pT = _exp2(sT - m_use)  # [N, Hkv, R_act]
+        l[:, :R_act] = l[:, :R_act] * alpha + _tree0(pT, torch.add, 0.0)
+        P = pT.to(v_cache.dtype).float().permute(1, 2, 0).contiguous()  # rounded like the GPU's p
+        PV = torch.zeros(Hkv, R_act, D)
+        for i in range(n_act):
+            for h in range(Hkv):
+                for r0 in range(first[i], offs[i + 1], ROW_TILE):
+                    torch.mm(P[h, r0:r0 + ROW_TILE], Vt[i, h], out=PV[h, r0:r0 + ROW_TILE])
+        acc[:, :R_act] = acc[:, :R_act] * alpha[..., None] + PV
+        m[:, :R_act] = m_new
+    o = (acc / l[..., None]).permute(1, 0, 2)  # [Rtot, Hkv, D]
+    out.view(T, Hkv, G, D)[tok[real], :, g_of[real], :] = o[real].to(q.dtype)
+    return out
