@@ -16,11 +16,14 @@ for a in "${areas[@]}"; do
   p=$(echo "$line" | grep -oE "[0-9]+ passed" | grep -oE "[0-9]+"); f=$(echo "$line" | grep -oE "[0-9]+ failed" | grep -oE "[0-9]+")
   e=$(echo "$line" | grep -oE "[0-9]+ error" | grep -oE "[0-9]+"); s=$(echo "$line" | grep -oE "[0-9]+ skipped" | grep -oE "[0-9]+")
   passed=$((passed + ${p:-0})); failed=$((failed + ${f:-0} + ${e:-0})); skipped=$((skipped + ${s:-0}))
-  if [ "$rc" -ne 0 ] && [ "$rc" -ne 5 ]; then
-    # No reruns: a crash or a failure fails the suite, loudly.
+  if [ "$rc" -ne 0 ]; then
+    # No reruns: a crash, a failure, or an area that collected no test (pytest's exit 5: every
+    # area here has tests, so none means a broken path or marker) fails the suite, loudly.
     status=1
-    if [ "$rc" -ge 128 ]; then echo "!!! $a: pytest died with signal $((rc - 128))"; else echo "!!! $a: pytest exited $rc"; fi
-    [ -z "$line" ] && failed=$((failed + 1))
+    if [ "$rc" -ge 128 ]; then echo "!!! $a: pytest died with signal $((rc - 128))"
+    elif [ "$rc" -eq 5 ]; then echo "!!! $a: no test collected"
+    else echo "!!! $a: pytest exited $rc"; fi
+    [ -z "$line" ] || [ "$rc" -eq 5 ] && failed=$((failed + 1))
   fi
   rm -f "$log"
 done
