@@ -31,7 +31,10 @@ SHAPES = {  # (hidden, intermediate, heads, kv heads, head_dim, vocab)
 }
 
 
-def make(path: str, family: str = "qwen3", layers: int = 28):
+def make(path: str, family: str = "qwen3", layers: int = 28, tied: bool = False, head_scale: float = 8.0):
+    """A model of `family`'s shape with random bf16 weights; the LM head scaled by `head_scale` for
+    sharper logits (a mismatch shows in the sampled tokens) -- unless `tied`, where that would scale
+    the input embeddings too (and make the model degenerate)."""
     import torch
 
     from onpolicy.tiny import make_tokenizer
@@ -44,16 +47,17 @@ def make(path: str, family: str = "qwen3", layers: int = 28):
     else:
         from transformers import LlamaConfig as C, LlamaForCausalLM as M
     kw = dict(vocab_size=v, hidden_size=h, intermediate_size=i, num_hidden_layers=layers, num_attention_heads=nh,
-              num_key_value_heads=kvh, head_dim=hd, max_position_embeddings=4096, tie_word_embeddings=False,
+              num_key_value_heads=kvh, head_dim=hd, max_position_embeddings=4096, tie_word_embeddings=tied,
               bos_token_id=3, eos_token_id=1, pad_token_id=2)
     if family == "llama":
         kw["rope_parameters"] = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0, "low_freq_factor": 1.0,
                                  "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
     torch.manual_seed(0)
-    with torch.device("cuda"):
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
         m = M(C(**kw)).to(torch.bfloat16)
-        with torch.no_grad():
-            m.lm_head.weight.mul_(8.0)  # sharper logits: a mismatch shows in the sampled tokens
+        if not tied:
+            with torch.no_grad():
+                m.lm_head.weight.mul_(head_scale)
     m.save_pretrained(path)
     make_tokenizer(v).save_pretrained(path)
     print(f"made {family} model ({layers} layers) at {path}", flush=True)

@@ -39,40 +39,20 @@ CONFIGS = {
     "picks_timed": {"ONPOLICY_LINEAR_CACHE": "0"},  # no stored picks: each start times its own
     "off": {},
 }
-FAMILIES = {  # (hidden, intermediate, heads, kv heads, head_dim, vocab, tied, bias)
-    "qwen3": (2048, 6144, 16, 8, 128, 151936, False),  # Qwen3-1.7B
-    "llama_tied": (2048, 8192, 32, 8, 64, 128256, True),  # Llama-3.2-1B (tied embeddings, llama3 RoPE)
-    "qwen2": (1536, 8960, 12, 2, 128, 151936, False),  # Qwen2.5-1.5B (q/k/v bias)
+FAMILIES = {  # name: (bench_vllm.py's shape, tied embeddings)
+    "qwen3": ("qwen3", False),  # Qwen3-1.7B
+    "llama_tied": ("llama", True),  # Llama-3.2-1B (tied embeddings, llama3 RoPE)
+    "qwen2": ("qwen2", False),  # Qwen2.5-1.5B (q/k/v bias)
 }
 
 
 def make(path: str, family: str, layers: int) -> None:
-    import torch
+    """bench_vllm.make at `family`'s shape (untied heads scaled x4, as the stress runs used)."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from bench_vllm import make as make_model
 
-    from onpolicy.tiny import make_tokenizer
-
-    h, i, nh, kvh, hd, v, tied = FAMILIES[family]
-    if family == "qwen3":
-        from transformers import Qwen3Config as C, Qwen3ForCausalLM as M
-    elif family == "qwen2":
-        from transformers import Qwen2Config as C, Qwen2ForCausalLM as M
-    else:
-        from transformers import LlamaConfig as C, LlamaForCausalLM as M
-    kw = dict(vocab_size=v, hidden_size=h, intermediate_size=i, num_hidden_layers=layers, num_attention_heads=nh,
-              num_key_value_heads=kvh, head_dim=hd, max_position_embeddings=4096, tie_word_embeddings=tied,
-              bos_token_id=3, eos_token_id=1, pad_token_id=2)
-    if family == "llama_tied":
-        kw["rope_parameters"] = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0, "low_freq_factor": 1.0,
-                                 "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
-    torch.manual_seed(0)
-    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
-        m = M(C(**kw)).to(torch.bfloat16)
-        if not tied:  # sharper logits (a tied head would scale the input embeddings too)
-            with torch.no_grad():
-                m.lm_head.weight.mul_(4.0)
-    m.save_pretrained(path)
-    make_tokenizer(v).save_pretrained(path)
-    print(f"made {family} ({layers} layers) at {path}", flush=True)
+    base, tied = FAMILIES[family]
+    make_model(path, base, layers, tied=tied, head_scale=4.0)
 
 
 def one(a) -> dict:
@@ -81,7 +61,6 @@ def one(a) -> dict:
     import torch
 
     from onpolicy import check as chk
-    from onpolicy.metrics import mismatch_metrics
 
     plugin = a.config != "off"
     if plugin:
@@ -106,24 +85,13 @@ def one(a) -> dict:
     for temp in [float(t) for t in a.temperatures.split(",")]:
         comps, slps = chk.sample(llm, prompts, a.max_tokens, temp, a.seed)
         tl = [chk.trainer_logprobs(trainer, p, c, temp, plugin) for p, c in zip(prompts, comps)]
-        T = max(len(c) for c in comps)
-        S = torch.full((len(comps), T), float("nan"))
-        R = torch.full((len(comps), T), float("nan"))
-        Mk = torch.zeros(len(comps), T, dtype=torch.bool)
-        for i, (s, t) in enumerate(zip(slps, tl)):
-            S[i, : len(s)] = torch.tensor(s, dtype=torch.float32)
-            R[i, : len(s)] = t
-            Mk[i, : len(s)] = True
-        m = mismatch_metrics(S, R, Mk)
-        firsts = []
-        for i in range(len(comps)):
-            bad = ((S[i] != R[i]) & Mk[i]).nonzero()
-            if bad.numel():
-                firsts.append(int(bad[0]))
+        m, firsts = chk.compare(slps, tl)
+        firsts = [f for f in firsts if f is not None]
+        S = torch.tensor([x for s in slps for x in s])
         res["temps"][str(temp)] = {
             "tokens": m["tokens"], "equal": round(m["bitwise_equal_frac"] * m["tokens"]),
             "max_abs": m["logp_abs_diff_max"], "seqs_bad": len(firsts), "bad_at_token0": firsts.count(0),
-            "distinct_completions": len({tuple(c) for c in comps}), "mean_logp": float(S[Mk].mean())}
+            "distinct_completions": len({tuple(c) for c in comps}), "mean_logp": float(S.mean())}
     res["engine"] = engine_report(llm)
     return res
 

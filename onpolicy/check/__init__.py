@@ -29,8 +29,8 @@ from .capture import capture_trainer, capture_vllm, first_divergence
 from .cli import check
 from .engines import engine_dtype, load_trainer, make_engine, sample, trainer_logprobs, vllm_model
 from .inputs import CheckError, load_prompts, validate_inputs, validate_model
-from .run import CheckResult, run_check
+from .run import CheckResult, compare, run_check
 
-__all__ = ["CheckError", "CheckResult", "capture_trainer", "capture_vllm", "check", "engine_dtype", "first_divergence",
+__all__ = ["CheckError", "CheckResult", "capture_trainer", "capture_vllm", "check", "compare", "engine_dtype", "first_divergence",
            "load_prompts", "load_trainer", "make_engine", "run_check", "sample", "trainer_logprobs", "validate_inputs",
            "validate_model", "vllm_model"]

@@ -38,6 +38,24 @@ def _short(dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
+def compare(sampler: list, trainer: list) -> tuple[dict, list]:
+    """Per-sequence sampler logprobs (lists of floats) against the trainer's (tensors): the mismatch
+    metrics over every token, and each sequence's first differing completion index (or None)."""
+    T = max((len(s) for s in sampler), default=0)
+    S = torch.full((len(sampler), T), float("nan"))
+    R = torch.full((len(sampler), T), float("nan"))
+    M = torch.zeros(len(sampler), T, dtype=torch.bool)
+    for i, (s, t) in enumerate(zip(sampler, trainer)):
+        S[i, : len(s)] = torch.tensor(s, dtype=torch.float32)
+        R[i, : len(s)] = t
+        M[i, : len(s)] = True
+    firsts = []
+    for i in range(len(sampler)):
+        bad = ((S[i] != R[i]) & M[i]).nonzero()
+        firsts.append(int(bad[0]) if bad.numel() else None)
+    return mismatch_metrics(S, R, M), firsts
+
+
 def run_check(model: str, prompts: int = 16, max_tokens: int = 32, temperature: float = 1.0, off: bool = False,
               prompt_file: Optional[Path] = None, seed: int = 0, llm=None, trainer=None,
               trainer_hook: Optional[Callable] = None, progress: Optional[Callable[[str], None]] = None,
@@ -86,19 +104,7 @@ def run_check(model: str, prompts: int = 16, max_tokens: int = 32, temperature: 
     say("recomputing logprobs in the trainer")
     patched = not off
     tl = [trainer_logprobs(trainer, p, c, temperature, patched) for p, c in zip(prompt_ids, comps)]
-    T = max(len(c) for c in comps)
-    S = torch.full((len(comps), T), float("nan"))
-    R = torch.full((len(comps), T), float("nan"))
-    M = torch.zeros(len(comps), T, dtype=torch.bool)
-    for i, (s, t) in enumerate(zip(slps, tl)):
-        S[i, : len(s)] = torch.tensor(s, dtype=torch.float32)
-        R[i, : len(s)] = t
-        M[i, : len(s)] = True
-    metrics = mismatch_metrics(S, R, M)
-    firsts = []
-    for i in range(len(comps)):
-        bad = ((S[i] != R[i]) & M[i]).nonzero()
-        firsts.append(int(bad[0]) if bad.numel() else None)
+    metrics, firsts = compare(slps, tl)
     res = CheckResult(model, not off, temperature, len(comps), metrics, firsts, tensor_parallel_size=tp,
                       cuda_graphs=cuda_graphs, sampler_dtype=_short(sampler_dtype),
                       trainer_dtype=_short(trainer_dtype), max_model_len=max_model_len, notes=notes)

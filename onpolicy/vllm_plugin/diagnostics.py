@@ -27,8 +27,8 @@ def compile_report() -> dict:
         return {"state": "unknown (this vLLM has no compilation counter)"}
     total = int(getattr(cc, "num_backend_compilations", 0))
     fresh = int(getattr(cc, "num_cache_entries_updated", 0))
-    state = ("no torch.compile (eager)" if total == 0 else "compiled afresh" if fresh
-             else "loaded from vLLM's compile cache")
+    state = ("no compilation counted (an eager engine, or a compile path vLLM's counter does not see)"
+             if total == 0 else "compiled afresh" if fresh else "loaded from vLLM's compile cache")
     return {"state": state, "backend_compilations": total, "compiled_and_stored": fresh}
 
 

