@@ -188,7 +188,7 @@ def timeline_step(model, ids, mask, patched, top=10):
     import tempfile
 
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from gpu_vllm import print_timeline
+    from bench_vllm import print_timeline
 
     prof = _profiled_step(model, ids, mask, patched)
     with tempfile.TemporaryDirectory() as d:
