@@ -15,7 +15,7 @@ import logging
 
 from . import compat
 from .errors import OnpolicyVllmError
-from .warmup import linear_warm_up_plan, warm_up_linears  # noqa: F401 -- linear_warm_up_plan: tests
+from .warmup import warm_up_linears
 
 logger = logging.getLogger("vllm.onpolicy")  # child of vLLM's logger: printed with its messages
 

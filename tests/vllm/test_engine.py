@@ -190,9 +190,9 @@ def test_process_check_catches_a_missing_linear_config():
 
 
 def test_linear_warm_up_plan_covers_every_projection_and_the_head(llm):
-    """The engine's start-up compile (worker.warm_up_linears) visits each distinct linear once:
+    """The engine's start-up compile (warmup.warm_up_linears) visits each distinct linear once:
     the four Qwen3 projections up to max_num_batched_tokens rows, the LM head up to max_num_seqs."""
-    from onpolicy.vllm_plugin.worker import linear_warm_up_plan
+    from onpolicy.vllm_plugin.warmup import linear_warm_up_plan
 
     def plan(model):
         cfg = model.config
