@@ -3,7 +3,9 @@
 Each is read when asked for (`envs.ONPOLICY_ATTENTION`), so a variable set after import
 still counts, and a bad value raises a ValueError naming the variable and what it takes.
 The kernels, the trainer adapter and the vLLM plugin all read them through this module
-(the plugin's too: onpolicy imports onpolicy_kernels, never the reverse).
+(the plugin's too: onpolicy imports onpolicy_kernels, never the reverse) -- except the plugin's
+entry point, which reads ONPOLICY_VLLM itself, the same way, so that a vLLM process where the plugin
+is off never imports the kernels.
 
 | variable | values (default first) | what it does |
 |---|---|---|

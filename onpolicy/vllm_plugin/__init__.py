@@ -35,9 +35,10 @@ _registered = False
 
 def is_enabled() -> bool:
     """Whether the plugin is switched on in this process (``ONPOLICY_VLLM=1`` or `enable()`)."""
-    from onpolicy_kernels import envs
-
-    return envs.ONPOLICY_VLLM
+    # Read here, not through onpolicy_kernels.envs: every vLLM process calls this through the entry
+    # point, and importing the kernels (torch, their custom ops) where the plugin is off is what
+    # "inert" rules out. The same reading as envs.ONPOLICY_VLLM.
+    return os.environ.get(ENV_VAR, "0").strip().lower() in ("1", "true", "yes", "on")
 
 
 def register() -> None:
