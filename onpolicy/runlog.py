@@ -109,10 +109,9 @@ class RunLog:
     def truncate_after(self, step: int) -> None:
         """Drop the records of steps after `step`, and the end record (a resumed run redoes them)."""
         if self.path.exists():
-            keep = [ln for ln in self.path.read_text().splitlines()
-                    if ln.strip() and "step" in json.loads(ln) and json.loads(ln)["step"] <= step]
+            keep = [r for r in read_steps(self.path) if r["step"] <= step]
             tmp = self.path.with_suffix(".jsonl.tmp")
-            tmp.write_text("".join(ln + "\n" for ln in keep))
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in keep))
             tmp.rename(self.path)
         for f in (self.dir / "tokens").glob("step_*.json"):
             try:

@@ -213,6 +213,11 @@ def engine_runner(llm):
     return None
 
 
+def runner_model(runner):
+    """The torch module a worker's model runner runs (V2 runners: `get_model()`; V1: `.model`)."""
+    return runner.get_model() if hasattr(runner, "get_model") else runner.model
+
+
 def engine_model(llm):
     """The torch module an in-process `LLM` runs (what TRL's weight sync writes into).
 

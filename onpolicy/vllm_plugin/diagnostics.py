@@ -14,9 +14,11 @@ from __future__ import annotations
 import os
 import platform
 
-SWITCHES = ("ONPOLICY_VLLM", "ONPOLICY_LINEAR_CUBLASLT", "ONPOLICY_DECODE_GRAPHS", "ONPOLICY_DECODE_GRAPH_ROWS",
-            "ONPOLICY_ATTENTION", "ONPOLICY_KERNELS_BACKEND", "VLLM_BATCH_INVARIANT", "VLLM_CACHE_ROOT",
-            "VLLM_ENABLE_V1_MULTIPROCESSING")
+from onpolicy_kernels import envs
+
+from . import compat
+
+SWITCHES = envs.NAMES + ("VLLM_BATCH_INVARIANT", "VLLM_CACHE_ROOT", "VLLM_ENABLE_V1_MULTIPROCESSING")
 
 
 def compile_report() -> dict:
@@ -49,8 +51,6 @@ def worker_report(worker) -> dict:
 
     from onpolicy_kernels.ops.linear import chooser as linear_choice
 
-    from .worker import _model_of
-
     runner = getattr(worker, "model_runner", None)
     rep: dict = {"pid": os.getpid(), "host": platform.node(),
                  "env": {k: os.environ[k] for k in SWITCHES if k in os.environ}}
@@ -68,7 +68,7 @@ def worker_report(worker) -> dict:
         rep["device"] = torch.cuda.get_device_name()
     rep["linear"] = linear_choice.snapshot()
     rep["compile"] = compile_report()
-    rep["decode_graphs"] = graphs_report(runner, _model_of(runner)) if runner is not None else {}
+    rep["decode_graphs"] = graphs_report(runner, compat.runner_model(runner)) if runner is not None else {}
     return rep
 
 

@@ -18,6 +18,8 @@ from onpolicy_kernels import linear
 from onpolicy_kernels.ops.linear import chooser, chooser_for
 from onpolicy_kernels.ops.linear.triton_kernels import tile_for
 
+from . import compat
+
 logger = logging.getLogger("vllm.onpolicy")
 
 
@@ -87,7 +89,7 @@ def warm_up_linears(worker) -> None:
     sched = getattr(getattr(worker, "vllm_config", None), "scheduler_config", None)
     if runner is None or sched is None:
         return
-    model = runner.get_model() if hasattr(runner, "get_model") else runner.model
+    model = compat.runner_model(runner)
     plan = linear_warm_up_plan(model, sched.max_num_batched_tokens, sched.max_num_seqs)
     if not plan or not plan[0][0].is_cuda:
         return  # the CPU path compiles nothing

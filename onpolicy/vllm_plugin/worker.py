@@ -58,7 +58,7 @@ def warm_up_decode_graphs(worker) -> None:
 
     runner = getattr(worker, "model_runner", None)
     if runner is not None:
-        graphs.warm_up(runner, _model_of(runner))
+        graphs.warm_up(runner, compat.runner_model(runner))
 
 
 @contextlib.contextmanager
@@ -77,14 +77,10 @@ def sampler_warmup(model_runner):
         sampler._onpolicy_warmup = False
 
 
-def _model_of(runner):
-    return runner.get_model() if hasattr(runner, "get_model") else runner.model
-
-
 def _audit_worker(worker):
     """Check this worker's process and audit its model; returns (model runner, layer counts)."""
     runner = worker.model_runner
-    model = _model_of(runner)
+    model = compat.runner_model(runner)
     vllm_config = getattr(worker, "vllm_config", None)
     check_process(vllm_config)
     hf_config = getattr(getattr(vllm_config, "model_config", None), "hf_config", None)
@@ -98,7 +94,7 @@ def after_load(worker) -> None:
     install(runner)
     from . import graphs
 
-    why_not = graphs.install(runner, _model_of(runner), getattr(worker, "vllm_config", None))
+    why_not = graphs.install(runner, compat.runner_model(runner), getattr(worker, "vllm_config", None))
     logger.info("onpolicy: model audited (%s) and sampler installed; LM head and sampler %s",
                 ", ".join(f"{k} {v}" for k, v in counts.items()),
                 "from CUDA graphs at decode" if not why_not else f"eager ({why_not})")
@@ -118,13 +114,13 @@ def audit_in_worker(worker) -> dict[str, int]:
 def decode_graph_stats(worker) -> dict[str, int]:
     """Run inside a vLLM worker (`LLM.collective_rpc`): graphs captured and replayed by the LM head
     and the sampler (graphs.py); empty where none were installed (they run eagerly)."""
-    from . import graphs
+    from .diagnostics import graphs_report
 
     runner = worker.model_runner
     stats = {}
-    for g in graphs.installed(runner, _model_of(runner)):
-        stats[f"{g.name} captures"] = g.captures
-        stats[f"{g.name} replays"] = g.replays
+    for name, g in graphs_report(runner, compat.runner_model(runner)).items():
+        stats[f"{name} captures"] = g["captures"]
+        stats[f"{name} replays"] = g["replays"]
     return stats
 
 

@@ -1,9 +1,9 @@
 """Which kernel runs a Hopper linear: the Triton table's tile, or a cuBLASLt algorithm that never splits K.
 
-What it guarantees, and how. The Triton kernel (linear.py) is the reference:
+What it guarantees, and how. The Triton kernel (triton_kernels.py) is the reference:
 one fp32 dot product per output, K in order, no split-K, so a row's bits do not
 depend on M. A cuBLASLt algorithm is only a candidate when it uses no workspace
-and reports SPLITK_NUM 1 and no reduction scheme (_cublaslt.py), i.e. no split
+and reports SPLITK_NUM 1 and no reduction scheme (cublaslt.py), i.e. no split
 of K across thread blocks. That filter does not rule out every other order (a
 kernel could still split K inside a block), so before an algorithm serves an M
 bucket of an [N, K] weight its output is compared with the Triton kernel's by
@@ -14,8 +14,8 @@ a change of summation order: at least VERIFY_OUTPUTS outputs, half the rows
 carrying a large +C/-C pair at k = 0 and k = K-1 that cancels exactly, so every
 partial sum between them is rounded on a coarse grid and any other order shows
 in the bf16/fp16 output. One that differs is never used (and is logged). On the
-H200 every no-split candidate tried gave the Triton bits (2586 runs,
-benchmarks/README.md); the check is what carries that to other shapes, GPUs and
+H200 every no-split candidate tried gave the Triton bits (2586 runs; on an H100 66088 (algorithm,
+M) runs over 13 shapes, benchmarks/RESULTS.md); the check is what carries that to other shapes, GPUs and
 cuBLAS versions.
 
 What is chosen is speed only. Per (device, dtype, N, K) and M bucket (about two
@@ -45,8 +45,11 @@ turns it off, =1 allows it on other CUDA GPUs (still verified per algorithm).
 from __future__ import annotations
 
 import bisect
+import hashlib
+import json
 import logging
 import os
+import tempfile
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
@@ -58,7 +61,7 @@ logger = logging.getLogger("onpolicy_kernels")
 
 ENV = "ONPOLICY_LINEAR_CUBLASLT"
 # Largest M the chooser serves; above it the Triton kernel always runs. Measured
-# (benchmarks/README.md): at M = 64-512 the verified no-split algorithms close most
+# (benchmarks/RESULTS.md): at M = 64-512 the verified no-split algorithms close most
 # of the Triton kernel's gap to cuBLAS; at M = 4096-8192 the chooser showed no gain
 # (minima 0.88-0.90x of cuBLAS in three runs; the Triton kernel alone 0.88-0.97x).
 TUNE_MAX_ROWS = 1024
@@ -195,8 +198,6 @@ class PickStore:
                            "(%s=0 turns the file off)", self.path, what, e, CACHE_ENV)
 
     def _read(self) -> dict:
-        import json
-
         try:
             with open(self.path) as f:
                 data = json.load(f)
@@ -214,9 +215,6 @@ class PickStore:
         return v if isinstance(v, dict) else None
 
     def put(self, key: str, value: dict) -> None:
-        import json
-        import tempfile
-
         data = self._read()  # another process (a TP rank) may have added picks meanwhile
         data[key] = value
         self._data = data
@@ -392,9 +390,6 @@ _CHOOSER: Optional[Chooser] = None
 def snapshot() -> dict:
     """This process's choices so far, for a mismatch report: per "NxK dtype @ bucket" the kernel
     that serves it, and a digest of the whole set (two processes with one digest ran the same kernels)."""
-    import hashlib
-    import json
-
     ch = _CHOOSER
     picks = {} if ch is None else {
         f"{n}x{k} {str(dtype).removeprefix('torch.')} @ M<={b}": c.label
