@@ -73,7 +73,9 @@ def one(a) -> dict:
     kw = dict(model=a.model, dtype="auto", max_model_len=512, seed=a.seed, enforce_eager=False,
               logprobs_mode="processed_logprobs")
     if torch.cuda.is_available():
-        kw.update(kv_cache_memory_bytes=2 << 30, gpu_memory_utilization=0.2)
+        # A fixed KV cache and a share of the GPU small enough that `--parallel` engines fit at once
+        # (vLLM refuses to start when less than its share is free).
+        kw.update(kv_cache_memory_bytes=1 << 30, gpu_memory_utilization=a.gpu_share)
     else:
         kw["gpu_memory_utilization"] = 0.3
     llm = LLM(**kw)
@@ -153,7 +155,7 @@ def run(a) -> None:
         log = os.path.join(a.out, f"{label}_{conf}_{i}.log")
         cmd = [sys.executable, __file__, "one", "--model", path, "--label", label, "--config", conf,
                "--prompts", a.prompts.split(",")[i % len(a.prompts.split(","))], "--max-tokens", str(a.max_tokens),
-               "--temperatures", a.temperatures,
+               "--temperatures", a.temperatures, "--gpu-share", str(round(min(0.2, 0.6 / a.parallel), 3)),
                "--seed", str(a.seed)]
         proc = subprocess.Popen(cmd, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT)
         running.append((proc, job, log, cache, time.time()))
@@ -218,6 +220,7 @@ def main() -> None:
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--temperatures", default="1.0,0.7")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--gpu-share", type=float, default=0.2, help="vLLM's gpu_memory_utilization (run: 0.6 / parallel)")
     p = sub.add_parser("run")
     p.add_argument("--model", action="append", required=True, help="LABEL=DIR (repeat)")
     p.add_argument("--configs", default="shipped,off", help="NAME[:STARTS],... (off: 1 start unless given)")
