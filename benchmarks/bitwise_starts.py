@@ -135,6 +135,9 @@ def run(a) -> None:
                                                            "error": text[-1500:]}
             rec.update(start=job[3], exit=proc.returncode, wall_s=round(time.time() - t, 1))
             subprocess.run(["rm", "-rf", cache])
+            temps = rec.get("temps", {})
+            if temps and all(v["equal"] == v["tokens"] for v in temps.values()) and job[2] != "off":
+                os.remove(log)  # a passing start's log says nothing the record does not; failures keep theirs
             with open(results, "a") as f:
                 f.write(json.dumps(rec) + "\n")
             print(summary_line(rec), flush=True)

@@ -93,7 +93,7 @@ for part in ${PARTS-check recipe}; do
       done
       timeout ${STARTS_S:-560} python3 benchmarks/bitwise_starts.py run --model qwen3=/tmp/m_qwen3 --model qwen2=/tmp/m_qwen2 \
         --model llama_tied=/tmp/m_llama_tied --configs ${CONFIGS:-shipped:10,cublaslt_off:3,graphs_off:3,off} \
-        --parallel ${PARALLEL:-6} --budget-s ${BUDGET_S:-420} --out "$OUT/starts" | grep -v "^START" ;;
+        --parallel ${PARALLEL:-10} --budget-s ${BUDGET_S:-420} --out "$OUT/starts" | grep -v "^START" ;;
     determinism)
       c=${CONFIGS:-onpolicy,default,batch_invariant}; f="$OUT/determinism_${c//,/_}"
       timeout 560 python3 -m onpolicy.cli bench determinism --model $M --n ${N:-1000} --max-tokens 200 \
