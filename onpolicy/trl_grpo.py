@@ -166,15 +166,16 @@ def weights_fingerprint(model: torch.nn.Module) -> str:
     """A cheap fingerprint of the policy's weights (a strided sample of every parameter), to show syncs."""
     import hashlib
 
-    h = hashlib.sha1()
     with torch.no_grad():
+        parts = []
         for p in model.parameters():
             p = p.detach()
             if hasattr(p, "to_local"):  # FSDP2 / DTensor: this rank's shard (no collective from one rank)
                 p = p.to_local()
             flat = p.reshape(-1)
-            h.update(flat[:: max(1, flat.numel() // 64)].float().cpu().numpy().tobytes())
-    return h.hexdigest()[:16]
+            parts.append(flat[:: max(1, flat.numel() // 64)].float())
+        sample = torch.cat(parts).cpu() if parts else torch.zeros(0)  # one copy to the host
+    return hashlib.sha1(sample.numpy().tobytes()).hexdigest()[:16]
 
 
 def _token_samples(tokenizer, completion_ids, mask, sampler, trainer, rewards, k):
@@ -326,32 +327,111 @@ def make_trainer_class():
                     f"`onpolicy check --model {model} --dtype {dtype}` to find the first layer where the two "
                     "stacks part")
 
+        def _scoring_deferred(self) -> bool:
+            """Whether this generation's logprobs are compared in the loss forward instead of TRL's own
+            no-grad scoring forward (`old_per_token_logps`), which is then skipped.
+
+            With onpolicy the trainer's logprobs of the sampled tokens equal the sampler's bitwise, so
+            TRL's second forward over the completions only re-derives numbers the loss forward computes
+            anyway: in strict mode (a mismatch stops the run before any backward), training, one
+            optimisation pass per generation (num_iterations=1) and every chunk of the generation batch
+            trained before the next optimizer step (gradient_accumulation_steps a multiple of
+            steps_per_generation), the loss forward runs on the very weights that sampled, and TRL uses
+            its logprobs as the old ones (`old_per_token_logps` absent). Elsewhere TRL's forward runs.
+            """
+            a = self.args
+            return (self.onpolicy_mode == "strict" and self.model.training and self.num_iterations == 1
+                    and a.gradient_accumulation_steps % a.steps_per_generation == 0)
+
+        def _get_per_token_logps_and_entropies(self, model, *args, **kwargs):
+            if getattr(self, "_onpolicy_skip_scoring", False) and model is self.model:
+                # TRL's scoring forward of the policy, deferred to the loss forward: NaN makes TRL's importance
+                # ratio exactly 1 (it zeroes NaN differences) and leaves NaN out of its mismatch metrics; the
+                # tensor itself is dropped before training (see _generate_and_score_completions).
+                input_ids = args[0] if args else kwargs["input_ids"]
+                logits_to_keep = args[2] if len(args) > 2 else kwargs["logits_to_keep"]
+                nan = torch.full((input_ids.shape[0], logits_to_keep), float("nan"), device=input_ids.device)
+                return nan, None, None
+            out = super()._get_per_token_logps_and_entropies(model, *args, **kwargs)
+            capture = getattr(self, "_onpolicy_capture", None)
+            if capture is not None and not capture:  # the loss forward of a deferred comparison
+                capture.append(out[0].detach())
+            return out
+
         def _generate_and_score_completions(self, inputs):
-            out = super()._generate_and_score_completions(inputs)
+            defer = self.onpolicy_mode != "off" and self._scoring_deferred()
+            self._onpolicy_skip_scoring = defer
+            try:
+                out = super()._generate_and_score_completions(inputs)
+            finally:
+                self._onpolicy_skip_scoring = False
             mode = "train" if self.model.training else "eval"
             sampler, trainer = out.get("sampling_per_token_logps"), out.get("old_per_token_logps")
+            if defer and sampler is not None:
+                out.pop("old_per_token_logps", None)  # TRL then takes the loss forward's logprobs as the old ones
+                self._onpolicy_pending = {"step": self.state.global_step + 1, "mode": mode, "left": self.args.steps_per_generation,
+                                          "chunks": [], "weights": weights_fingerprint(self.model),
+                                          "reward_mean": self._metrics[mode].get("reward", [None])[-1],
+                                          "reward_std": self._metrics[mode].get("reward_std", [None])[-1]}
+                return out
             if sampler is None or trainer is None:
                 return out
-            acc = self.accelerator
             mask = out["completion_mask"].bool()
             if "tool_mask" in out:
                 mask &= out["tool_mask"].bool()
-            g_s, g_t, g_m = (acc.gather(acc.pad_across_processes(x, dim=1)) for x in (sampler, trainer, mask.int()))
-            m = mismatch_metrics(g_s, g_t, g_m.bool())
             # TRL's step: this generation feeds the optimizer step global_step + 1 (and, with
             # num_iterations / steps_per_generation > 1, the steps after it), where TRL logs its metrics.
-            step = self.state.global_step + 1
+            ctx = {"step": self.state.global_step + 1, "mode": mode, "weights": weights_fingerprint(self.model),
+                   "reward_mean": self._metrics[mode].get("reward", [None])[-1],
+                   "reward_std": self._metrics[mode].get("reward_std", [None])[-1]}
+            self._onpolicy_compare(ctx, out["completion_ids"], mask, sampler, trainer)
+            return out
+
+        def _compute_loss(self, model, inputs):
+            pending = getattr(self, "_onpolicy_pending", None)
+            if pending is None or not self.model.training:
+                return super()._compute_loss(model, inputs)
+            self._onpolicy_capture = []
+            try:
+                loss = super()._compute_loss(model, inputs)
+                trainer = self._onpolicy_capture[0]
+            finally:
+                self._onpolicy_capture = None
+            mask = inputs["completion_mask"].bool()
+            if "tool_mask" in inputs:
+                mask &= inputs["tool_mask"].bool()
+            pending["chunks"].append((inputs["completion_ids"], mask, inputs["sampling_per_token_logps"], trainer))
+            pending["left"] -= 1
+            if pending["left"] == 0:  # the generation's last chunk: one record for the whole generation batch
+                self._onpolicy_pending = None
+                cat = [torch.cat(x) for x in zip(*pending.pop("chunks"))]
+                self._onpolicy_compare(pending, *cat)
+            else:  # a chunk that differs (on any process) stops the run now, before its backward
+                ids, m, s, t = pending["chunks"][-1]
+                differs = (torch.where(m, s, 0) != torch.where(m, t, 0)).any().reshape(1).int()
+                if int(self.accelerator.gather(differs).sum()):
+                    self._onpolicy_pending = None
+                    cat = [torch.cat(x) for x in zip(*pending.pop("chunks"))]
+                    self._onpolicy_compare(pending, *cat)
+            return loss
+
+        def _onpolicy_compare(self, ctx: dict, completion_ids, mask, sampler, trainer):
+            """Compare the sampler's and the trainer's logprobs of one generation batch: TRL's metrics
+            (`onpolicy/*`), the run log (a step record and per-token samples), and in strict mode a
+            MismatchError (with what the engine ran) when a token differs."""
+            acc = self.accelerator
+            mode, step = ctx["mode"], ctx["step"]
+            g_s, g_t, g_m = (acc.gather(acc.pad_across_processes(x, dim=1)) for x in (sampler, trainer, mask.int()))
+            m = mismatch_metrics(g_s, g_t, g_m.bool())
             for k, v in m.items():
                 if isinstance(v, (int, float)):
                     self._metrics[mode][f"onpolicy/{k}"].append(float(v))
             if acc.is_main_process:
                 if self.onpolicy_log is None:  # a generation outside train() (e.g. evaluate())
                     self.onpolicy_log = RunLog.open(self.onpolicy_run_dir, overwrite=self.onpolicy_overwrite)
-                rewards = self._metrics[mode].get("reward", [None])[-1]
-                rec = {**m, "onpolicy": self.onpolicy_mode != "off", "reward_mean": rewards,
-                       "weights": weights_fingerprint(self.model),
-                       "reward_std": self._metrics[mode].get("reward_std", [None])[-1]}
-                samples = _token_samples(self.processing_class, out["completion_ids"].cpu(), mask.cpu(),
+                rec = {**m, "onpolicy": self.onpolicy_mode != "off", "reward_mean": ctx["reward_mean"],
+                       "weights": ctx["weights"], "reward_std": ctx["reward_std"]}
+                samples = _token_samples(self.processing_class, completion_ids.cpu(), mask.cpu(),
                                          sampler.cpu(), trainer.cpu(), None, self.onpolicy_log.max_samples)
                 self.onpolicy_log.log_step(step, rec, samples)
             if m["bitwise_equal_frac"] == 1.0:
@@ -361,7 +441,6 @@ def make_trainer_class():
                 if self.onpolicy_mode == "strict":
                     msg = describe_mismatch(m, step, cause=self._likely_cause(step))
                     raise MismatchError(msg + (f" What the sampler's engine ran: {report}" if report else ""))
-            return out
 
         def _record_engine(self, step: int):
             """Write what the sampler's engine ran (linear picks, compile cache, decode graphs, versions)

@@ -127,3 +127,41 @@ def test_recipe_says_no_such_directory_for_a_missing_model(tmp_path):
                        text=True, timeout=300)
     assert r.returncode != 0 and "--model /nonexistent: no such directory" in r.stderr, r.stderr[-3000:]
     assert "Repo id" not in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.vllm
+def test_strict_mode_compares_in_the_loss_forward_and_skips_trls_scoring_forward(tiny, tmp_path):
+    r = subprocess.run([sys.executable, str(HERE / "deferred_scoring.py"), tiny, str(tmp_path / "out")], cwd=tmp_path,
+                       env=_env(), capture_output=True, text=True, timeout=1200)
+    assert r.returncode == 0, (r.stdout[-3000:], r.stderr[-6000:])
+    (line,) = [ln for ln in r.stdout.splitlines() if ln.startswith("RESULT ")]
+    res = json.loads(line[len("RESULT "):])
+    rows = _rows(tmp_path / "out" / "metrics.jsonl")
+    assert [x["step"] for x in rows] == [1, 2, 3]
+    for x in rows[:2]:
+        assert x["bitwise_equal_frac"] == 1.0 and x["tokens"] > 0
+    assert rows[0]["weights"] != rows[1]["weights"]
+    # the control: step 3 sampled with stale weights; its first chunk's loss forward stopped the run
+    assert rows[2]["bitwise_equal_frac"] < 1.0 and res["error"] and "step 3" in res["error"]
+    assert res["global_step"] == 2 and res["backwards"] == [0, 0, 1, 1]  # no backward of step 3
+    # 2 steps x 2 chunks + step 3's first chunk: loss forwards only; TRL's no-grad scoring forward never ran
+    assert res["forwards"] == {"no_grad": 0, "grad": 5}
+
+
+def test_scoring_is_deferred_only_where_the_loss_forward_sees_the_sampling_weights():
+    from types import SimpleNamespace
+
+    from onpolicy.trl_grpo import make_trainer_class
+
+    cls = make_trainer_class()
+
+    def deferred(mode="strict", training=True, iters=1, ga=4, spg=4):
+        stub = SimpleNamespace(onpolicy_mode=mode, num_iterations=iters, model=SimpleNamespace(training=training),
+                               args=SimpleNamespace(gradient_accumulation_steps=ga, steps_per_generation=spg))
+        return cls._scoring_deferred(stub)
+
+    assert deferred() and deferred(ga=4, spg=2)
+    assert not deferred(mode="monitor")  # monitor keeps TRL's importance-sampling correction of mismatches
+    assert not deferred(training=False)
+    assert not deferred(iters=2)  # later passes run on updated weights
+    assert not deferred(ga=2, spg=4)  # chunks trained after an optimizer step
