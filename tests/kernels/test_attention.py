@@ -247,6 +247,22 @@ def test_row_in_tile_does_not_matter(backend):
         assert torch.equal(batched[b:b + 1], alone)
 
 
+@pytest.mark.parametrize("shape", [(64, 64), (128, 64), (64, 128)])
+def test_cpu_batched_product_item_does_not_depend_on_the_batch(shape):
+    """The CPU path's one assumption about batched BLAS: an item of torch.matmul over a batch of fixed-shape
+    [16, D] x [D, N] items has the bits of that item alone, wherever it sits and however many share the call."""
+    D, N = shape
+    g = torch.Generator().manual_seed(D + N)
+    a, b = torch.randn(16, D, generator=g), torch.randn(D, N, generator=g)
+    alone = torch.matmul(a[None, None], b[None, None])[0, 0]
+    for heads, items in [(1, 1), (1, 7), (2, 33), (4, 100), (2, 257)]:
+        A_ = torch.randn(heads, items, 16, D, generator=g)
+        B_ = torch.randn(heads, items, D, N, generator=g)
+        h, i = heads - 1, items // 2
+        A_[h, i], B_[h, i] = a, b
+        assert torch.equal(torch.matmul(A_, B_)[h, i], alone), (heads, items)
+
+
 def test_strided_inputs(backend):
     """q, k, v as slices of a fused QKV projection (what both callers hold) give the same bits."""
     Hq, Hkv, D, L = 4, 2, 64, 70

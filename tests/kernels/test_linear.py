@@ -42,6 +42,22 @@ def test_rows_bitwise_invariant_to_batch(M, kn, dtype, bias, seed):
     assert rel_err(out, _ref(batch, w, b)) < REL_TOL[dtype]
 
 
+@pytest.mark.parametrize("K", [64, 256, 1000])
+def test_cpu_batched_tile_product_does_not_depend_on_the_batch(K):
+    """tiled_matmul's one assumption about batched BLAS: an item of torch.bmm over fixed-shape [64, K] x
+    [K, 256] items (the weight tile broadcast) has the bits of that product alone, wherever it sits and
+    however many row tiles share the call."""
+    from onpolicy_kernels._cpu import COL_TILE, ROW_TILE
+
+    g = torch.Generator().manual_seed(K)
+    w, a = torch.randn(COL_TILE, K, generator=g), torch.randn(ROW_TILE, K, generator=g)
+    alone = torch.mm(a, w.t())
+    for T in (1, 2, 5, 14, 33):
+        X = torch.randn(T, ROW_TILE, K, generator=g)
+        X[T // 2] = a
+        assert torch.equal(torch.bmm(X, w.t().expand(T, K, COL_TILE))[T // 2], alone), T
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 def test_correct_against_float64(dtype):
     g = gen(1)

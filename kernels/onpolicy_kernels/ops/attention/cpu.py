@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ..._cpu import ROW_TILE, chunked, next_pow2, round_up
+from ..._cpu import ATTN_ROW_TILE, chunked, next_pow2, round_up
 from .common import KV_TILE, _qk_scale
 
 
@@ -32,11 +32,13 @@ def _attention_cpu(q, k_cache, v_cache, block_table, cu_q, seq_lens, scale, caus
     """The kernel's loop on the CPU: fixed-shape BLAS tiles and elementwise IEEE steps.
 
     Rows are (query position, head of the group) of one sequence and KV head,
-    padded to groups of ROW_TILE = 16. Every product is one BLAS call of one
-    fixed shape and layout, [16, D] x [D, KV_TILE] for q.k and [16, KV_TILE] x
-    [KV_TILE, D] for p @ v, on fp32 copies (bf16/fp16 products are exact in
-    fp32), so a row's bits depend only on that row and the key tile (the rule
-    kernels/onpolicy_kernels/_cpu.py's tiled_matmul relies on; the property tests check it).
+    padded to groups of ATTN_ROW_TILE = 16. Every product is one item of one
+    batched BLAS product over the row groups, each item of one fixed shape and
+    layout, [16, D] x [D, KV_TILE] for q.k and [16, KV_TILE] x [KV_TILE, D] for
+    p @ v, on fp32 copies (bf16/fp16 products are exact in fp32), so a row's bits
+    depend only on that row and the key tile (the rule kernels/onpolicy_kernels/_cpu.py's
+    tiled_matmul relies on, plus: an item's bits do not depend on how many items
+    share the call; tests/kernels/test_attention.py checks both).
     All the softmax steps are elementwise or fixed pairwise trees over the
     KV_TILE axis, batched over every row of every sequence. Sequences are
     sorted by their number of key tiles, so at step j the sequences still
@@ -56,9 +58,9 @@ def _attention_cpu(q, k_cache, v_cache, block_table, cu_q, seq_lens, scale, caus
     q_lens = [cu[b + 1] - cu[b] for b in range(B)]
     ntiles = [-(-sl[b] // N) if q_lens[b] else 0 for b in range(B)]  # the last query sees them all
     order = sorted((b for b in range(B) if q_lens[b]), key=lambda b: -ntiles[b])
-    # Global rows: sequence after sequence (in `order`), each padded to ROW_TILE rows.
+    # Global rows: sequence after sequence (in `order`), each padded to ATTN_ROW_TILE rows.
     R = [q_lens[b] * G for b in order]
-    Rp = [round_up(r, ROW_TILE) for r in R]
+    Rp = [round_up(r, ATTN_ROW_TILE) for r in R]
     offs = [0]
     for rp in Rp:
         offs.append(offs[-1] + rp)
@@ -82,6 +84,8 @@ def _attention_cpu(q, k_cache, v_cache, block_table, cu_q, seq_lens, scale, caus
     Q = torch.zeros(Rtot, Hkv, D)
     Q[real] = q4[tok[real], :, g_of[real], :].float()
     Q = Q.permute(1, 0, 2).contiguous()  # [Hkv, Rtot, D]
+    Qg = Q.view(Hkv, Rtot // ATTN_ROW_TILE, ATTN_ROW_TILE, D)  # row groups
+    grp_seq = torch.repeat_interleave(torch.arange(len(order)), torch.tensor(Rp) // ATTN_ROW_TILE)  # group -> i
     k_flat = k_cache.reshape(nb * bs, Hkv, D)
     v_flat = v_cache.reshape(nb * bs, Hkv, D)
     bt = block_table.long()
@@ -109,20 +113,18 @@ def _attention_cpu(q, k_cache, v_cache, block_table, cu_q, seq_lens, scale, caus
         # -inf below; values are zeroed (0 * NaN would be NaN).
         Kt = k_flat[slot].float().permute(0, 2, 3, 1)  # [n_act, Hkv, D, N] (a view: one fixed layout)
         Vt = torch.where(kv_ok[:, :, None, None], v_flat[slot], 0).float().permute(0, 2, 1, 3)  # [n_act, Hkv, N, D]
-        first = []  # per active sequence: the first 16-row group that can see tile j
-        for i in range(n_act):
-            b = order[i]
-            lo = max(0, (j * N - (sl[b] - q_lens[b])) * G) if causal else 0
-            first.append(offs[i] + lo // ROW_TILE * ROW_TILE)
-            for h in range(Hkv):
-                for r0 in range(first[i], offs[i + 1], ROW_TILE):
-                    torch.mm(Q[h, r0:r0 + ROW_TILE], Kt[i, h], out=S[h, r0:r0 + ROW_TILE])
+        # Every row group of the active sequences against its sequence's key tile: one batched product
+        # of [16, D] x [D, N] items in one fixed layout (an item's bits do not depend on the batch).
+        ng = R_act // ATTN_ROW_TILE
+        Kg = Kt[grp_seq[:ng]].permute(1, 0, 2, 3).contiguous()  # [Hkv, ng, D, N]
+        S_act = torch.matmul(Qg[:, :ng], Kg)  # [Hkv, ng, 16, N]
+        S[:, :R_act] = S_act.view(Hkv, R_act, N)
         s = S[:, :R_act] * qk_scale
         visible = (kpos[None, :] < row_len[:R_act, None]) & (tok[:R_act, None] >= 0)
         if causal:
             visible &= kpos[None, :] <= qpos[:R_act, None]
-            # Rows of a group below `first` were not computed this step: masked out too.
-            lo_row = ((j * N - row_ctx[:R_act]).clamp(min=0) * G) // ROW_TILE * ROW_TILE
+            # Row groups that cannot see tile j yet (computed with the others): masked out too.
+            lo_row = ((j * N - row_ctx[:R_act]).clamp(min=0) * G) // ATTN_ROW_TILE * ATTN_ROW_TILE
             visible &= (ridx[:R_act] >= lo_row)[:, None]
         sT = torch.where(visible[None], s, ninf).permute(2, 0, 1).contiguous()  # [N, Hkv, R_act]
         m_old = m[:, :R_act]
@@ -132,11 +134,8 @@ def _attention_cpu(q, k_cache, v_cache, block_table, cu_q, seq_lens, scale, caus
         pT = _exp2(sT - m_use)  # [N, Hkv, R_act]
         l[:, :R_act] = l[:, :R_act] * alpha + _tree0(pT, torch.add, 0.0)
         P = pT.to(v_cache.dtype).float().permute(1, 2, 0).contiguous()  # rounded like the GPU's p
-        PV = torch.zeros(Hkv, R_act, D)
-        for i in range(n_act):
-            for h in range(Hkv):
-                for r0 in range(first[i], offs[i + 1], ROW_TILE):
-                    torch.mm(P[h, r0:r0 + ROW_TILE], Vt[i, h], out=PV[h, r0:r0 + ROW_TILE])
+        Vg = Vt[grp_seq[:ng]].permute(1, 0, 2, 3).contiguous()  # [Hkv, ng, N, D]
+        PV = torch.matmul(P.view(Hkv, ng, ATTN_ROW_TILE, N), Vg).view(Hkv, R_act, D)
         acc[:, :R_act] = acc[:, :R_act] * alpha[..., None] + PV
         m[:, :R_act] = m_new
     o = (acc / l[..., None]).permute(1, 0, 2)  # [Rtot, Hkv, D]

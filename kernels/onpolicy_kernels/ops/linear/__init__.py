@@ -18,7 +18,7 @@ algorithm that never splits K, chosen per weight shape and M bucket for speed, a
 used only after its output was checked bitwise equal to this kernel's, per
 algorithm and bucket, on seeded operands built to expose any other summation
 order (chooser.py).
-CPU: BLAS on fixed [16, K] x [K, 256] tiles in fp32 (kernels/onpolicy_kernels/_cpu.py).
+CPU: BLAS on fixed [64, K] x [K, 256] tiles in fp32 (kernels/onpolicy_kernels/_cpu.py).
 Backward: standard matmuls (fast, not invariant: only the forward must be).
 """
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The invariant linear on the CPU: BLAS on fixed [16, K] x [K, 256] tiles in fp32 (see _cpu.py)."""
+"""The invariant linear on the CPU: BLAS on fixed [64, K] x [K, 256] tiles in fp32 (see _cpu.py)."""
 from __future__ import annotations
 
 from typing import Optional
