@@ -40,7 +40,7 @@ from __future__ import annotations
 import torch
 
 from .._cpu import chunked, tree_max, tree_sum
-from .._dispatch import call, check_float, check_same, custom_op
+from .._dispatch import _eager_grad, call, check_float, check_same, custom_op
 from .activation import silu_and_mul
 from .linear import linear
 
@@ -106,16 +106,22 @@ def _route_backward(ctx, grad_w, grad_ids):
 _route_op.register_autograd(_route_backward, setup_context=_route_setup)
 
 
-def moe_route(router_logits: torch.Tensor, top_k: int, renormalize: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+def moe_route(router_logits: torch.Tensor, top_k: int, renormalize: bool = True,
+              check_finite: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """(weights fp32 [T, k], expert ids int64 [T, k]) from router logits [T, E]; slots ordered by
-    probability, largest first, ties to the lower expert index (module docstring)."""
+    probability, largest first, ties to the lower expert index (module docstring).
+
+    check_finite: raise on NaN/inf logits (one host sync). vLLM's engine passes False: its
+    warm-up and profiling runs feed uninitialised activations on purpose; a NaN row then routes
+    to the experts its NaNs sit at (argmax takes NaN as the maximum), and the token's logprobs
+    are NaN anyway."""
     check_float("router_logits", router_logits)
     if router_logits.dim() != 2:
         raise ValueError(f"router_logits must be 2-D [tokens, experts], got shape {tuple(router_logits.shape)}")
     E = router_logits.shape[1]
     if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= E:
         raise ValueError(f"top_k must be an int in 1..{E} (the number of experts), got {top_k!r}")
-    if router_logits.numel() and not bool(torch.isfinite(router_logits).all()):
+    if check_finite and router_logits.numel() and not bool(torch.isfinite(router_logits).all()):
         raise ValueError("router_logits hold NaN or inf: the expert choice would be arbitrary; check the model's "
                          "weights and inputs (a diverged training step?)")
     return call(_route_op, router_logits, int(top_k), bool(renormalize))
@@ -214,11 +220,37 @@ def moe_experts(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, w13: 
     return moe_combine(expert_outputs(x, ids, w13, w2), weights)
 
 
+@custom_op("onpolicy::moe_routed", mutates_args=())
+def _routed_op(x: torch.Tensor, router_logits: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, top_k: int,
+               renormalize: bool) -> torch.Tensor:
+    weights, ids = moe_route(router_logits, top_k, renormalize, check_finite=False)
+    return moe_experts(x, weights, ids, w13, w2)
+
+
+@_routed_op.register_fake
+def _(x, router_logits, w13, w2, top_k, renormalize):
+    return x.new_empty(x.shape)
+
+
+def moe_routed(x: torch.Tensor, router_logits: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, top_k: int,
+               renormalize: bool = True, check_finite: bool = True) -> torch.Tensor:
+    """`moe_experts(x, *moe_route(router_logits, top_k, renormalize), w13, w2)`, callable under torch.compile.
+
+    Routing has data-dependent shapes (tokens per expert), which Dynamo cannot trace: a traced call
+    (vLLM compiles its model, on the CPU too) goes through one opaque op, `onpolicy::moe_routed`,
+    whose body is the eager composition -- the same bits. No autograd through the traced op; an
+    eager call (the trainer) runs the composition, differentiable. check_finite: see `moe_route`
+    (a traced call never checks: the check would be a data-dependent branch)."""
+    if _eager_grad((x, router_logits, w13, w2)) is None:
+        return _routed_op(x, router_logits, w13, w2, int(top_k), bool(renormalize))
+    weights, ids = moe_route(router_logits, top_k, renormalize, check_finite)
+    return moe_experts(x, weights, ids, w13, w2)
+
+
 def moe(x: torch.Tensor, gate_weight: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, top_k: int,
         renormalize: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """(output [T, H], router logits [T, E]) of a top-k softmax MoE block on x [T, H]."""
     if gate_weight.dim() != 2 or gate_weight.shape[0] != w13.shape[0]:
         raise ValueError(f"gate_weight must be [E, H] with E = {w13.shape[0]} experts, got {tuple(gate_weight.shape)}")
     logits = linear(x, gate_weight)
-    weights, ids = moe_route(logits, top_k, renormalize)
-    return moe_experts(x, weights, ids, w13, w2), logits
+    return moe_routed(x, logits, w13, w2, top_k, renormalize), logits
