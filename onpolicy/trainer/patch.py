@@ -65,6 +65,9 @@ def patch_model(model: torch.nn.Module, tensor_parallel_size: Optional[int] = No
     fam = check_supported(model.config, next(model.parameters()).dtype)
     base, head = _parts(model)
     cache = cos_sin_cache_for(model.config).to(next(model.parameters()).device)
+    for layer in base.layers:  # before anything is bound: a refused model stays as it was
+        if F.is_moe_block(layer.mlp):
+            _check_moe_block(layer.mlp, tp)
     saved: list = []
     attrs: list = [(base, "_onpolicy_tp")]  # attributes set on modules, removed by unpatch
     base._onpolicy_tp = tp
@@ -73,7 +76,6 @@ def patch_model(model: torch.nn.Module, tensor_parallel_size: Optional[int] = No
     for layer in base.layers:
         _bind(layer, F.layer_forward, saved)
         if F.is_moe_block(layer.mlp):
-            _check_moe_block(layer.mlp, tp)
             _bind(layer.mlp, F.moe_block_forward, saved)
         else:
             _bind(layer.mlp, F.mlp_forward, saved)
