@@ -272,6 +272,25 @@ def layer_forward(self, hidden: torch.Tensor, residual: Optional[torch.Tensor], 
     return mlp(self.mlp, x, plan, f"{name}.mlp"), residual
 
 
+@contextlib.contextmanager
+def router_logits_of(base_model):
+    """Collect the router logits of every patched forward of `base_model` run inside: one entry per
+    forward, a tuple with one [B*L, E] tensor per MoE layer (transformers' `router_logits` layout,
+    padding rows zero). For callers that reach the forward through functions without a
+    router-logits argument (onpolicy's fused LM head for TRL)."""
+    calls: list = []
+    base_model._onpolicy_router_sink = calls
+    try:
+        yield calls
+    finally:
+        del base_model._onpolicy_router_sink
+
+
+def scatter_router_logits(plan: "TokenPlan", collected: list) -> tuple:
+    """Packed per-layer router logits [T, E] -> transformers' [B*L, E] (padding rows zero)."""
+    return tuple(lg.new_zeros(plan.B * plan.L, lg.shape[-1]).index_copy(0, plan.idx, lg) for lg in collected)
+
+
 def packed_hidden(model, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
                   inputs_embeds=None, use_cache=False, tap=None, router_logits=None):
     """Run the patched base model; returns (final hidden [T, hidden] packed, plan, cache). Autocast is
@@ -304,6 +323,9 @@ def _packed_hidden(model, input_ids, attention_mask, position_ids, past_key_valu
     plan = plan_tokens(B, L, attention_mask, position_ids, past_len, emb.device)
     plan.tap = tap
     plan.tp = tp
+    sink = getattr(model, "_onpolicy_router_sink", None)
+    if router_logits is None and sink is not None:
+        router_logits = []
     plan.router_logits = router_logits
     if past_key_values is not None:
         if attention_mask is not None and not bool(attention_mask.bool().all()):
@@ -314,6 +336,8 @@ def _packed_hidden(model, input_ids, attention_mask, position_ids, past_key_valu
     residual = None
     for layer in model.layers[: model.config.num_hidden_layers]:
         hidden, residual = layer(hidden, residual, plan)
+    if sink is not None:
+        sink.append(scatter_router_logits(plan, router_logits))
     norm = model.norm
     hidden, _ = K.fused_add_rms_norm(hidden, residual, full(norm.weight), norm.variance_epsilon)
     return plan.record("norm", hidden), plan, past_key_values
@@ -343,7 +367,7 @@ def base_model_forward(self, input_ids=None, attention_mask=None, position_ids=N
     router = None
     if want_router:  # transformers' layout: one [B*L, E] per sparse layer; padding rows are zeros (the
         # attention mask leaves them out of the auxiliary loss)
-        router = tuple(lg.new_zeros(plan.B * plan.L, lg.shape[-1]).index_copy(0, plan.idx, lg) for lg in collected)
+        router = scatter_router_logits(plan, collected)
     return MoeModelOutputWithPast(last_hidden_state=out, past_key_values=cache if use_cache else None,
                                   router_logits=router)
 
