@@ -24,25 +24,10 @@ from __future__ import annotations
 import onpolicy_kernels
 import torch
 
+from . import compat
 from .errors import OnpolicyVllmError
 
 _CLASSES: dict[str, type] = {}
-
-
-def layer_classes() -> tuple[type, ...]:
-    """vLLM's routed-experts layer classes that carry a quant method (those this vLLM has)."""
-    found = []
-    try:
-        from vllm.model_executor.layers.fused_moe.routed_experts import RoutedExperts  # vLLM 0.32
-        found.append(RoutedExperts)
-    except ImportError:
-        pass
-    try:
-        from vllm.model_executor.layers.fused_moe.layer import FusedMoE  # older versions' one layer class
-        found.append(FusedMoE)
-    except ImportError:
-        pass
-    return tuple(found)
 
 
 def check_layer(layer) -> None:
@@ -153,7 +138,7 @@ def __getattr__(name: str):
 
 def quant_method_for(layer, prefix: str):
     """An OnpolicyMoEMethod for a routed-experts layer, else None (called from the quant config)."""
-    kinds = layer_classes()
+    kinds = compat.moe_layer_classes()
     if not kinds or not isinstance(layer, kinds):
         return None
     moe = getattr(layer, "moe_config", None) or getattr(layer, "moe", None)
@@ -175,7 +160,7 @@ def pin_gates(model) -> int:
     from .linear import classes as linear_classes
 
     lin = linear_classes()["OnpolicyLinearMethod"]
-    kinds = layer_classes()
+    kinds = compat.moe_layer_classes()
     n = 0
     for name, m in model.named_modules():
         routed = getattr(m, "routed_experts", None)
