@@ -187,3 +187,26 @@ def test_errors_name_the_problem():
         K.moe(x, gate[:3], w13, w2, 2)
     with pytest.raises(TypeError, match="cast them to one dtype"):
         K.moe(x.half(), gate.half(), w13, w2, 2)
+
+
+@pytest.mark.parametrize("dtype", (torch.float32, torch.float16), ids=("fp32", "fp16"))
+def test_triton_path_under_the_interpreter_is_invariant(dtype, monkeypatch):
+    """The GPU composition (Triton linear / silu_and_mul) on tiny shapes under TRITON_INTERPRET=1: a token's
+    bits do not depend on the batch, and it agrees with the CPU path to rounding (dot dtypes only: the
+    interpreter's bf16 dot is wrong)."""
+    import os
+
+    from onpolicy_kernels._triton import HAS_TRITON
+
+    if not (HAS_TRITON and os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")):
+        pytest.skip("needs triton with TRITON_INTERPRET=1 (tests/kernels/conftest.py)")
+    g = gen(17)
+    gate, w13, w2 = _weights(4, dtype, g, H=32, I=16)
+    probes = randn(3, 32, dtype=dtype, g=g)
+    cpu, _ = K.moe(probes, gate, w13, w2, 2, True)
+    monkeypatch.setenv("ONPOLICY_KERNELS_BACKEND", "triton")
+    alone, _ = K.moe(probes, gate, w13, w2, 2, True)
+    batch, pos, n = hide(probes, 19, g)
+    out, _ = K.moe(batch, gate, w13, w2, 2, True)
+    assert torch.equal(out[pos], alone[:n])
+    assert rel_err(alone, cpu) < 4 * REL_TOL[dtype]
