@@ -22,13 +22,20 @@ class Family:
     hf_architecture: str
     vllm_architecture: str
     qk_norm: bool
+    moe: bool = False  # sparse MoE blocks (top-k softmax router, routed experts, no shared expert)
 
 
 FAMILIES = {
     "qwen3": Family("Qwen3", "Qwen3ForCausalLM", "Qwen3ForCausalLM", qk_norm=True),
     "qwen2": Family("Qwen2 / Qwen2.5", "Qwen2ForCausalLM", "Qwen2ForCausalLM", qk_norm=False),
     "llama": Family("Llama 3.x", "LlamaForCausalLM", "LlamaForCausalLM", qk_norm=False),
+    "qwen3_moe": Family("Qwen3-MoE", "Qwen3MoeForCausalLM", "Qwen3MoeForCausalLM", qk_norm=True, moe=True),
 }
+# Other MoE designs, named in the error so that the user knows what is not covered.
+OTHER_MOE = {"qwen2_moe": "Qwen2-MoE (shared expert)", "deepseek_v2": "DeepSeek-V2 (shared experts, grouped "
+             "routing)", "deepseek_v3": "DeepSeek-V3 (shared experts, grouped routing)", "mixtral": "Mixtral",
+             "qwen3_next": "Qwen3-Next (shared expert, hybrid attention)", "gpt_oss": "gpt-oss",
+             "olmoe": "OLMoE"}
 SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
@@ -42,6 +49,11 @@ def supported_list() -> str:
 
 def family_of(config) -> Family:
     mt = getattr(config, "model_type", None)
+    if mt in OTHER_MOE:
+        raise UnsupportedModelError(
+            f"onpolicy does not support the mixture-of-experts design of {OTHER_MOE[mt]} (model_type {mt!r}); the "
+            "supported MoE is Qwen3-MoE (model_type 'qwen3_moe': top-k softmax routing, no shared expert); "
+            f"supported families: {supported_list()}")
     if mt not in FAMILIES:
         raise UnsupportedModelError(
             f"onpolicy does not support model_type {mt!r}; supported families: {supported_list()}"
@@ -97,9 +109,24 @@ def check_supported(config, dtype: Optional[torch.dtype] = None) -> Family:
         problems.append("mlp_bias=True (supported: no MLP bias)")
     if getattr(config, "num_attention_heads", 1) % getattr(config, "num_key_value_heads", 1):
         problems.append("num_attention_heads not a multiple of num_key_value_heads")
+    if fam.moe:
+        problems += moe_problems(config)
     if problems:
         raise UnsupportedModelError(f"{fam.name} model not supported by onpolicy: " + "; ".join(problems))
     return fam
+
+
+def moe_problems(config) -> list[str]:
+    """What a Qwen3-MoE config asks for that onpolicy's MoE op does not compute (empty when none)."""
+    problems = []
+    n, k = getattr(config, "num_experts", 0) or 0, getattr(config, "num_experts_per_tok", 0) or 0
+    if n < 1 or not 1 <= k <= n:
+        problems.append(f"num_experts {n} / num_experts_per_tok {k} (need 1 <= top-k <= experts)")
+    if getattr(config, "shared_expert_intermediate_size", 0):
+        problems.append("a shared expert (supported: routed experts only, as in Qwen3-30B-A3B / 235B-A22B)")
+    if getattr(config, "scoring_func", "softmax") != "softmax":
+        problems.append(f"scoring_func {config.scoring_func!r} (supported: 'softmax')")
+    return problems
 
 
 WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.pt", "*.pth")

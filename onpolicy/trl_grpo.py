@@ -40,7 +40,7 @@ import torch
 from .metrics import MismatchError, describe_mismatch, mismatch_metrics
 from .runlog import RunLog, check_run_dir, checkpoint_step
 from .trainer import patch_model
-from .trainer.forward import SUPPORTED_TP
+from .trainer.forward import SUPPORTED_TP, router_logits_of
 from .trainer.logprobs import score_tokens
 from .vllm_plugin import compat
 
@@ -142,10 +142,12 @@ def add_onpolicy_lm_head(model: torch.nn.Module, temperature: float) -> None:
 
     previous = model.forward
 
-    def forward(self, *args, fused_lm_head=False, labels=None, shift_labels=None, num_items_in_batch=None, **kwargs):
+    def forward(self, *args, fused_lm_head=False, labels=None, shift_labels=None, num_items_in_batch=None,
+                output_router_logits=None, **kwargs):
         if not fused_lm_head:
             extra = {k: v for k, v in (("labels", labels), ("shift_labels", shift_labels),
-                                       ("num_items_in_batch", num_items_in_batch)) if v is not None}
+                                       ("num_items_in_batch", num_items_in_batch),
+                                       ("output_router_logits", output_router_logits)) if v is not None}
             return previous(*args, **kwargs, **extra)
         if shift_labels is not None:
             raise NotImplementedError("onpolicy's LM head does not support pre-shifted labels (context parallelism)")
@@ -154,10 +156,19 @@ def add_onpolicy_lm_head(model: torch.nn.Module, temperature: float) -> None:
         if unknown:
             raise NotImplementedError(f"onpolicy's LM head got inputs it does not support: {sorted(unknown)}")
         mask = labels[:, 1:] != -100
-        lp, ent = score_tokens(self, input_ids, kwargs.get("attention_mask"), kwargs.get("position_ids"), mask,
-                               temperature, with_entropy=True)
+        with router_logits_of(self.model) as calls:  # MoE (TRL asks for the load-balancing loss): collected
+            lp, ent = score_tokens(self, input_ids, kwargs.get("attention_mask"), kwargs.get("position_ids"), mask,
+                                   temperature, with_entropy=True)
         n = mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch
-        return FusedCausalLMOutput(loss=-lp.sum() / n, log_probs=lp, entropy=ent, label_mask=mask)
+        loss, aux = -lp.sum() / n, None
+        if output_router_logits:  # as transformers' MoE forward and TRL's own fused head compute it
+            from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
+
+            cfg = self.config
+            aux = load_balancing_loss_func(calls[-1], cfg.num_experts, cfg.num_experts_per_tok,
+                                           kwargs.get("attention_mask"))
+            loss = loss + getattr(cfg, "router_aux_loss_coef", 0.0) * aux
+        return FusedCausalLMOutput(loss=loss, log_probs=lp, entropy=ent, label_mask=mask, aux_loss=aux)
 
     model.forward = types.MethodType(forward, model)
 

@@ -40,7 +40,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 @dataclass
 class RecipeArgs:
     model: str = field(default="tiny", metadata={"help": "model path or hub id; 'tiny' builds a tiny model locally"})
-    family: str = field(default="qwen3", metadata={"help": "family of the tiny model: qwen3, qwen2, llama"})
+    family: str = field(default="qwen3", metadata={"help": "family of the tiny model: qwen3, qwen2, llama, qwen3_moe"})
     dataset: str = field(default="arithmetic", metadata={"help": "'arithmetic' (synthetic) or a hub data set id"})
     dataset_config: Optional[str] = field(default=None, metadata={"help": "hub data set config (e.g. 'main')"})
     num_prompts: int = field(default=512, metadata={"help": "synthetic prompts to make"})

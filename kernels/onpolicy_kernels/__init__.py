@@ -10,6 +10,7 @@ from .ops.activation import silu_and_mul
 from .ops.attention import attention, attention_contiguous, attention_schedule, reshape_and_cache
 from .ops.linear import linear
 from .ops.logprobs import log_softmax, token_logprobs
+from .ops.moe import moe, moe_combine, moe_experts, moe_route, moe_routed
 from .ops.rms_norm import fused_add_rms_norm, rms_norm
 from .ops.rotary import build_cos_sin_cache, rotary_embedding
 
@@ -26,4 +27,9 @@ __all__ = [
     "build_cos_sin_cache",
     "log_softmax",
     "token_logprobs",
+    "moe",
+    "moe_route",
+    "moe_experts",
+    "moe_combine",
+    "moe_routed",
 ]

@@ -34,6 +34,8 @@ import torch
 
 import onpolicy_kernels as K
 
+from onpolicy_kernels.ops.moe import expert_outputs
+
 from .merged import merged_linear
 
 PAGE = 16  # page size used to view contiguous K/V as a paged cache (decode with an HF cache)
@@ -114,6 +116,7 @@ class TokenPlan:
     max_len: int = 0  # a bound on the longest sequence (host int, no sync): sizes attention grids
     tap: Optional[Callable[[str, torch.Tensor], None]] = None  # `onpolicy check` records activations here
     tp: int = 1  # vLLM tensor-parallel size the forward mirrors (row_parallel_linear)
+    router_logits: Optional[list] = None  # MoE: each sparse layer's router logits [T, E], when asked for
 
     def record(self, name: str, t: torch.Tensor) -> torch.Tensor:
         if self.tap is not None:
@@ -226,6 +229,32 @@ def mlp_forward(self, x: torch.Tensor, plan: Optional[TokenPlan] = None, name: s
     return out
 
 
+def is_moe_block(mlp) -> bool:
+    """A transformers sparse-MoE block (Qwen3MoeSparseMoeBlock: `.gate` router and `.experts`)."""
+    return getattr(mlp, "experts", None) is not None and getattr(mlp, "gate", None) is not None
+
+
+def moe_block_forward(self, x: torch.Tensor, plan: Optional[TokenPlan] = None, name: str = "mlp") -> torch.Tensor:
+    """A Qwen3-MoE sparse block on onpolicy's MoE op, as vLLM's MoE layer runs it with the plugin:
+    router logits from the gate's linear, `moe_route` (top-k, norm_topk_prob), `moe_experts`."""
+    gate, experts = self.gate, self.experts
+    shape = x.shape
+    x2 = x if x.dim() == 2 else x.reshape(-1, shape[-1])
+    logits = K.linear(x2, full(gate.weight))
+    weights, ids = K.moe_route(logits, gate.top_k, bool(gate.norm_topk_prob))
+    y = expert_outputs(x2, ids, full(experts.gate_up_proj), full(experts.down_proj))
+    out = K.moe_combine(y, weights)
+    if plan is not None:
+        if plan.router_logits is not None:
+            plan.router_logits.append(logits)
+        if plan.tap is not None:
+            plan.record(f"{name}.gate", logits)
+            plan.record(f"{name}.router", torch.cat([weights, ids.to(torch.float32)], dim=-1))
+            plan.record(f"{name}.experts", y.reshape(y.shape[0], -1))
+            plan.record(f"{name}.combine", out)
+    return out if x.dim() == 2 else out.view(shape)
+
+
 def layer_forward(self, hidden: torch.Tensor, residual: Optional[torch.Tensor], plan: TokenPlan):
     """One decoder layer as vLLM runs it; returns (mlp output, residual) for the next fused norm."""
     n1, n2 = self.input_layernorm, self.post_attention_layernorm
@@ -239,19 +268,41 @@ def layer_forward(self, hidden: torch.Tensor, residual: Optional[torch.Tensor], 
     a = attention_forward(self.self_attn, x, plan)
     x, residual = K.fused_add_rms_norm(a, residual, n2.weight, n2.variance_epsilon)
     plan.record(f"{name}.post_attention_layernorm", x)
-    return mlp_forward(self.mlp, x, plan, f"{name}.mlp"), residual
+    mlp = moe_block_forward if is_moe_block(self.mlp) else mlp_forward
+    return mlp(self.mlp, x, plan, f"{name}.mlp"), residual
+
+
+@contextlib.contextmanager
+def router_logits_of(base_model):
+    """Collect the router logits of every patched forward of `base_model` run inside: one entry per
+    forward, a tuple with one [B*L, E] tensor per MoE layer (transformers' `router_logits` layout,
+    padding rows zero). For callers that reach the forward through functions without a
+    router-logits argument (onpolicy's fused LM head for TRL)."""
+    calls: list = []
+    base_model._onpolicy_router_sink = calls
+    try:
+        yield calls
+    finally:
+        del base_model._onpolicy_router_sink
+
+
+def scatter_router_logits(plan: "TokenPlan", collected: list) -> tuple:
+    """Packed per-layer router logits [T, E] -> transformers' [B*L, E] (padding rows zero)."""
+    return tuple(lg.new_zeros(plan.B * plan.L, lg.shape[-1]).index_copy(0, plan.idx, lg) for lg in collected)
 
 
 def packed_hidden(model, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
-                  inputs_embeds=None, use_cache=False, tap=None):
+                  inputs_embeds=None, use_cache=False, tap=None, router_logits=None):
     """Run the patched base model; returns (final hidden [T, hidden] packed, plan, cache). Autocast is
-    off inside (see `no_autocast`)."""
+    off inside (see `no_autocast`). router_logits: a list that collects each MoE layer's router
+    logits [T, E] (packed tokens), or None."""
     with no_autocast(model.embed_tokens.weight.device):
         return _packed_hidden(model, input_ids, attention_mask, position_ids, past_key_values, inputs_embeds,
-                              use_cache, tap)
+                              use_cache, tap, router_logits)
 
 
-def _packed_hidden(model, input_ids, attention_mask, position_ids, past_key_values, inputs_embeds, use_cache, tap):
+def _packed_hidden(model, input_ids, attention_mask, position_ids, past_key_values, inputs_embeds, use_cache, tap,
+                   router_logits=None):
     if (input_ids is None) == (inputs_embeds is None):
         raise ValueError("give exactly one of input_ids or inputs_embeds")
     tp = getattr(model, "_onpolicy_tp", 1)
@@ -272,6 +323,10 @@ def _packed_hidden(model, input_ids, attention_mask, position_ids, past_key_valu
     plan = plan_tokens(B, L, attention_mask, position_ids, past_len, emb.device)
     plan.tap = tap
     plan.tp = tp
+    sink = getattr(model, "_onpolicy_router_sink", None)
+    if router_logits is None and sink is not None:
+        router_logits = []
+    plan.router_logits = router_logits
     if past_key_values is not None:
         if attention_mask is not None and not bool(attention_mask.bool().all()):
             raise NotImplementedError("onpolicy's patched forward supports a KV cache only for unpadded batches")
@@ -281,6 +336,8 @@ def _packed_hidden(model, input_ids, attention_mask, position_ids, past_key_valu
     residual = None
     for layer in model.layers[: model.config.num_hidden_layers]:
         hidden, residual = layer(hidden, residual, plan)
+    if sink is not None:
+        sink.append(scatter_router_logits(plan, router_logits))
     norm = model.norm
     hidden, _ = K.fused_add_rms_norm(hidden, residual, full(norm.weight), norm.variance_epsilon)
     return plan.record("norm", hidden), plan, past_key_values
@@ -291,14 +348,28 @@ def base_model_forward(self, input_ids=None, attention_mask=None, position_ids=N
     """Drop-in forward for the transformers base model (Qwen3Model, Qwen2Model, LlamaModel)."""
     from transformers.modeling_outputs import BaseModelOutputWithPast
 
+    want_router = bool(kwargs.pop("output_router_logits", False))
     unsupported = {k for k, v in kwargs.items() if v not in (None, False) and k not in ("return_dict", "cache_position")}
     if unsupported:
         raise NotImplementedError(f"onpolicy's patched forward does not support: {', '.join(sorted(unsupported))}")
+    moe = any(is_moe_block(layer.mlp) for layer in self.layers)
+    if want_router and not moe:
+        raise NotImplementedError("output_router_logits needs a mixture-of-experts model")
+    collected = [] if want_router else None
     hidden, plan, cache = packed_hidden(self, input_ids, attention_mask, position_ids, past_key_values,
-                                        inputs_embeds, bool(use_cache))
+                                        inputs_embeds, bool(use_cache), router_logits=collected)
     out = hidden.new_zeros(plan.B * plan.L, hidden.shape[-1])
     out = out.index_copy(0, plan.idx, hidden).view(plan.B, plan.L, -1)
-    return BaseModelOutputWithPast(last_hidden_state=out, past_key_values=cache if use_cache else None)
+    if not moe:
+        return BaseModelOutputWithPast(last_hidden_state=out, past_key_values=cache if use_cache else None)
+    from transformers.modeling_outputs import MoeModelOutputWithPast
+
+    router = None
+    if want_router:  # transformers' layout: one [B*L, E] per sparse layer; padding rows are zeros (the
+        # attention mask leaves them out of the auxiliary loss)
+        router = scatter_router_logits(plan, collected)
+    return MoeModelOutputWithPast(last_hidden_state=out, past_key_values=cache if use_cache else None,
+                                  router_logits=router)
 
 
 def lm_head_forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -65,6 +65,9 @@ def patch_model(model: torch.nn.Module, tensor_parallel_size: Optional[int] = No
     fam = check_supported(model.config, next(model.parameters()).dtype)
     base, head = _parts(model)
     cache = cos_sin_cache_for(model.config).to(next(model.parameters()).device)
+    for layer in base.layers:  # before anything is bound: a refused model stays as it was
+        if F.is_moe_block(layer.mlp):
+            _check_moe_block(layer.mlp, tp)
     saved: list = []
     attrs: list = [(base, "_onpolicy_tp")]  # attributes set on modules, removed by unpatch
     base._onpolicy_tp = tp
@@ -72,7 +75,10 @@ def patch_model(model: torch.nn.Module, tensor_parallel_size: Optional[int] = No
     _bind(head, F.lm_head_forward, saved)
     for layer in base.layers:
         _bind(layer, F.layer_forward, saved)
-        _bind(layer.mlp, F.mlp_forward, saved)
+        if F.is_moe_block(layer.mlp):
+            _bind(layer.mlp, F.moe_block_forward, saved)
+        else:
+            _bind(layer.mlp, F.mlp_forward, saved)
         attn = layer.self_attn
         if fam.qk_norm != (getattr(attn, "q_norm", None) is not None):
             raise TypeError(f"{fam.name} attention module does not have the expected q/k norm layout")
@@ -81,6 +87,28 @@ def patch_model(model: torch.nn.Module, tensor_parallel_size: Optional[int] = No
     object.__setattr__(model, _STATE, {"saved": saved, "attrs": attrs, "depth": 1, "family": fam,
                                      "tp": tp})
     return model
+
+
+def _check_moe_block(block, tp: int) -> None:
+    """Refuse a sparse-MoE block that onpolicy's MoE op does not compute exactly as vLLM's layer does."""
+    experts, gate = block.experts, block.gate
+    problems = []
+    if tp != 1:
+        problems.append(f"tensor_parallel_size={tp} (MoE is mirrored for tensor_parallel_size=1 only)")
+    if getattr(block, "shared_expert", None) is not None:
+        problems.append("a shared expert")
+    if getattr(experts, "is_transposed", False) or not getattr(experts, "has_gate", True):
+        problems.append("transposed or gate-less expert weights")
+    if getattr(experts, "has_bias", False) or getattr(experts, "gate_up_proj_bias", None) is not None:
+        problems.append("expert biases")
+    if getattr(gate, "bias", None) is not None:
+        problems.append("a router bias")
+    if not hasattr(experts, "gate_up_proj") or not hasattr(experts, "down_proj") or not hasattr(gate, "top_k"):
+        problems.append(f"an unknown MoE block layout ({type(block).__name__})")
+    if problems:
+        raise TypeError("onpolicy supports Qwen3-MoE sparse blocks (top-k softmax router, routed experts with "
+                        "fused gate_up_proj [E, 2I, H] / down_proj [E, H, I], no shared expert, no biases) at "
+                        "tensor_parallel_size=1; this model has " + "; ".join(problems))
 
 
 def unpatch_model(model: torch.nn.Module, force: bool = False) -> torch.nn.Module:

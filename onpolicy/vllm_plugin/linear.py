@@ -7,6 +7,7 @@ hook, `register_quantization_config`). Its `get_quant_method` hands
   * every vocab embedding (the `ParallelLMHead`, and the token embedding,
     which vLLM 0.26's Qwen2/Qwen3 reuse as the tied head) an
     `OnpolicyHeadMethod` (lookup = vLLM's gather, head matmul = ours);
+each routed-experts layer of an MoE model an `OnpolicyMoEMethod` (moe.py);
 everything else (attention) keeps vLLM's default. Both
 methods inherit vLLM's unquantized `create_weights`, so `layer.weight` stays
 the same loadable parameter with the same `weight_loader` (checkpoint loading,
@@ -102,6 +103,11 @@ def _make_classes() -> dict[str, type]:
             # `embedding`); only the head matmul (`apply`) is ours.
             if isinstance(layer, VocabParallelEmbedding):
                 return OnpolicyHeadMethod()
+            from . import moe  # the routed experts of an MoE layer (moe.py)
+
+            method = moe.quant_method_for(layer, prefix)
+            if method is not None:
+                return method
             if isinstance(layer, LinearBase):
                 return OnpolicyLinearMethod()
             return None

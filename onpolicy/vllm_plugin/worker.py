@@ -161,13 +161,16 @@ def audit_model(model, hf_config=None) -> dict[str, int]:
     from .layers import OnpolicyOp
     from .linear import classes
 
+    from .moe import classes as moe_classes, pin_gates
+
     lin = classes()
+    moe_method = moe_classes()["OnpolicyMoEMethod"] if pin_gates(model) else None
     arch = type(model).__name__
     if arch not in supported_architectures():
         raise OnpolicyVllmError(f"loaded model class {arch} is not supported")
     bad = []
     counts = {"attention": 0, "linear": 0, "lm_head": 0, "norm": 0, "rope": 0, "silu_and_mul": 0,
-              "logits_processor": 0}
+              "logits_processor": 0, "moe": 0}
     for name, m in model.named_modules():
         kind = type(m).__name__
         method = getattr(m, "quant_method", None)
@@ -179,6 +182,8 @@ def audit_model(model, hf_config=None) -> dict[str, int]:
                 counts["linear"] += 1
             else:
                 bad.append(f"{name} ({kind}, method {type(method).__name__})")
+        elif moe_method is not None and isinstance(method, moe_method):
+            counts["moe"] += 1
         elif method is not None:
             bad.append(f"{name} ({kind}, method {type(method).__name__})")
         if isinstance(m, LogitsProcessor):
@@ -212,17 +217,33 @@ def audit_model(model, hf_config=None) -> dict[str, int]:
     return counts
 
 
+def sparse_layers(hf_config) -> list[int]:
+    """The layers of a Qwen3-MoE config that are sparse MoE blocks (the others are dense MLPs)."""
+    n = hf_config.num_hidden_layers
+    if not getattr(hf_config, "num_experts", 0):
+        return []
+    step = getattr(hf_config, "decoder_sparse_step", 1) or 1
+    dense = set(getattr(hf_config, "mlp_only_layers", None) or [])
+    return [i for i in range(n) if i not in dense and (i + 1) % step == 0]
+
+
 def check_counts(counts: dict[str, int], hf_config) -> None:
-    """The layers a Qwen2/Qwen3/Llama decoder of `hf_config` has must all have been found as onpolicy's."""
+    """The layers a Qwen2/Qwen3/Llama/Qwen3-MoE decoder of `hf_config` has must all have been found as onpolicy's."""
     n = getattr(hf_config, "num_hidden_layers", None)
     if not n:
         raise OnpolicyVllmError("cannot audit the model: its config has no num_hidden_layers")
-    qk_norm = 2 * n if getattr(hf_config, "model_type", "") == "qwen3" else 0
+    from onpolicy.families import FAMILIES
+
+    fam = FAMILIES.get(getattr(hf_config, "model_type", ""))
+    qk_norm = 2 * n if fam is not None and fam.qk_norm else 0
+    sparse = len(sparse_layers(hf_config)) if fam is not None and fam.moe else 0
     expected = {
         "attention": n,
-        "linear": 4 * n,  # qkv, o, gate_up, down
+        # qkv, o per layer; gate_up, down per dense MLP; the router gate per MoE layer
+        "linear": 2 * n + 2 * (n - sparse) + sparse,
         "norm": 2 * n + 1 + qk_norm,  # input + post-attention per layer, final; Qwen3 q/k norms
-        "silu_and_mul": n,
+        "silu_and_mul": n - sparse,
+        "moe": sparse,
         "rope": 1,  # at least one (vLLM shares one RoPE module between layers)
         "lm_head": 1,
         "logits_processor": 1,

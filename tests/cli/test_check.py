@@ -140,3 +140,40 @@ def test_max_tokens_beyond_the_context_is_said_before_the_engine_starts(model_di
     with pytest.raises(RuntimeError, match="engine reached"):
         run_check(model_dir, prompts=4, max_tokens=32, llm=NoEngine(), warn=heard.append)
     assert heard == []
+
+
+@pytest.mark.vllm
+def test_moe_bitwise_and_a_perturbed_moe_sub_op_is_named(tmp_path):
+    """Qwen3-MoE (issue 31): 100% with the plugin on; a perturbed expert (layer 2) or router gate (layer 1)
+    on the trainer side is named as that MoE sub-op, everything before it identical."""
+    script = textwrap.dedent(f"""
+        import json, torch
+        from onpolicy.check import engine_dtype, make_engine, run_check, load_trainer
+        from onpolicy.tiny import make_tiny_model
+        md = str(make_tiny_model({str(tmp_path / "moe")!r}, "qwen3_moe", dtype=torch.float32))
+        llm = make_engine(md, plugin=True)
+        ok = run_check(md, prompts=8, max_tokens=16, llm=llm)
+        print("ON " + json.dumps({{"metrics": ok.metrics, "divergence": ok.divergence}}))
+        dt = engine_dtype(llm)
+        def experts(model):
+            with torch.no_grad():
+                model.model.layers[2].mlp.experts.down_proj.mul_(1.01)
+        def gate(model):
+            with torch.no_grad():
+                model.model.layers[1].mlp.gate.weight.mul_(1.01)
+        for name, hook in (("EXPERTS", experts), ("GATE", gate)):
+            bad = run_check(md, prompts=8, max_tokens=16, llm=llm, trainer=load_trainer(md, True, dtype=dt),
+                            trainer_hook=hook)
+            print(name + " " + json.dumps({{"metrics": bad.metrics, "divergence": bad.divergence}}))
+    """)
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=ENV, timeout=600)
+    lines = {ln.split(" ", 1)[0]: json.loads(ln.split(" ", 1)[1]) for ln in r.stdout.splitlines()
+             if ln.startswith(("ON ", "EXPERTS ", "GATE "))}
+    assert set(lines) == {"ON", "EXPERTS", "GATE"}, r.stderr[-3000:]
+    assert lines["ON"]["metrics"]["bitwise_equal_frac"] == 1.0 and lines["ON"]["divergence"] is None
+    per_layer = 9  # input norm, qkv, attention, o_proj, post-attention norm, gate, router, experts, combine
+    d = lines["EXPERTS"]["divergence"]
+    assert d["op"] == "layers.2.mlp.experts" and d["identical_before"] == 2 * per_layer + 7, d
+    assert d["compared"] == 4 * per_layer + 1
+    d = lines["GATE"]["divergence"]
+    assert d["op"] == "layers.1.mlp.gate" and d["identical_before"] == per_layer + 5, d

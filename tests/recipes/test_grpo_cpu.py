@@ -153,3 +153,25 @@ def test_recipe_two_ranks_with_vllm_tensor_parallel_2_is_bitwise(tmp_path):
     for x in on:
         assert x["tokens"] > 0 and x["bitwise_equal_frac"] == 1.0 and x["kl_k3"] == 0.0
     assert len({x["weights"] for x in on}) > 1  # weights synced into the TP=2 engine between steps
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+def test_recipe_with_a_tiny_moe_is_bitwise_every_step(tmp_path):
+    """Issue 31: `--family qwen3_moe` (8 experts, top-2): vLLM's MoE layer and the trainer's sparse block run
+    one MoE op, bitwise at every step across weight syncs; TRL's router load-balancing loss is computed
+    from the patched forward's router logits (TRL asks for it on MoE models)."""
+    env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+    env.pop("ONPOLICY_VLLM", None)
+    cmd = ["accelerate", "launch", "--config_file", "recipes/accelerate/cpu.yaml", "recipes/grpo.py",
+           "--config", "recipes/cpu_demo.yaml", "--family", "qwen3_moe", "--max_steps", "3",
+           "--sft_warmup_steps", "40", "--warmup_steps", "0", "--control", "false",
+           "--run_dir", str(tmp_path), "--report_to", "none"]
+    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
+    assert r.returncode == 0, (r.stdout[-3000:], r.stderr[-5000:])
+    on = _rows(tmp_path / "onpolicy" / "metrics.jsonl")
+    assert [x["step"] for x in on] == [1, 2, 3]
+    for x in on:
+        assert x["tokens"] > 0 and x["bitwise_equal_frac"] == 1.0 and x["kl_k3"] == 0.0
+        assert x["is_ratio_min"] == 1.0 == x["is_ratio_max"]
+    assert len({x["weights"] for x in on}) > 1  # synced weights (experts included) matched, not the initial ones
