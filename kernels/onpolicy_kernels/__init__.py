@@ -12,6 +12,8 @@ from .ops.linear import linear
 from .ops.logprobs import log_softmax, token_logprobs
 from .ops.rms_norm import fused_add_rms_norm, rms_norm
 from .ops.rotary import build_cos_sin_cache, rotary_embedding
+from .ops.truncation import (truncate_logprobs, truncated_log_softmax, truncated_token_logprobs,
+                             truncation_thresholds)
 
 __all__ = [
     "linear",
@@ -26,4 +28,8 @@ __all__ = [
     "build_cos_sin_cache",
     "log_softmax",
     "token_logprobs",
+    "truncation_thresholds",
+    "truncate_logprobs",
+    "truncated_log_softmax",
+    "truncated_token_logprobs",
 ]
