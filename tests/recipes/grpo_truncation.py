@@ -1,9 +1,9 @@
 """OnPolicyGRPOTrainer with nucleus / top-k / min-p sampling (issue 32), 3 steps on the CPU.
 
-usage: python grpo_truncation.py MODEL_DIR OUTPUT_DIR
+usage: python grpo_truncation.py MODEL_DIR OUTPUT_DIR [GRPOCONFIG_JSON]
 
 GRPOConfig(top_k=20, top_p=0.9, min_p=0.02, temperature=0.7), everything else small and TRL's
-default. strict mode fails a step whose sampler and trainer logprobs differ. Prints one line
+default, then the JSON's settings on top. strict mode fails a step whose sampler and trainer logprobs differ. Prints one line
 "RESULT {json}": TRL's own per-step log (`sampling/sampling_logp_difference/*`,
 `sampling/importance_sampling_ratio/*`, `onpolicy/*`) and, after training, the control: the
 engine's sampled logprobs with these settings against the trainer's *untruncated* logprobs (what
@@ -18,6 +18,7 @@ from trl import GRPOConfig
 from onpolicy.trl_grpo import OnPolicyGRPOTrainer
 
 path, output_dir = sys.argv[1], sys.argv[2]
+EXTRA = json.loads(sys.argv[3]) if len(sys.argv) > 3 else {}
 TRUNC = dict(top_k=20, top_p=0.9, min_p=0.02)
 
 
@@ -31,8 +32,15 @@ trainer = OnPolicyGRPOTrainer(
     args=GRPOConfig(use_vllm=True, vllm_mode="colocate", model_init_kwargs={"dtype": "bfloat16"}, use_cpu=True,
                     max_steps=3, output_dir=output_dir, temperature=0.7, **TRUNC, max_completion_length=16,
                     per_device_train_batch_size=8, num_generations=4, learning_rate=1e-4, warmup_steps=0,
-                    logging_steps=1, report_to="none", vllm_gpu_memory_utilization=0.3, vllm_max_model_length=128))
+                    logging_steps=1, report_to="none", vllm_gpu_memory_utilization=0.3, vllm_max_model_length=128,
+                    **EXTRA))
 trainer.train()
+
+
+def onpolicy_patched(model) -> bool:
+    from onpolicy import is_patched
+
+    return bool(is_patched(model))
 
 
 def control(trainer) -> dict:
@@ -64,6 +72,8 @@ def control(trainer) -> dict:
     return {"equal": equal, "untruncated_equal": untruncated_equal, "total": total}
 
 
-keys = ("sampling/sampling_logp_difference", "sampling/importance_sampling_ratio", "onpolicy/", "entropy", "loss")
+keys = ("sampling/sampling_logp_difference", "sampling/importance_sampling_ratio", "onpolicy/", "entropy", "loss", "kl")
 log = [{k: v for k, v in row.items() if k == "step" or k.startswith(keys)} for row in trainer.state.log_history]
-print("RESULT " + json.dumps({"log": log, "control": control(trainer)}), flush=True)
+ref = getattr(trainer, "ref_model", None)
+print("RESULT " + json.dumps({"log": log, "control": control(trainer),
+                              "ref_model_patched": None if ref is None else onpolicy_patched(ref)}), flush=True)
