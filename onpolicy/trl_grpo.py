@@ -18,8 +18,10 @@ exactly 1), and after every generation writes mismatch metrics to TRL's logs
 (`onpolicy/*`, through `report_to`) and to `<run_dir>/metrics.jsonl` with a
 bounded sample of per-token data for the dashboard, at TRL's step (`global_step`).
 
-Before the engine is built it refuses the settings it cannot make bitwise (top-k/p,
-min-p, penalties, Liger, an fp32 LM head: `check_settings`); TRL's default
+Before the engine is built it refuses the settings it cannot make bitwise (penalties,
+Liger, an fp32 LM head: `check_settings`). `top_k` / `top_p` / `min_p` are made bitwise:
+the sampler and the policy's LM head apply one truncation (`onpolicy_kernels.truncate_logprobs`),
+so the trainer scores the truncated distribution vLLM drew from; TRL's default
 `bf16=True` is made bitwise (the patched forward runs with autocast off). After the
 engine is built it checks that the plugin runs every layer and the sampler. A run
 directory holding an earlier run's records is refused unless `overwrite_run_dir=True`
@@ -48,7 +50,8 @@ MODES = ("strict", "monitor", "off")
 logger = logging.getLogger("onpolicy")
 
 # vLLM sampling options that change the sampled distribution before the logprobs are taken, where the
-# trainer (which scores the full, unpenalised distribution at the temperature) cannot follow.
+# trainer (which scores the unpenalised distribution at the temperature, truncated by GRPOConfig's own
+# top_k / top_p / min_p) cannot follow. top_k / top_p / min_p here would override GRPOConfig's for vLLM only.
 _GENERATION_KWARGS_OFF_POLICY = {
     "repetition_penalty": 1.0, "presence_penalty": 0.0, "frequency_penalty": 0.0, "top_k": (0, -1, None),
     "top_p": 1.0, "min_p": (0.0, None), "logit_bias": (None, {}), "bad_words": (None, []),
@@ -74,13 +77,14 @@ def check_settings(cfg, mode: str) -> list[str]:
                              "vllm_importance_sampling_correction=True")
         return []
     problems, warnings = [], []
-    sampling = [("top_k", getattr(cfg, "top_k", 0), (0, -1, None), "top_k=0"),
-                ("top_p", getattr(cfg, "top_p", 1.0), 1.0, "top_p=1.0"),
-                ("min_p", getattr(cfg, "min_p", None), (0.0, None), "min_p=0.0 (or None)")]
-    for name, value, default, fix in sampling:
-        if not _is_default(value, default):
-            problems.append(f"{name}={value!r}: vLLM samples from the truncated distribution but TRL's trainer "
-                            f"scores the full one, so no logprob can match; set {fix}")
+    # top_k / top_p / min_p: made bitwise (the policy's LM head applies the sampler's truncation); only
+    # their values are checked here, before the engine is built
+    from .trainer.logprobs import check_truncation
+
+    try:
+        check_truncation(getattr(cfg, "top_k", 0), getattr(cfg, "top_p", 1.0), getattr(cfg, "min_p", None), 1)
+    except (TypeError, ValueError) as e:
+        problems.append(str(e))
     rp = getattr(cfg, "repetition_penalty", 1.0)
     if rp != 1.0:
         msg = (f"repetition_penalty={rp!r}: vLLM penalises the logits before sampling and the trainer does not, so "
@@ -91,8 +95,10 @@ def check_settings(cfg, mode: str) -> list[str]:
             warnings.append(msg)
     for key, value in (getattr(cfg, "generation_kwargs", None) or {}).items():
         if key in _GENERATION_KWARGS_OFF_POLICY and not _is_default(value, _GENERATION_KWARGS_OFF_POLICY[key]):
+            fix = (f"set GRPOConfig({key}=...) instead, which onpolicy applies on both sides"
+                   if key in ("top_k", "top_p", "min_p") else "remove it from generation_kwargs")
             problems.append(f"generation_kwargs[{key!r}]={value!r}: changes vLLM's sampled distribution, which the "
-                            f"trainer does not reproduce; remove it from generation_kwargs")
+                            f"trainer does not reproduce; {fix}")
     if getattr(cfg, "use_liger_kernel", False):
         problems.append("use_liger_kernel=True: Liger's kernels replace the model's layers, while onpolicy runs the "
                         "trainer on the kernels vLLM runs; set use_liger_kernel=False (onpolicy's kernels replace "
@@ -136,8 +142,11 @@ def _env(name: str, value: Optional[str]):
             os.environ[name] = old
 
 
-def add_onpolicy_lm_head(model: torch.nn.Module, temperature: float) -> None:
-    """Serve TRL's `model(..., labels=..., fused_lm_head=True)` contract with onpolicy's kernels."""
+def add_onpolicy_lm_head(model: torch.nn.Module, temperature: float, top_k=0, top_p=1.0, min_p=None) -> None:
+    """Serve TRL's `model(..., labels=..., fused_lm_head=True)` contract with onpolicy's kernels.
+
+    top_k / top_p / min_p (GRPOConfig's, as TRL passes them to vLLM): the logprobs and entropy are
+    those of the truncated distribution the onpolicy sampler drew from (`score_tokens`)."""
     from trl.trainer.utils import FusedCausalLMOutput
 
     previous = model.forward
@@ -158,7 +167,8 @@ def add_onpolicy_lm_head(model: torch.nn.Module, temperature: float) -> None:
         mask = labels[:, 1:] != -100
         with router_logits_of(self.model) as calls:  # MoE (TRL asks for the load-balancing loss): collected
             lp, ent = score_tokens(self, input_ids, kwargs.get("attention_mask"), kwargs.get("position_ids"), mask,
-                                   temperature, with_entropy=True)
+                                   temperature, with_entropy=True, top_k=top_k, top_p=top_p,
+                                   min_p=min_p)
         n = mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch
         loss, aux = -lp.sum() / n, None
         if output_router_logits:  # as transformers' MoE forward and TRL's own fused head compute it
@@ -255,10 +265,13 @@ def make_trainer_class():
                 gen.sync_weights = sync_and_repack
             self._check_dtypes()
             if onpolicy != "off":
+                # the policy scores the truncated distribution vLLM samples from (TRL passes these three
+                # to vLLM); the reference model, a KL anchor, keeps the full one as in TRL
+                trunc = {"top_k": self.top_k, "top_p": self.top_p, "min_p": self.min_p}
                 for m in (self.model, getattr(self, "ref_model", None)):
                     if m is not None:
                         patch_model(m, tensor_parallel_size=tp)  # mirrors vLLM's TP reductions (1 or 2)
-                        add_onpolicy_lm_head(m, self.temperature)
+                        add_onpolicy_lm_head(m, self.temperature, **(trunc if m is self.model else {}))
             self.onpolicy_run_dir = run_dir or cfg.output_dir
             self.onpolicy_overwrite = overwrite_run_dir
             self.onpolicy_log = None  # opened by train(): a fresh run, or a resumed one continuing its records

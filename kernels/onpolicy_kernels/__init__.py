@@ -13,6 +13,8 @@ from .ops.logprobs import log_softmax, token_logprobs
 from .ops.moe import moe, moe_combine, moe_experts, moe_route, moe_routed
 from .ops.rms_norm import fused_add_rms_norm, rms_norm
 from .ops.rotary import build_cos_sin_cache, rotary_embedding
+from .ops.truncation import (truncate_logprobs, truncated_log_softmax, truncated_token_logprobs,
+                             truncation_thresholds)
 
 __all__ = [
     "linear",
@@ -32,4 +34,8 @@ __all__ = [
     "moe_experts",
     "moe_combine",
     "moe_routed",
+    "truncation_thresholds",
+    "truncate_logprobs",
+    "truncated_log_softmax",
+    "truncated_token_logprobs",
 ]

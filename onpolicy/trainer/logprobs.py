@@ -60,23 +60,52 @@ def check_inputs(input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor]
                              f"logprobs are taken at 1.0), got {temperature!r}")
 
 
+def check_truncation(top_k, top_p, min_p, batch: int) -> dict:
+    """The top-k / top-p / min-p settings as keyword arguments for the kernels' truncation ({} when they
+    truncate nothing): numbers, or one value per sequence [B]. A bad value raises a ValueError naming it
+    (0 / -1 / None = top_k off, top_p in (0, 1], min_p in [0, 1] or None)."""
+    from onpolicy_kernels.ops.truncation import is_truncating, row_settings
+
+    for name, v in (("top_k", top_k), ("top_p", top_p), ("min_p", min_p)):
+        if isinstance(v, torch.Tensor) and v.numel() not in (1, batch):
+            raise ValueError(f"{name} must be a number or a tensor of one value per row ({batch}), got "
+                             f"{v.numel()} values")
+    row_settings(*(v.reshape(-1)[:1] if isinstance(v, torch.Tensor) else v for v in (top_k, top_p, min_p)), 1,
+                 "cpu")  # the kernels' own checks (every value of a tensor is checked again at the call)
+    if not is_truncating(top_k, top_p, min_p):
+        return {}
+    return {"top_k": top_k, "top_p": top_p, "min_p": min_p}
+
+
 def score_tokens(model, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
                  position_ids: Optional[torch.Tensor] = None, score_mask: Optional[torch.Tensor] = None,
-                 temperature: Temperature = 1.0, with_entropy: bool = False, chunk_rows: int = 2048):
+                 temperature: Temperature = 1.0, with_entropy: bool = False, chunk_rows: int = 2048,
+                 top_k=0, top_p=1.0, min_p=None):
     """(logprobs, entropy or None), both fp32 [B, L-1]: entry i scores token i+1 given tokens <= i.
 
     Only entries where score_mask [B, L-1] is true (and both tokens are real)
-    are computed; the others are 0. The model must be patched.
+    are computed; the others are 0. The model must be patched. With top_k / top_p /
+    min_p (numbers, or one per sequence), the logprobs and entropy are those of the
+    truncated distribution, `onpolicy_kernels.truncated_token_logprobs` -- what the
+    vLLM plugin's sampler drew from and returns.
     """
     check_inputs(input_ids, attention_mask, temperature, chunk_rows, getattr(model.config, "vocab_size", None),
                  score_mask)
+    trunc = check_truncation(top_k, top_p, min_p, input_ids.shape[0])
     B, L = input_ids.shape
     hidden, plan, _ = F.packed_hidden(model.model, input_ids, attention_mask, position_ids)
     with F.no_autocast(hidden.device):
-        return _score(model, input_ids, hidden, plan, score_mask, temperature, with_entropy, chunk_rows)
+        return _score(model, input_ids, hidden, plan, score_mask, temperature, with_entropy, chunk_rows, trunc)
 
 
-def _score(model, input_ids, hidden, plan, score_mask, temperature, with_entropy, chunk_rows):
+def _per_row(value, B: int, L: int, dev):
+    """A per-sequence tensor [B] as one value per scored position [B*(L-1)]; numbers as they are."""
+    if isinstance(value, torch.Tensor) and value.numel() > 1:
+        return value.to(dev).reshape(B, 1).expand(B, L - 1).reshape(-1)
+    return value
+
+
+def _score(model, input_ids, hidden, plan, score_mask, temperature, with_entropy, chunk_rows, trunc=None):
     B, L = input_ids.shape
     dev = hidden.device
     slot = torch.full((B * L,), -1, dtype=torch.long, device=dev)
@@ -91,6 +120,7 @@ def _score(model, input_ids, hidden, plan, score_mask, temperature, with_entropy
     per_row_t = isinstance(temperature, torch.Tensor) and temperature.numel() > 1
     if per_row_t:
         temperature = temperature.to(dev).float().reshape(B, 1).expand(B, L - 1).reshape(-1)
+    trunc = {k: _per_row(v, B, L, dev) for k, v in (trunc or {}).items()}
     head = model.lm_head
     w, b = F.full(head.weight), F.full(head.bias)
     lps, ents = [], []
@@ -98,6 +128,13 @@ def _score(model, input_ids, hidden, plan, score_mask, temperature, with_entropy
         r = rows[s : s + chunk_rows]
         logits = K.linear(hidden[src[r]], w, b)
         t = temperature[r] if per_row_t else temperature
+        if trunc:  # the truncated distribution: one row of logprobs, the token's gathered from it
+            kw = {k: (v[r] if isinstance(v, torch.Tensor) and v.numel() > 1 else v) for k, v in trunc.items()}
+            ls = K.truncated_log_softmax(logits, t, **kw)
+            lps.append(ls.gather(1, targets[r].long()[:, None])[:, 0])
+            if with_entropy:
+                ents.append(-torch.where(ls > float("-inf"), ls.exp() * ls, torch.zeros_like(ls)).sum(-1))
+            continue
         lps.append(K.token_logprobs(logits, targets[r], t))
         if with_entropy:
             ls = K.log_softmax(logits, t)
@@ -118,6 +155,9 @@ def token_logprobs(
     position_ids: Optional[torch.Tensor] = None,
     chunk_rows: int = 2048,
     tensor_parallel_size: Optional[int] = None,
+    top_k=0,
+    top_p=1.0,
+    min_p=None,
 ) -> torch.Tensor:
     """Logprobs of each token given the tokens before it, in fp32.
 
@@ -135,9 +175,14 @@ def token_logprobs(
     (no token to score, a mask or temperature of the wrong shape, token ids
     outside the vocabulary, a temperature that is not finite and > 0,
     chunk_rows <= 0) raises a ValueError naming the argument. Runs with
-    autocast off (see trainer.forward.no_autocast).
+    autocast off (see trainer.forward.no_autocast). top_k / top_p / min_p (numbers,
+    or one per row [B]; off: 0 or -1, 1.0, 0.0 or None): the logprobs of the
+    truncated distribution the onpolicy sampler draws from with those settings
+    (`onpolicy_kernels.truncated_token_logprobs`), bitwise equal to vLLM's processed
+    logprobs; a token outside the kept set scores -inf.
     """
     check_inputs(input_ids, attention_mask, temperature, chunk_rows, getattr(model.config, "vocab_size", None))
+    check_truncation(top_k, top_p, min_p, input_ids.shape[0])
     B, L = input_ids.shape
     k = L - 1 if logits_to_keep is None else int(logits_to_keep)
     if not 0 < k < L:
@@ -146,5 +191,5 @@ def token_logprobs(
     score[:, L - 1 - k :] = True
     with patched(model, tensor_parallel_size):
         lp, _ = score_tokens(model, input_ids, attention_mask, position_ids, score, temperature,
-                             chunk_rows=chunk_rows)
+                             chunk_rows=chunk_rows, top_k=top_k, top_p=top_p, min_p=min_p)
     return lp[:, L - 1 - k :]

@@ -51,9 +51,8 @@ def register() -> None:
     global _registered
     if not is_enabled() or _registered:
         return
-    from . import attention, compat, layers, linear, platform, sampler
+    from . import attention, layers, linear, platform
 
-    compat.install_request_check(sampler.check_request)  # front end: 400 for what the sampler cannot serve
     layers.register()
     linear.register()
     attention.register()

@@ -15,15 +15,25 @@ vLLM's argmax, so the sampled policy is exactly exp(lp).
 vLLM's distribution-changing options that run before temperature (logit bias,
 min_tokens, allowed/bad words, penalties) are applied by vLLM as usual; the
 trainer does not see them, so tokens they touch are not on-policy (documented).
-top-k / top-p / min-p are applied to lp before sampling. A request that asks
-for processed logprobs *and* sets top-k, top-p or min-p is refused in the front
-end with a ValueError naming the parameter (HTTP 400 in the OpenAI server;
-`check_request`, installed by `register()`), so the engine never sees it; the
-sampler still fails such a step loudly (not on-policy) as a last line: the decision reads the requests' sampling parameters (host-side
-state), never the tensors. vLLM's own warm-up requests (0.26:
+
+top-k / top-p / min-p are applied by onpolicy's one truncation
+(`onpolicy_kernels.truncate_logprobs`, kernels/onpolicy_kernels/ops/truncation.py),
+which the trainer runs too: for a request that sets any of them,
+
+    lp = truncate_logprobs(lp, top_k, top_p, min_p)      # -inf outside, renormalised
+
+and the token is drawn from that lp, which is also what processed logprobs
+return. Requests without them get the untruncated lp, bitwise, whatever the
+other requests of the batch set. The rule (vLLM's order: min-p, top-k, then
+top-p on the renormalised rest; ties at the boundary kept together) replaces
+vLLM's own masking, whose top-p splits ties by its sort's order. Another
+argmax-invariant logits processor (a custom one given to the engine) is applied
+for sampling as vLLM does; a step that must also return processed logprobs for
+it fails loudly (not on-policy). vLLM's own warm-up requests (0.26:
 `SamplingParams.for_sampler_warmup()`, top_k=50, top_p=0.9, min_p=0.1,
-logprobs=5, run by `warmup_kernels` while the engine is built) are exempt: the
-worker marks the sampler while `compile_or_warm_up_model` runs (worker.py).
+logprobs=5, run by `warmup_kernels` while the engine is built) run the
+truncation like any request; the worker marks the sampler while
+`compile_or_warm_up_model` runs (worker.py).
 
 Two sampler layouts: V1 (vllm/v1/sample/sampler.py: the CPU runner, and GPU
 with VLLM_USE_V2_MODEL_RUNNER=0) and model-runner-V2 as in vLLM 0.26
@@ -37,87 +47,53 @@ import torch
 from . import compat
 from .errors import OnpolicyVllmError
 
-_NOT_ON_POLICY = ("a request asked for processed logprobs together with top-k / top-p / min-p: the returned "
-                  "logprobs would not be the trainer's. Use top_k=-1 (0 in TRL), top_p=1.0, min_p=0.0 with onpolicy")
+_NOT_ON_POLICY = ("the engine has a custom argmax-invariant logits processor and a request asked for processed "
+                  "logprobs: onpolicy cannot reproduce that processor in the trainer. Remove the logits processor "
+                  "(top-k, top-p and min-p are supported)")
 
 
-def masking_params(params, vocab_size: int) -> list[tuple[str, object]]:
-    """The (name, value) of each top-k / top-p / min-p setting of one request that truncates the
-    distribution (as vLLM's input batches decide it: 0 < top_k < vocab, top_p < 1, min_p > 0)."""
-    out = []
-    top_k = getattr(params, "top_k", 0) or 0
-    if 0 < top_k < vocab_size:
-        out.append(("top_k", top_k))
-    top_p = getattr(params, "top_p", 1.0)
-    if top_p is not None and top_p < 1.0:
-        out.append(("top_p", top_p))
-    min_p = getattr(params, "min_p", 0.0)
-    if min_p is not None and min_p > 0.0:
-        out.append(("min_p", min_p))
-    return out
+def v1_truncation(md):
+    """V1 runner: (top_k, top_p, min_p, other argmax-invariant processors) of this batch.
 
-
-def wants_sample_logprobs(params) -> bool:
-    return getattr(params, "logprobs", None) is not None or bool(getattr(params, "logprob_token_ids", None))
-
-
-def check_request(input_processor, params) -> None:
-    """Front-end check of one request (compat.install_request_check): refuse with a ValueError naming the
-    parameter -- HTTP 400 in the OpenAI server -- a request the sampler cannot serve on-policy, i.e.
-    processed logprobs of a top-k / top-p / min-p truncated distribution. The engine never sees it (in
-    the worker the same request would fail the whole step, and with it every request in flight)."""
-    from vllm import SamplingParams
-
-    if not isinstance(params, SamplingParams) or not wants_sample_logprobs(params):
-        return
-    if compat.processor_logprobs_mode(input_processor) != "processed_logprobs":
-        return
-    bad = masking_params(params, compat.processor_vocab_size(input_processor))
-    if bad:
-        name, value = bad[0]
-        raise compat.validation_error(
-            f"{name}={value} cannot be served on-policy with logprobs: this server returns processed logprobs "
-            f"(--logprobs-mode processed_logprobs) and the onpolicy plugin returns them for the full "
-            f"distribution at the temperature, which {name} would truncate. Drop {name} (or the logprobs) from "
-            f"the request, or run the server with --logprobs-mode raw_logprobs", name, value)
-
-
-def v1_masking_requested(md) -> bool:
-    """V1 runner: does any request of this batch set top-k, top-p or min-p?
-
-    vLLM's V1 input batch passes `top_k` / `top_p` as None unless some request
-    uses them (v32 and v26 `v1/worker/gpu_input_batch.py`, `no_top_k`/`no_top_p`);
-    min-p lives in the argmax-invariant `MinPLogitsProcessor` (`min_p_count`).
-    Any other argmax-invariant processor is counted as masking (it may).
+    vLLM's V1 input batch passes `top_k` / `top_p` as None unless some request uses them
+    (v32 and v26 `v1/worker/gpu_input_batch.py`, `no_top_k`/`no_top_p`; rows without top-k hold
+    vocab_size); min-p lives in the argmax-invariant `MinPLogitsProcessor` (`min_p_count`, its
+    `min_p` one value per row). Any other argmax-invariant processor is returned in the list.
     """
-    if md.top_k is not None or md.top_p is not None:
-        return True
+    min_p, others = None, []
     for proc in md.logitsprocs.argmax_invariant:
         count = getattr(proc, "min_p_count", None)
-        if count is None or count:
-            return True
-    return False
+        if count is None:
+            others.append(proc)
+        elif count:
+            min_p = proc.min_p.reshape(-1)
+    return md.top_k, md.top_p, min_p, others
 
 
-def v2_masking_with_logprobs(states, token_ids_state, idx_mapping_np) -> tuple[bool, bool]:
-    """V2 runner (0.26): (any row masks, any row both masks and wants logprobs).
+def truncate(lp: torch.Tensor, top_k, top_p, min_p) -> torch.Tensor:
+    """lp truncated by the shared kernel op (None = that setting is off for every row)."""
+    if top_k is None and top_p is None and min_p is None:
+        return lp
+    return onpolicy_kernels.truncate_logprobs(lp, 0 if top_k is None else top_k, 1.0 if top_p is None else top_p,
+                                              0.0 if min_p is None else min_p)
 
-    Reads the per-request host arrays of `SamplingStates` (v26
-    `v1/worker/gpu/sample/states.py:22-61`: top_k is normalised to vocab_size
-    when off, top_p 1.0 and min_p 0.0 when off, num_logprobs -1 when no
-    logprobs) and `LogprobTokenIdsState.num_token_ids` (explicit logprob ids).
+
+def v2_truncation(states, expanded_idx_mapping, idx_mapping_np):
+    """V2 runner (0.26): (top_k, top_p, min_p) of this step's rows, each None when no request of the
+    step uses it, else one value per logits row (gathered by `expanded_idx_mapping`).
+
+    Decided on the per-request host arrays of `SamplingStates` (v26
+    `v1/worker/gpu/sample/states.py`: top_k is normalised to vocab_size when off, top_p 1.0 and
+    min_p 0.0 when off), as vLLM's own `get_top_k_top_p` / `apply_min_p` decide; the values are its
+    device copies (`.gpu`). Read off vLLM's source, run on the CPU only through a stand-in.
     """
     import numpy as np
 
     idx = idx_mapping_np
-    masks = ((states.top_k.np[idx] != states.vocab_size) | (states.top_p.np[idx] != 1.0)
-             | (states.min_p.np[idx] != 0.0))
-    if not masks.any():
-        return False, False
-    wants = states.num_logprobs[idx] != -1  # NO_LOGPROBS
-    if token_ids_state is not None:
-        wants = wants | (token_ids_state.num_token_ids.np[idx] > 0)
-    return True, bool(np.any(masks & wants))
+    top_k = states.top_k.gpu[expanded_idx_mapping] if np.any(states.top_k.np[idx] != states.vocab_size) else None
+    top_p = states.top_p.gpu[expanded_idx_mapping] if np.any(states.top_p.np[idx] != 1.0) else None
+    min_p = states.min_p.gpu[expanded_idx_mapping] if np.any(states.min_p.np[idx] != 0.0) else None
+    return top_k, top_p, min_p
 
 
 def v2_row_temperatures(states, expanded_idx_mapping, idx_mapping_np):
@@ -169,7 +145,6 @@ class V1SamplerMixin(OnpolicySamplerMixin):
         return _log_softmax(logits, 1.0)
 
     def sample(self, logits: torch.Tensor, sampling_metadata, logprobs_mode_override=None):
-        from vllm.v1.sample.ops.topk_topp_sampler import apply_top_k_top_p
         from vllm.v1.sample.sampler import _SAMPLING_EPS
 
         md = sampling_metadata
@@ -185,15 +160,15 @@ class V1SamplerMixin(OnpolicySamplerMixin):
 
         temp = md.temperature
         t = temp if md.all_random else torch.where(temp < _SAMPLING_EPS, torch.ones_like(temp), temp)
-        lp = _log_softmax(logits, t)
+        top_k, top_p, min_p, others = v1_truncation(md)
+        lp = truncate(_log_softmax(logits, t), top_k, top_p, min_p)
         masked = lp
-        if v1_masking_requested(md):
+        if others:
             if processed and not self._onpolicy_warmup:
                 raise OnpolicyVllmError(_NOT_ON_POLICY)
             masked = lp.clone()
-            for proc in md.logitsprocs.argmax_invariant:
+            for proc in others:
                 masked = proc.apply(masked)
-            masked = apply_top_k_top_p(masked, md.top_k, md.top_p)
         random_sampled, _ = self.topk_topp_sampler(masked, md.generators, None, None)
         if greedy is None:
             sampled = random_sampled
@@ -229,16 +204,8 @@ class V2SamplerMixin026(OnpolicySamplerMixin):
             lp = graphs(logits, extra=(t,)) if isinstance(t, float) else graphs(logits, t)
         else:
             lp = _log_softmax(logits, unit_rows(self, logits.shape[0], logits.device) if isinstance(t, float) else t)
-        masked = lp
-        any_mask, mask_with_logprobs = v2_masking_with_logprobs(
-            self.sampling_states, getattr(self, "logprob_token_ids_state", None), idx_mapping_np)
-        if any_mask:
-            if mask_with_logprobs and mode == "processed_logprobs" and not self._onpolicy_warmup:
-                raise OnpolicyVllmError(_NOT_ON_POLICY)
-            masked = lp.clone()  # lp itself is what the logprobs are gathered from
-            self.sampling_states.apply_min_p(masked, expanded_idx_mapping, idx_mapping_np)
-            masked = self.sampling_states.apply_top_k_top_p(masked, expanded_idx_mapping, idx_mapping_np)
-        sampled = gumbel_sample(masked, expanded_idx_mapping, temp_all, self.sampling_states.seeds.gpu, pos,
+        lp = truncate(lp, *v2_truncation(self.sampling_states, expanded_idx_mapping, idx_mapping_np))
+        sampled = gumbel_sample(lp, expanded_idx_mapping, temp_all, self.sampling_states.seeds.gpu, pos,
                                 apply_temperature=False, use_fp64=getattr(self, "use_fp64_gumbel", False))
         if raw is None:
             out = lp

@@ -63,7 +63,8 @@ def warm_up_decode_graphs(worker) -> None:
 
 @contextlib.contextmanager
 def sampler_warmup(model_runner):
-    """While active, the onpolicy sampler does not refuse top-k/top-p/min-p with logprobs."""
+    """While active, the onpolicy sampler does not refuse a custom argmax-invariant logits processor with
+    processed logprobs (vLLM's warm-up requests; top-k / top-p / min-p need no exemption)."""
     from .sampler import OnpolicySamplerMixin
 
     sampler = compat.runner_sampler(model_runner) if model_runner is not None else None

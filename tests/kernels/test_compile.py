@@ -30,6 +30,8 @@ def _samples():
         yield "log_softmax", ops.log_softmax.default, (r(4, 100, dtype=dtype, grad=grad), torch.full((4,), 0.8))
         yield "token_logprobs", ops.token_logprobs.default, (
             r(4, 100, dtype=dtype, grad=grad), torch.tensor([0, 5, 99, 42]), torch.full((4,), 0.8))
+        yield "truncation_thresholds", ops.truncation_thresholds.default, (
+            r(4, 100), torch.tensor([0, 5, 0, 3]), torch.tensor([1.0, 0.9, 0.5, 1.0]), torch.tensor([0.0, 0.0, 0.1, 0.0]))
 
 
 SAMPLES = list(_samples())
@@ -66,3 +68,20 @@ def test_compiled_block_equals_eager_bitwise():
     torch._dynamo.reset()
     compiled = torch.compile(_block, fullgraph=True)(*args)
     assert torch.equal(compiled[0], eager[0]) and torch.equal(compiled[1], eager[1])
+
+
+def test_compiled_truncated_logprobs_equal_eager_bitwise():
+    """The truncation's mask is one opaque op; what surrounds it (masked_fill, log_softmax, where) is
+    exact or an op itself, so a compiled caller gets the eager bits."""
+    from onpolicy_kernels import truncated_token_logprobs
+
+    g = torch.Generator().manual_seed(2)
+    logits = (torch.randn(12, 300, generator=g) * 3).to(torch.bfloat16)
+    ids = logits.float().argmax(-1)
+
+    def f(x, i):
+        return truncated_token_logprobs(x, i, 0.7, top_k=20, top_p=0.9, min_p=0.02)
+
+    eager = f(logits, ids)
+    torch._dynamo.reset()
+    assert torch.equal(torch.compile(f)(logits, ids), eager)

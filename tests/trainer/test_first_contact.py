@@ -99,7 +99,9 @@ def _cfg(**kw):
 
 
 @pytest.mark.parametrize("change, named", [
-    ({"top_k": 5}, "top_k=5"), ({"top_p": 0.9}, "top_p=0.9"), ({"min_p": 0.1}, "min_p=0.1"),
+    ({"top_p": 1.5}, "top_p must be in (0, 1]"), ({"min_p": 2.0}, "min_p must be in [0, 1]"),
+    ({"top_k": -3}, "top_k must be 0 or -1 (off) or >= 1"),
+    ({"generation_kwargs": {"top_p": 0.9}}, "set GRPOConfig(top_p=...) instead"),
     ({"repetition_penalty": 1.1}, "repetition_penalty=1.1"),
     ({"generation_kwargs": {"presence_penalty": 0.5}}, "generation_kwargs['presence_penalty']"),
     ({"use_liger_kernel": True}, "use_liger_kernel=True"),
@@ -113,7 +115,15 @@ def test_settings_that_cannot_be_bitwise_are_refused_naming_the_fix(change, name
     with pytest.raises(ValueError) as e:
         check_settings(_cfg(**change), "strict")
     msg = str(e.value)
-    assert named in msg and "set " in msg or "remove it" in msg, msg
+    assert named in msg and "set " in msg or "remove it" in msg or "must be" in msg, msg
+
+
+@pytest.mark.parametrize("change", [{"top_k": 5}, {"top_p": 0.9}, {"min_p": 0.1}, {"top_k": 20, "top_p": 0.95, "min_p": 0.05}])
+def test_top_k_top_p_min_p_are_accepted(change):
+    """Issue 32: the trainer applies the sampler's truncation, so these are bitwise, not refused."""
+    from onpolicy.trl_grpo import check_settings
+
+    assert check_settings(_cfg(**change), "strict") == []
 
 
 def test_repetition_penalty_is_a_warning_in_monitor_mode_and_fine_in_the_control():

@@ -1,5 +1,7 @@
-"""Issue 28 item 2: a request the plugin cannot serve on-policy gets a 400 naming the parameter; the
-server (or the in-process engine) stays up and serves the next request with its logprobs.
+"""Issue 28 item 2, issue 32: requests with top-k / top-p / min-p and processed logprobs are served (the
+logprobs of the truncated distribution, which the trainer reproduces: test_truncation.py); a bad value
+gets vLLM's 400 naming the parameter; the server (or the in-process engine) stays up and serves the
+next request with its logprobs.
 
 The server test runs vLLM's real OpenAI server (`python -m vllm.entrypoints.openai.api_server`,
 multiprocess engine, 127.0.0.1 only, bounded waits) with ONPOLICY_VLLM=1 and
@@ -14,29 +16,29 @@ from vllm_helpers import prompt_ids
 
 pytestmark = pytest.mark.vllm
 
-BAD = {"prompt": [5, 6, 7], "max_tokens": 4, "logprobs": 0, "top_k": 5}  # the issue's request
+TRUNCATED = {"prompt": [5, 6, 7], "max_tokens": 4, "logprobs": 0, "top_k": 5}  # issue 28's request, now served
 
 
-def test_in_process_engine_refuses_the_request_and_keeps_serving(llm):
+def test_in_process_engine_serves_truncation_with_logprobs_and_refuses_bad_values(llm):
     from vllm import SamplingParams
 
     prompt = {"prompt_token_ids": prompt_ids(1)}
-    for bad, name in ((SamplingParams(max_tokens=4, logprobs=0, top_k=5), "top_k=5"),
-                      (SamplingParams(max_tokens=4, logprobs=0, top_p=0.9), "top_p=0.9"),
-                      (SamplingParams(max_tokens=4, logprobs=0, min_p=0.2), "min_p=0.2")):
-        with pytest.raises(Exception, match=name + " cannot be served on-policy") as e:
-            llm.generate([prompt], bad, use_tqdm=False)
+    for params in (SamplingParams(max_tokens=4, logprobs=0, top_k=5, seed=0),
+                   SamplingParams(max_tokens=4, logprobs=0, top_p=0.9, seed=0),
+                   SamplingParams(max_tokens=4, logprobs=0, min_p=0.2, seed=0)):
+        (out,) = llm.generate([prompt], params, use_tqdm=False)
+        c = out.outputs[0]
+        assert len(c.logprobs) == 4 and all(c.logprobs[k][t].logprob <= 0 for k, t in enumerate(c.token_ids))
+    for kw, name in (({"top_p": 1.5}, "top_p"), ({"min_p": -0.1}, "min_p"), ({"top_k": -3}, "top_k")):
+        with pytest.raises(Exception, match=name) as e:
+            llm.generate([prompt], SamplingParams(max_tokens=4, logprobs=0, **kw), use_tqdm=False)
         assert type(e.value).__name__ in ("ValueError", "VLLMValidationError")  # vLLM's 400, not an engine error
-    # without logprobs top-k is fine (nothing off-policy is returned), and the engine is alive
-    (out,) = llm.generate([prompt], SamplingParams(max_tokens=4, top_k=5, seed=0), use_tqdm=False)
-    assert len(out.outputs[0].token_ids) == 4
     (out,) = llm.generate([prompt], SamplingParams(max_tokens=4, logprobs=0, seed=0), use_tqdm=False)
-    c = out.outputs[0]
-    assert len(c.logprobs) == 4 and all(c.logprobs[k][t].logprob < 0 for k, t in enumerate(c.token_ids))
+    assert len(out.outputs[0].token_ids) == 4  # the engine is alive
 
 
 @pytest.mark.slow
-def test_openai_server_answers_400_and_stays_up(model_dir, tmp_path):
+def test_openai_server_serves_truncation_answers_400_and_stays_up(model_dir, tmp_path):
     import httpx
 
     from onpolicy.bench.server import CONFIGS, VllmServer, free_port, server_command, server_env
@@ -51,10 +53,12 @@ def test_openai_server_answers_400_and_stays_up(model_dir, tmp_path):
         model = srv.served_model()
         url = srv.url + "/v1/completions"
         with httpx.Client(timeout=120, trust_env=False) as client:
-            r = client.post(url, json={"model": model, **BAD})
-            assert r.status_code == 400, (r.status_code, r.text)
-            assert "top_k" in r.json()["error"]["message"], r.text
-            r = client.post(url, json={"model": model, **{**BAD, "top_k": None, "top_p": 0.5}})
+            for req in (TRUNCATED, {**TRUNCATED, "top_k": None, "top_p": 0.5}, {**TRUNCATED, "min_p": 0.1}):
+                r = client.post(url, json={"model": model, **req})
+                assert r.status_code == 200, (r.status_code, r.text)
+                lps = r.json()["choices"][0]["logprobs"]["token_logprobs"]
+                assert len(lps) == 4 and all(isinstance(x, float) and x <= 0 for x in lps), lps
+            r = client.post(url, json={"model": model, **{**TRUNCATED, "top_k": None, "top_p": 1.5}})
             assert r.status_code == 400 and "top_p" in r.text, (r.status_code, r.text)
             # a normal request still returns its logprobs, and the server is healthy
             r = client.post(url, json={"model": model, "prompt": [5, 6, 7], "max_tokens": 4, "logprobs": 0})
