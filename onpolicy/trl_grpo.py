@@ -14,9 +14,12 @@ colocated engine, patches the policy (and reference) model with
 `onpolicy.patch_model`, replaces TRL's fused LM head with one that computes
 logprobs with `onpolicy_kernels.token_logprobs` (so TRL's own
 `sampling/sampling_logp_difference` reads exactly 0 and its importance ratio
-exactly 1), and after every generation writes mismatch metrics to TRL's logs
+exactly 1), and for every generation writes mismatch metrics to TRL's logs
 (`onpolicy/*`, through `report_to`) and to `<run_dir>/metrics.jsonl` with a
 bounded sample of per-token data for the dashboard, at TRL's step (`global_step`).
+In strict mode the comparison is made in the loss forward and TRL's no-grad scoring
+forward is skipped, where the loss forward runs on the sampling weights
+(`_scoring_deferred`); elsewhere right after generation, on TRL's scoring forward.
 
 Before the engine is built it refuses the settings it cannot make bitwise (penalties,
 Liger, an fp32 LM head: `check_settings`). `top_k` / `top_p` / `min_p` are made bitwise:
