@@ -214,6 +214,14 @@ def _token_samples(tokenizer, completion_ids, mask, sampler, trainer, rewards, k
     return out
 
 
+def _scored_mask(batch: dict) -> torch.Tensor:
+    """The completion tokens TRL scores (completion mask, and its tool mask where it has one), bool."""
+    mask = batch["completion_mask"].bool()
+    if "tool_mask" in batch:
+        mask &= batch["tool_mask"].bool()
+    return mask
+
+
 def _trl_grpo_trainer():
     from trl import GRPOTrainer
 
@@ -394,24 +402,16 @@ def make_trainer_class():
                 self._onpolicy_skip_scoring = False
             mode = "train" if self.model.training else "eval"
             sampler, trainer = out.get("sampling_per_token_logps"), out.get("old_per_token_logps")
-            if defer and sampler is not None:
-                out.pop("old_per_token_logps", None)  # TRL then takes the loss forward's logprobs as the old ones
-                self._onpolicy_pending = {"step": self.state.global_step + 1, "mode": mode, "left": self.args.steps_per_generation,
-                                          "chunks": [], "weights": weights_fingerprint(self.model),
-                                          "reward_mean": self._metrics[mode].get("reward", [None])[-1],
-                                          "reward_std": self._metrics[mode].get("reward_std", [None])[-1]}
-                return out
-            if sampler is None or trainer is None:
-                return out
-            mask = out["completion_mask"].bool()
-            if "tool_mask" in out:
-                mask &= out["tool_mask"].bool()
             # TRL's step: this generation feeds the optimizer step global_step + 1 (and, with
             # num_iterations / steps_per_generation > 1, the steps after it), where TRL logs its metrics.
-            ctx = {"step": self.state.global_step + 1, "mode": mode, "weights": weights_fingerprint(self.model),
+            ctx = {"step": self.state.global_step + 1, "mode": mode,
                    "reward_mean": self._metrics[mode].get("reward", [None])[-1],
                    "reward_std": self._metrics[mode].get("reward_std", [None])[-1]}
-            self._onpolicy_compare(ctx, out["completion_ids"], mask, sampler, trainer)
+            if defer and sampler is not None:
+                out.pop("old_per_token_logps", None)  # TRL then takes the loss forward's logprobs as the old ones
+                self._onpolicy_pending = {**ctx, "left": self.args.steps_per_generation, "chunks": []}
+            elif sampler is not None and trainer is not None:
+                self._onpolicy_compare(ctx, out["completion_ids"], _scored_mask(out), sampler, trainer)
             return out
 
         def _compute_loss(self, model, inputs):
@@ -424,22 +424,16 @@ def make_trainer_class():
                 trainer = self._onpolicy_capture[0]
             finally:
                 self._onpolicy_capture = None
-            mask = inputs["completion_mask"].bool()
-            if "tool_mask" in inputs:
-                mask &= inputs["tool_mask"].bool()
-            pending["chunks"].append((inputs["completion_ids"], mask, inputs["sampling_per_token_logps"], trainer))
+            mask, sampler = _scored_mask(inputs), inputs["sampling_per_token_logps"]
+            pending["chunks"].append((inputs["completion_ids"], mask, sampler, trainer))
             pending["left"] -= 1
-            if pending["left"] == 0:  # the generation's last chunk: one record for the whole generation batch
+            done = pending["left"] == 0  # the generation's last chunk: one record for the whole generation batch
+            if not done:  # a chunk that differs (on any process) stops the run now, before its backward
+                differs = (torch.where(mask, sampler, 0) != torch.where(mask, trainer, 0)).any().reshape(1).int()
+                done = bool(int(self.accelerator.gather(differs).sum()))
+            if done:
                 self._onpolicy_pending = None
-                cat = [torch.cat(x) for x in zip(*pending.pop("chunks"))]
-                self._onpolicy_compare(pending, *cat)
-            else:  # a chunk that differs (on any process) stops the run now, before its backward
-                ids, m, s, t = pending["chunks"][-1]
-                differs = (torch.where(m, s, 0) != torch.where(m, t, 0)).any().reshape(1).int()
-                if int(self.accelerator.gather(differs).sum()):
-                    self._onpolicy_pending = None
-                    cat = [torch.cat(x) for x in zip(*pending.pop("chunks"))]
-                    self._onpolicy_compare(pending, *cat)
+                self._onpolicy_compare(pending, *[torch.cat(x) for x in zip(*pending.pop("chunks"))])
             return loss
 
         def _onpolicy_compare(self, ctx: dict, completion_ids, mask, sampler, trainer):
@@ -456,8 +450,9 @@ def make_trainer_class():
             if acc.is_main_process:
                 if self.onpolicy_log is None:  # a generation outside train() (e.g. evaluate())
                     self.onpolicy_log = RunLog.open(self.onpolicy_run_dir, overwrite=self.onpolicy_overwrite)
+                # the weights of this generation: a deferred comparison runs before the next optimizer step
                 rec = {**m, "onpolicy": self.onpolicy_mode != "off", "reward_mean": ctx["reward_mean"],
-                       "weights": ctx["weights"], "reward_std": ctx["reward_std"]}
+                       "weights": weights_fingerprint(self.model), "reward_std": ctx["reward_std"]}
                 samples = _token_samples(self.processing_class, completion_ids.cpu(), mask.cpu(),
                                          sampler.cpu(), trainer.cpu(), None, self.onpolicy_log.max_samples)
                 self.onpolicy_log.log_step(step, rec, samples)
