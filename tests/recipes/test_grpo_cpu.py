@@ -97,16 +97,22 @@ def test_tiny_model_is_rebuilt_when_its_warm_up_settings_change(recipe, tmp_path
     assert json.loads((path / ".warm").read_text())["sft_warmup_steps"] == 2
 
 
-@pytest.mark.vllm
-def test_recipe_is_bitwise_every_step_and_the_control_is_not(tmp_path):
-    env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+def _launch(tmp_path, *args, launcher=("accelerate", "launch", "--config_file", "recipes/accelerate/cpu.yaml"),
+            **env_extra):
+    """The recipe (cpu_demo.yaml, short warm-ups) in its own process, the plugin left to the recipe."""
+    env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0", **env_extra}
     env.pop("ONPOLICY_VLLM", None)
-    cmd = ["accelerate", "launch", "--config_file", "recipes/accelerate/cpu.yaml", "recipes/grpo.py",
-           "--config", "recipes/cpu_demo.yaml", "--max_steps", "3", "--sft_warmup_steps", "40",
-           "--warmup_steps", "0",  # the demo's lr warm-up would make the first update 0
-           "--run_dir", str(tmp_path), "--report_to", "none"]
+    cmd = [*launcher, "recipes/grpo.py", "--config", "recipes/cpu_demo.yaml", "--max_steps", "3",
+           "--sft_warmup_steps", "40", "--warmup_steps", "0",  # the demo's lr warm-up would make the first update 0
+           "--run_dir", str(tmp_path), "--report_to", "none", *args]
     r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
     assert r.returncode == 0, (r.stdout[-3000:], r.stderr[-5000:])
+    return r
+
+
+@pytest.mark.vllm
+def test_recipe_is_bitwise_every_step_and_the_control_is_not(tmp_path):
+    r = _launch(tmp_path)
     on = _rows(tmp_path / "onpolicy" / "metrics.jsonl")
     assert [x["step"] for x in on] == [1, 2, 3]
     for x in on:
@@ -139,15 +145,10 @@ def test_recipe_two_ranks_with_vllm_tensor_parallel_2_is_bitwise(tmp_path):
     """Issue 7 on the CPU: two trainer processes (DDP over gloo) that are also vLLM's TP=2 group
     (TRL colocate, external launcher; one core each). vLLM's o_proj/down_proj all-reduce two
     half-K partial sums; the trainer mirrors that (patched with tensor_parallel_size=2)."""
-    env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_OMP_THREADS_BIND": "0|1"}
-    env.pop("ONPOLICY_VLLM", None)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "recipes/grpo.py",
-           "--config", "recipes/cpu_demo.yaml", "--max_steps", "3", "--sft_warmup_steps", "40",
-           "--per_device_train_batch_size", "8", "--warmup_steps", "0", "--vllm_tensor_parallel_size", "2",
-           "--control", "false",
-           "--vllm_gpu_memory_utilization", "0.2", "--run_dir", str(tmp_path), "--report_to", "none"]
-    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
-    assert r.returncode == 0, (r.stdout[-3000:], r.stderr[-5000:])
+    _launch(tmp_path, "--per_device_train_batch_size", "8", "--vllm_tensor_parallel_size", "2", "--control", "false",
+            "--vllm_gpu_memory_utilization", "0.2",
+            launcher=(sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"),
+            VLLM_CPU_OMP_THREADS_BIND="0|1")
     on = _rows(tmp_path / "onpolicy" / "metrics.jsonl")
     assert [x["step"] for x in on] == [1, 2, 3]
     for x in on:
@@ -161,14 +162,7 @@ def test_recipe_with_a_tiny_moe_is_bitwise_every_step(tmp_path):
     """Issue 31: `--family qwen3_moe` (8 experts, top-2): vLLM's MoE layer and the trainer's sparse block run
     one MoE op, bitwise at every step across weight syncs; TRL's router load-balancing loss is computed
     from the patched forward's router logits (TRL asks for it on MoE models)."""
-    env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
-    env.pop("ONPOLICY_VLLM", None)
-    cmd = ["accelerate", "launch", "--config_file", "recipes/accelerate/cpu.yaml", "recipes/grpo.py",
-           "--config", "recipes/cpu_demo.yaml", "--family", "qwen3_moe", "--max_steps", "3",
-           "--sft_warmup_steps", "40", "--warmup_steps", "0", "--control", "false",
-           "--run_dir", str(tmp_path), "--report_to", "none"]
-    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
-    assert r.returncode == 0, (r.stdout[-3000:], r.stderr[-5000:])
+    _launch(tmp_path, "--family", "qwen3_moe", "--control", "false")
     on = _rows(tmp_path / "onpolicy" / "metrics.jsonl")
     assert [x["step"] for x in on] == [1, 2, 3]
     for x in on:
