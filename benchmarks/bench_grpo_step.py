@@ -123,7 +123,8 @@ def one(a, extra: list) -> None:
          "--logging_steps", "1", "--save_strategy", "no"])
     cuda = torch.cuda.is_available()
     phases = Phases(cuda)
-    if cuda:
+    count_syncs = cuda and a.round < a.sync_rounds
+    if count_syncs:
         torch.cuda.set_sync_debug_mode("warn")
         show = warnings.showwarning
 
@@ -182,7 +183,7 @@ def one(a, extra: list) -> None:
             t, s = phases.take()
             t["other"] = step_s - sum(t.values())
             rec = {"mode": a.mode, "round": a.round, "step": state.global_step, "step_s": step_s, "phases": t,
-                   "syncs": s, "build_s": build_s}
+                   "syncs": s, "syncs_counted": count_syncs, "build_s": build_s}
             if cuda:
                 free, total = torch.cuda.mem_get_info()
                 rec.update(peak_allocated_gb=torch.cuda.max_memory_allocated() / 2**30,
@@ -204,11 +205,18 @@ def table(path: str, warmup: int) -> str:
     control = "off" if "off" in modes else modes[-1]
     ours = [m for m in modes if m != control]
 
-    def steps(m):
-        return [r for r in rows if r["mode"] == m and r["step"] > warmup]
+    def steps(m, counted=None):
+        """A mode's steps after the warm-up; counted=False: the timed ones (from the runs that did not
+        count host syncs, where there are such runs: the sync debug mode costs host time), True: the
+        runs that counted syncs."""
+        rs = [r for r in rows if r["mode"] == m and r["step"] > warmup]
+        if counted is None:
+            return rs
+        picked = [r for r in rs if bool(r.get("syncs_counted")) == counted]
+        return picked or rs
 
-    def med(m, key):
-        v = [key(r) for r in steps(m)]
+    def med(m, key, counted=False):
+        v = [key(r) for r in steps(m, counted)]
         return statistics.median(v) if v else float("nan")
 
     cols = [*ours, control]
@@ -219,12 +227,12 @@ def table(path: str, warmup: int) -> str:
         key = (lambda r: r["step_s"]) if p == "step" else (lambda r, p=p: r["phases"].get(p, 0.0))
         vals = [med(m, key) for m in cols]
         ratios = [f"{v / vals[-1]:.2f}x" if vals[-1] > 1e-4 else "-" for v in vals[:-1]]
-        syncs = [str(round(med(m, lambda r, p=p: sum(r["syncs"].values()) if p == "step" else r["syncs"].get(p, 0))))
-                 for m in cols]
+        syncs = [str(round(med(m, lambda r, p=p: sum(r["syncs"].values()) if p == "step" else r["syncs"].get(p, 0),
+                               counted=True))) for m in cols]
         name = f"**{p}**" if p == "step" else p
         out.append(f"| {name} | " + " | ".join(f"{v:.4f}" for v in vals) + " | " + " | ".join(ratios) + " | "
                    + " | ".join(syncs) + " |")
-    n = {m: len(steps(m)) for m in cols}
+    n = {m: len(steps(m, False)) for m in cols}
     out.append(f"\nmedians of {', '.join(f'{m}: {k} steps' for m, k in n.items())} (steps after the first {warmup} "
                f"of each run); trainer construction incl. the vLLM engine: "
                + ", ".join(f"{m} {statistics.median(r['build_s'] for r in rows if r['mode'] == m):.1f} s" for m in cols))
@@ -254,6 +262,9 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=2, help="runs of each mode, alternating")
     ap.add_argument("--out", default="/tmp/bench_grpo_step")
+    ap.add_argument("--sync-rounds", type=int, default=1,
+                    help="GPU: the first N rounds count host syncs (torch.cuda sync debug mode, which costs host "
+                         "time); the times come from the other rounds where there are any")
     ap.add_argument("--mode", help=argparse.SUPPRESS)  # a child: one run
     ap.add_argument("--round", type=int, default=0, help=argparse.SUPPRESS)
     a, extra = ap.parse_known_args()
@@ -277,7 +288,8 @@ def main() -> None:
     for r in range(a.rounds):
         for m in a.modes.split(","):
             cmd = [sys.executable, __file__, "--config", a.config, "--model", model, "--steps", str(a.steps),
-                   "--warmup", str(a.warmup), "--out", a.out, "--mode", m, "--round", str(r), *extra]
+                   "--warmup", str(a.warmup), "--out", a.out, "--mode", m, "--round", str(r),
+                   "--sync-rounds", str(a.sync_rounds), *extra]
             p = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
             line = [ln for ln in p.stdout.splitlines() if ln.startswith("RUN ")]
             print(line[-1] if line else f"RUN {m} round {r}: failed (exit {p.returncode})\n{p.stdout[-3000:]}",
