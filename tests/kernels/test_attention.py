@@ -247,6 +247,27 @@ def test_row_in_tile_does_not_matter(backend):
         assert torch.equal(batched[b:b + 1], alone)
 
 
+def test_cpu_plan_follows_the_metadata_values():
+    """The CPU path reuses the previous call's row/tile plan when the metadata are equal (the next layer of
+    a step): metadata rewritten in place (same tensors, other values) must not hit the stale plan."""
+    import onpolicy_kernels.ops.attention.cpu as ACPU
+
+    g = _gen(7)
+    Hq, Hkv, D, bs = 4, 2, 64, 16
+    kc, vc = rand((24, bs, Hkv, D), torch.float32, g), rand((24, bs, Hkv, D), torch.float32, g)
+    bt = torch.randperm(24, generator=g).view(3, 8).to(torch.int32)
+    q = rand((30, Hq, D), torch.float32, g)
+    cu = torch.tensor([0, 10, 20, 30], dtype=torch.int32)
+    sl = torch.tensor([40, 10, 75], dtype=torch.int32)
+    first = ACPU._attention_cpu(q, kc, vc, bt, cu, sl, 0.125, True)
+    cu.copy_(torch.tensor([0, 1, 2, 30], dtype=torch.int32))  # same tensors, new step
+    sl.copy_(torch.tensor([90, 3, 28], dtype=torch.int32))
+    again = ACPU._attention_cpu(q, kc, vc, bt, cu, sl, 0.125, True)
+    ACPU._last_plan.clear()
+    fresh = ACPU._attention_cpu(q, kc, vc, bt, cu, sl, 0.125, True)
+    assert torch.equal(again, fresh) and not torch.equal(again, first)
+
+
 @pytest.mark.parametrize("shape", [(64, 64), (128, 64), (64, 128)])
 def test_cpu_batched_product_item_does_not_depend_on_the_batch(shape):
     """The CPU path's one assumption about batched BLAS: an item of torch.matmul over a batch of fixed-shape

@@ -28,6 +28,89 @@ def _tree0(x: torch.Tensor, op, pad: float) -> torch.Tensor:
     return x[0]
 
 
+class _Plan:
+    """What a call's metadata fixes, whatever the layer: the row layout and, per key tile, the rows,
+    the cache slots and the visibility mask. Every layer of a model step attends with the same
+    metadata, so the plan is built once per step (see _plan) -- only index bookkeeping, no arithmetic
+    on q, k or v, so it cannot change any bits."""
+
+    def __init__(self, cu_q, seq_lens, block_table, T, G, bs, causal):
+        N = KV_TILE
+        B = seq_lens.shape[0]
+        cu = cu_q.tolist()
+        sl = seq_lens.tolist()
+        q_lens = [cu[b + 1] - cu[b] for b in range(B)]
+        ntiles = [-(-sl[b] // N) if q_lens[b] else 0 for b in range(B)]  # the last query sees them all
+        order = sorted((b for b in range(B) if q_lens[b]), key=lambda b: -ntiles[b])
+        self.empty = not order
+        if self.empty:
+            return
+        # Global rows: sequence after sequence (in `order`), each padded to ATTN_ROW_TILE rows.
+        R = [q_lens[b] * G for b in order]
+        Rp = [round_up(r, ATTN_ROW_TILE) for r in R]
+        offs = [0]
+        for rp in Rp:
+            offs.append(offs[-1] + rp)
+        self.Rtot = Rtot = offs[-1]
+        Rp_t = torch.tensor(Rp)
+        ridx = torch.arange(Rtot) - torch.repeat_interleave(torch.tensor(offs[:-1]), Rp_t)  # row in its sequence
+
+        def per_row(values):
+            return torch.repeat_interleave(torch.tensor(values), Rp_t)
+
+        valid = ridx < per_row(R)
+        pos = ridx // G
+        tok = torch.where(valid, per_row([cu[b] for b in order]) + pos, -1)
+        row_ctx = per_row([sl[b] - q_lens[b] for b in order])
+        qpos = torch.where(valid, row_ctx + pos, -1)
+        row_len = torch.where(valid, per_row([sl[b] for b in order]), 0)
+        self.real = valid.nonzero().squeeze(1)  # the rows that hold a query (the rest are padding)
+        self.tok = tok[self.real]
+        self.grp = (ridx % G)[self.real]
+        grp_seq = torch.repeat_interleave(torch.arange(len(order)), torch.tensor(Rp) // ATTN_ROW_TILE)  # group -> i
+        bt = block_table.long()
+        max_blocks = bt.shape[1]
+        cols = torch.arange(N)
+        seq_ids = torch.tensor(order, dtype=torch.long)
+        lens_t = torch.tensor([sl[b] for b in order], dtype=torch.long)
+        self.tiles = []
+        n_act = len(order)
+        for j in range(ntiles[order[0]]):
+            while ntiles[order[n_act - 1]] <= j:
+                n_act -= 1
+            R_act = offs[n_act]
+            ng = R_act // ATTN_ROW_TILE
+            kpos = j * N + cols
+            kv_ok = kpos[None, :] < lens_t[:n_act, None]  # [n_act, N]
+            blk = (kpos // bs).clamp(max=max_blocks - 1)
+            page = torch.where(kv_ok, bt[seq_ids[:n_act, None], blk[None, :]], 0)
+            slot = page * bs + kpos % bs
+            g = grp_seq[:ng]  # each row group's sequence
+            visible = (kpos[None, :] < row_len[:R_act, None]) & (tok[:R_act, None] >= 0)
+            if causal:
+                visible &= kpos[None, :] <= qpos[:R_act, None]
+                # Row groups that cannot see tile j yet (computed with the others): masked out too.
+                lo_row = ((j * N - row_ctx[:R_act]).clamp(min=0) * G) // ATTN_ROW_TILE * ATTN_ROW_TILE
+                visible &= (ridx[:R_act] >= lo_row)[:, None]
+            self.tiles.append((R_act, ng, slot[g], (~kv_ok[g]).view(-1).nonzero().squeeze(1), visible[None]))
+
+
+_last_plan: list = []  # [(key tensors, shapes, plan)]: the previous call's plan
+
+
+def _plan(cu_q, seq_lens, block_table, T, G, bs, causal) -> _Plan:
+    """The plan of these metadata: the previous call's when its metadata are equal (the next layer of
+    the same step), compared by value -- never by identity, which a new step's tensors may reuse."""
+    shapes = (T, G, bs, causal, tuple(cu_q.shape), tuple(seq_lens.shape), tuple(block_table.shape))
+    if _last_plan:
+        (c, s, b), sh, plan = _last_plan[0]
+        if sh == shapes and torch.equal(c, cu_q) and torch.equal(s, seq_lens) and torch.equal(b, block_table):
+            return plan
+    plan = _Plan(cu_q, seq_lens, block_table, T, G, bs, causal)
+    _last_plan[:] = [((cu_q.clone(), seq_lens.clone(), block_table.clone()), shapes, plan)]
+    return plan
+
+
 def _attention_cpu(q, k_cache, v_cache, block_table, cu_q, seq_lens, scale, causal):
     """The kernel's loop on the CPU: fixed-shape BLAS tiles and elementwise IEEE steps.
 
@@ -50,83 +133,33 @@ def _attention_cpu(q, k_cache, v_cache, block_table, cu_q, seq_lens, scale, caus
     G = Hq // Hkv
     N = KV_TILE
     out = q.new_empty(q.shape)
-    B = seq_lens.shape[0]
-    if T == 0 or B == 0:
+    if T == 0 or seq_lens.shape[0] == 0:
         return out
-    cu = cu_q.tolist()
-    sl = seq_lens.tolist()
-    q_lens = [cu[b + 1] - cu[b] for b in range(B)]
-    ntiles = [-(-sl[b] // N) if q_lens[b] else 0 for b in range(B)]  # the last query sees them all
-    order = sorted((b for b in range(B) if q_lens[b]), key=lambda b: -ntiles[b])
-    # Global rows: sequence after sequence (in `order`), each padded to ATTN_ROW_TILE rows.
-    R = [q_lens[b] * G for b in order]
-    Rp = [round_up(r, ATTN_ROW_TILE) for r in R]
-    offs = [0]
-    for rp in Rp:
-        offs.append(offs[-1] + rp)
-    Rtot = offs[-1]
-    Rp_t = torch.tensor(Rp)
-    start = torch.tensor(offs[:-1])
-    ridx = torch.arange(Rtot) - torch.repeat_interleave(start, Rp_t)  # row index within its sequence
-
-    def per_row(values):
-        return torch.repeat_interleave(torch.tensor(values), Rp_t)
-
-    valid = ridx < per_row(R)
-    pos = ridx // G
-    tok = torch.where(valid, per_row([cu[b] for b in order]) + pos, -1)
-    g_of = ridx % G
-    row_ctx = per_row([sl[b] - q_lens[b] for b in order])
-    qpos = torch.where(valid, row_ctx + pos, -1)
-    row_len = torch.where(valid, per_row([sl[b] for b in order]), 0)
-    real = valid
+    plan = _plan(cu_q, seq_lens, block_table, T, G, bs, causal)
+    if plan.empty:
+        return out
+    Rtot = plan.Rtot
     q4 = q.view(T, Hkv, G, D)
     Q = torch.zeros(Rtot, Hkv, D)
-    Q[real] = q4[tok[real], :, g_of[real], :].float()
+    Q.index_copy_(0, plan.real, q4[plan.tok, :, plan.grp, :].float())
     Q = Q.permute(1, 0, 2).contiguous()  # [Hkv, Rtot, D]
     Qg = Q.view(Hkv, Rtot // ATTN_ROW_TILE, ATTN_ROW_TILE, D)  # row groups
-    grp_seq = torch.repeat_interleave(torch.arange(len(order)), torch.tensor(Rp) // ATTN_ROW_TILE)  # group -> i
     k_flat = k_cache.reshape(nb * bs, Hkv, D)
     v_flat = v_cache.reshape(nb * bs, Hkv, D)
-    bt = block_table.long()
-    max_blocks = bt.shape[1]
     qk_scale = _qk_scale(scale)
     ninf = float("-inf")
-    cols = torch.arange(N)
-    seq_ids = torch.tensor(order, dtype=torch.long)
-    lens_t = torch.tensor([sl[b] for b in order], dtype=torch.long)
     m = torch.full((Hkv, Rtot), ninf)
     l = torch.zeros(Hkv, Rtot)
     acc = torch.zeros(Hkv, Rtot, D)
-    S = torch.empty(Hkv, Rtot, N)
-    n_act = len(order)
-    for j in range(ntiles[order[0]]):
-        while ntiles[order[n_act - 1]] <= j:
-            n_act -= 1
-        R_act = offs[n_act]
-        kpos = j * N + cols
-        kv_ok = kpos[None, :] < lens_t[:n_act, None]  # [n_act, N]
-        blk = (kpos // bs).clamp(max=max_blocks - 1)
-        page = torch.where(kv_ok, bt[seq_ids[:n_act, None], blk[None, :]], 0)
-        slot = page * bs + kpos % bs
-        # Keys past a sequence's end hold anything (even NaN): their scores become
-        # -inf below; values are zeroed (0 * NaN would be NaN).
-        Kt = k_flat[slot].float().permute(0, 2, 3, 1)  # [n_act, Hkv, D, N] (a view: one fixed layout)
-        Vt = torch.where(kv_ok[:, :, None, None], v_flat[slot], 0).float().permute(0, 2, 1, 3)  # [n_act, Hkv, N, D]
+    for R_act, ng, slot, kv_bad, visible in plan.tiles:
         # Every row group of the active sequences against its sequence's key tile: one batched product
         # of [16, D] x [D, N] items in one fixed layout (an item's bits do not depend on the batch).
-        ng = R_act // ATTN_ROW_TILE
-        Kg = Kt[grp_seq[:ng]].permute(1, 0, 2, 3).contiguous()  # [Hkv, ng, D, N]
+        # Keys past a sequence's end hold anything (even NaN): their scores become -inf below; values
+        # are zeroed (0 * NaN would be NaN).
+        Kg = k_flat[slot].float().permute(2, 0, 3, 1).contiguous()  # [Hkv, ng, D, N]
         S_act = torch.matmul(Qg[:, :ng], Kg)  # [Hkv, ng, 16, N]
-        S[:, :R_act] = S_act.view(Hkv, R_act, N)
-        s = S[:, :R_act] * qk_scale
-        visible = (kpos[None, :] < row_len[:R_act, None]) & (tok[:R_act, None] >= 0)
-        if causal:
-            visible &= kpos[None, :] <= qpos[:R_act, None]
-            # Row groups that cannot see tile j yet (computed with the others): masked out too.
-            lo_row = ((j * N - row_ctx[:R_act]).clamp(min=0) * G) // ATTN_ROW_TILE * ATTN_ROW_TILE
-            visible &= (ridx[:R_act] >= lo_row)[:, None]
-        sT = torch.where(visible[None], s, ninf).permute(2, 0, 1).contiguous()  # [N, Hkv, R_act]
+        s = S_act.view(Hkv, R_act, N) * qk_scale
+        sT = torch.where(visible, s, ninf).permute(2, 0, 1).contiguous()  # [N, Hkv, R_act]
         m_old = m[:, :R_act]
         m_new = torch.maximum(m_old, _tree0(sT, torch.maximum, ninf))
         m_use = torch.where(m_new == ninf, 0.0, m_new)
@@ -134,10 +167,12 @@ def _attention_cpu(q, k_cache, v_cache, block_table, cu_q, seq_lens, scale, caus
         pT = _exp2(sT - m_use)  # [N, Hkv, R_act]
         l[:, :R_act] = l[:, :R_act] * alpha + _tree0(pT, torch.add, 0.0)
         P = pT.to(v_cache.dtype).float().permute(1, 2, 0).contiguous()  # rounded like the GPU's p
-        Vg = Vt[grp_seq[:ng]].permute(1, 0, 2, 3).contiguous()  # [Hkv, ng, N, D]
+        V = v_flat[slot]  # [ng, N, Hkv, D]
+        V.view(ng * N, Hkv, D).index_fill_(0, kv_bad, 0)
+        Vg = V.float().permute(2, 0, 1, 3).contiguous()  # [Hkv, ng, N, D]
         PV = torch.matmul(P.view(Hkv, ng, ATTN_ROW_TILE, N), Vg).view(Hkv, R_act, D)
         acc[:, :R_act] = acc[:, :R_act] * alpha[..., None] + PV
         m[:, :R_act] = m_new
     o = (acc / l[..., None]).permute(1, 0, 2)  # [Rtot, Hkv, D]
-    out.view(T, Hkv, G, D)[tok[real], :, g_of[real], :] = o[real].to(q.dtype)
+    out.view(T, Hkv, G, D)[plan.tok, :, plan.grp, :] = o[plan.real].to(q.dtype)
     return out
