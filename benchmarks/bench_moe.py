@@ -133,7 +133,6 @@ def bench(tokens, reps: int) -> None:
         else:
             row += f"{'-':>9} {'-':>6} | {g_ours or float('nan'):>9.1f} {'-':>10} {'-':>6} | {str(inv):>7}  {'-':>8} |"
         print(row + (f"  graph capture failed: {g_err}" if g_err else ""), flush=True)
-        del x, lg, out
     if worst is not None:
         print(f"# worst graph ratio vLLM/onpolicy over the sizes: {worst:.2f} (goal >= 0.85)", flush=True)
 

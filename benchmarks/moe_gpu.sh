@@ -7,13 +7,13 @@ _moe_gpu() {
     local out=${OUT:-/tmp/moe_out} layers=${MOE_LAYERS:-4}
     local model=${MOE_MODEL:-/tmp/qwen3-30b-a3b-l${layers}}
     mkdir -p "$out"
-    local t0=$SECONDS
+    local t0=$SECONDS make_pid=""
     # 1. the model, on the CPU in the background while the GPU runs 2 and 3
     if [ ! -f "$model/config.json" ]; then
         CUDA_VISIBLE_DEVICES= timeout 200 python benchmarks/bench_moe.py make "$model" --layers "$layers" \
             > "$out/make_model.log" 2>&1 &
+        make_pid=$!
     fi
-    local make_pid=$!
     # 2. GPU tests of the kernel (invariance 1..8192 tokens, expert load, CUDA graph replay, control)
     timeout 120 python -m pytest -q -p no:cacheprovider tests/gpu/test_moe_gpu.py > "$out/moe_gpu_tests.log" 2>&1
     echo "== tests/gpu/test_moe_gpu.py (exit $?, $((SECONDS - t0)) s): $(tail -1 "$out/moe_gpu_tests.log")"

@@ -28,12 +28,19 @@ nor how many tokens go to each expert; float32, float16, bfloat16.
 * Combine: the k expert outputs are upcast to fp32, multiplied by their fp32 weights and added
   in slot order, each step an IEEE-exact elementwise op, then rounded once to the model dtype.
 
-Paths: the CPU path is the one tested (its linear is BLAS on fixed tiles, see _cpu.py). On CUDA
-tensors the same composition runs on the Triton `linear` / `silu_and_mul` and plain elementwise
-CUDA ops (exp included, which are per-element); it is not yet measured on a GPU, and its
-per-expert loop is not built for speed. Backward: standard ops (the router's by recomputing a
-plain softmax / gather / renormalise under autograd; the experts' through linear and
-silu_and_mul's own formulas; the combine's by its two-line formula).
+Paths: CPU tensors run the composition above (linear is BLAS on fixed tiles, see _cpu.py; the
+router's exp on fixed chunks). CUDA tensors (and ONPOLICY_KERNELS_BACKEND=triton) run
+moe_triton.py: a Triton router (the same softmax tree and tie rule), an on-device alignment of
+the (token, slot) pairs by expert into worst-case-sized buffers, grouped gate/up+SiLU and down
+GEMMs with one fixed tile configuration per device kind, dtype and weight shape, and a Triton
+combine -- five launches, no host sync, no data-dependent shape (CUDA-graph capturable); the
+same formula step by step (gate/up rounded to the model dtype, g / (1 + exp(-g)) * u in fp32
+rounded once, the down GEMM, the fp32 slot-order combine), with the GPU's exp and MMA bits.
+Tested under the interpreter (tests/kernels/test_moe_triton.py) and on CUDA
+(tests/gpu/test_moe_gpu.py). Backward: standard ops (the router's by recomputing a plain
+softmax / gather / renormalise under autograd; on the CPU the experts' through linear and
+silu_and_mul's own formulas, on CUDA a per-expert recomputation in the model dtype; the
+combine's by its two-line formula).
 """
 from __future__ import annotations
 

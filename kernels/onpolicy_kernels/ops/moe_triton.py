@@ -91,15 +91,15 @@ if HAS_TRITON:
 
     @triton.jit
     def _align_kernel(ids_ptr, sorted_ptr, block_expert_ptr, N, E, NUM_BLOCKS,
-                      BLOCK_M: tl.constexpr, E_P2: tl.constexpr, CHUNK: tl.constexpr):
+                      BLOCK_M: tl.constexpr, E_P2: tl.constexpr, BINS: tl.constexpr, CHUNK: tl.constexpr):
         e = tl.program_id(0)
-        bins = tl.arange(0, 2 * E_P2)
-        hist = tl.zeros((2 * E_P2,), dtype=tl.int32)
+        bins = tl.arange(0, BINS)
+        hist = tl.zeros((BINS,), dtype=tl.int32)
         for c0 in range(0, N, CHUNK):  # every expert's count (each program counts them all)
             offs = c0 + tl.arange(0, CHUNK)
             v = tl.load(ids_ptr + offs, mask=offs < N, other=-1).to(tl.int32)
             v = tl.where((v >= 0) & (v < E), v, E_P2)  # outside every expert: the spare bin
-            hist += tl.histogram(v, 2 * E_P2)
+            hist += tl.histogram(v, BINS)
         hist = tl.where(bins < E, hist, 0)
         padded = (hist + BLOCK_M - 1) // BLOCK_M * BLOCK_M
         start = tl.cumsum(padded, axis=0) - padded
@@ -254,7 +254,8 @@ def align(ids: torch.Tensor, num_experts: int, block_m: int) -> tuple[torch.Tens
     if not flat.is_contiguous():
         flat = flat.contiguous()
     _align_kernel[(num_experts,)](flat, sorted_pairs, block_expert, n, num_experts, blocks, BLOCK_M=block_m,
-                                  E_P2=next_pow2(num_experts), CHUNK=_ALIGN_CHUNK, num_warps=4)
+                                  E_P2=next_pow2(num_experts), BINS=max(2 * next_pow2(num_experts), 128),
+                                  CHUNK=_ALIGN_CHUNK, num_warps=4)
     return sorted_pairs, block_expert, blocks
 
 
