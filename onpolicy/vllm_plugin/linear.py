@@ -29,6 +29,7 @@ from typing import Any, Optional
 import onpolicy_kernels
 import torch
 
+from . import compat
 from .errors import OnpolicyVllmError
 
 QUANT_NAME = "onpolicy"
@@ -36,9 +37,6 @@ QUANT_NAME = "onpolicy"
 
 def _linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
     return onpolicy_kernels.linear(x, weight, bias)
-
-
-_CLASSES: dict[str, type] = {}
 
 
 def _make_classes() -> dict[str, type]:
@@ -133,25 +131,14 @@ def _make_classes() -> dict[str, type]:
             bias = embedding_bias.to(dt) if embedding_bias is not None else None
             return _linear(hidden_states.to(dt), lm_head.weight.to(dt), bias)
 
-    out = {c.__name__: c for c in (OnpolicyLinearMethod, OnpolicyHeadMethod, OnpolicyQuantConfig,
-                                   OnpolicyLogitsProcessor)}
-    for c in out.values():  # picklable by name (module-level __getattr__ below)
-        c.__module__, c.__qualname__ = __name__, c.__name__
-    return out
+    return {c.__name__: c for c in (OnpolicyLinearMethod, OnpolicyHeadMethod, OnpolicyQuantConfig,
+                                    OnpolicyLogitsProcessor)}
 
 
-def classes() -> dict[str, type]:
-    if not _CLASSES:
-        _CLASSES.update(_make_classes())
-    return _CLASSES
-
-
-def __getattr__(name: str):
-    # Classes are built lazily (they subclass vLLM's); `linear.OnpolicyQuantConfig`
-    # resolves them, also for unpickling a config in another process.
-    if name in ("OnpolicyLinearMethod", "OnpolicyHeadMethod", "OnpolicyQuantConfig", "OnpolicyLogitsProcessor"):
-        return classes()[name]
-    raise AttributeError(name)
+# Classes are built lazily (they subclass vLLM's); `linear.OnpolicyQuantConfig` resolves them,
+# also for unpickling a config in another process.
+classes, __getattr__ = compat.lazy_classes(__name__, _make_classes, ("OnpolicyLinearMethod", "OnpolicyHeadMethod",
+                                                                    "OnpolicyQuantConfig", "OnpolicyLogitsProcessor"))
 
 
 def make_quant_config():

@@ -27,9 +27,6 @@ import torch
 from . import compat
 from .errors import OnpolicyVllmError
 
-_CLASSES: dict[str, type] = {}
-
-
 def check_layer(layer) -> None:
     """Raise naming what this MoE layer asks for that onpolicy's op does not compute."""
     moe = getattr(layer, "moe_config", None) or getattr(layer, "moe", None)
@@ -118,22 +115,10 @@ def _make_classes() -> dict[str, type]:
             return onpolicy_kernels.moe_routed(x, router_logits, layer.w13_weight, layer.w2_weight, layer.top_k,
                                                bool(layer.renormalize), check_finite=False)  # warm-up feeds garbage
 
-    out = {"OnpolicyMoEMethod": OnpolicyMoEMethod}
-    for c in out.values():
-        c.__module__, c.__qualname__ = __name__, c.__name__
-    return out
+    return {"OnpolicyMoEMethod": OnpolicyMoEMethod}
 
 
-def classes() -> dict[str, type]:
-    if not _CLASSES:
-        _CLASSES.update(_make_classes())
-    return _CLASSES
-
-
-def __getattr__(name: str):
-    if name == "OnpolicyMoEMethod":
-        return classes()[name]
-    raise AttributeError(name)
+classes, __getattr__ = compat.lazy_classes(__name__, _make_classes, ("OnpolicyMoEMethod",))
 
 
 def quant_method_for(layer, prefix: str):

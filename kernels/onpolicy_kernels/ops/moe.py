@@ -28,21 +28,29 @@ nor how many tokens go to each expert; float32, float16, bfloat16.
 * Combine: the k expert outputs are upcast to fp32, multiplied by their fp32 weights and added
   in slot order, each step an IEEE-exact elementwise op, then rounded once to the model dtype.
 
-Paths: the CPU path is the one tested (its linear is BLAS on fixed tiles, see _cpu.py). On CUDA
-tensors the same composition runs on the Triton `linear` / `silu_and_mul` and plain elementwise
-CUDA ops (exp included, which are per-element); it is not yet measured on a GPU, and its
-per-expert loop is not built for speed. Backward: standard ops (the router's by recomputing a
-plain softmax / gather / renormalise under autograd; the experts' through linear and
-silu_and_mul's own formulas; the combine's by its two-line formula).
+Paths: CPU tensors run the composition above (linear is BLAS on fixed tiles, see _cpu.py; the
+router's exp on fixed chunks). CUDA tensors (and ONPOLICY_KERNELS_BACKEND=triton) run
+moe_triton.py: a Triton router (the same softmax tree and tie rule), an on-device alignment of
+the (token, slot) pairs by expert into worst-case-sized buffers, grouped gate/up+SiLU and down
+GEMMs with one fixed tile configuration per device kind, dtype and weight shape, and a Triton
+combine -- five launches, no host sync, no data-dependent shape (CUDA-graph capturable); the
+same formula step by step (gate/up rounded to the model dtype, g / (1 + exp(-g)) * u in fp32
+rounded once, the down GEMM, the fp32 slot-order combine), with the GPU's exp and MMA bits.
+Tested under the interpreter (tests/kernels/test_moe_triton.py) and on CUDA
+(tests/gpu/test_moe_gpu.py). Backward: standard ops (the router's by recomputing a plain
+softmax / gather / renormalise under autograd; on the CPU the experts' through linear and
+silu_and_mul's own formulas, on CUDA a per-expert recomputation in the model dtype; the
+combine's by its two-line formula).
 """
 from __future__ import annotations
 
 import torch
 
 from .._cpu import chunked, tree_max, tree_sum
-from .._dispatch import _eager_grad, call, check_float, check_same, custom_op
+from .._dispatch import _eager_grad, call, check_float, check_same, custom_op, use_triton
 from .activation import silu_and_mul
 from .linear import linear
+from .moe_triton import combine_triton, expert_outputs_triton, route_triton
 
 
 def _exp(x: torch.Tensor) -> torch.Tensor:
@@ -60,6 +68,8 @@ def _probs(logits: torch.Tensor) -> torch.Tensor:
 
 @custom_op("onpolicy::moe_route", mutates_args=())
 def _route_op(logits: torch.Tensor, top_k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    if use_triton(logits):
+        return route_triton(logits, top_k, renormalize)
     p = _probs(logits)
     T, E = p.shape
     q = p.clone()
@@ -131,6 +141,8 @@ def moe_route(router_logits: torch.Tensor, top_k: int, renormalize: bool = True,
 
 @custom_op("onpolicy::moe_combine", mutates_args=())
 def _combine_op(y: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    if use_triton(y):
+        return combine_triton(y, weights)
     wf = weights.float()
     acc = y[:, 0].float() * wf[:, 0:1]
     for j in range(1, y.shape[1]):
@@ -184,13 +196,19 @@ def _check_experts(x, ids, w13, w2):
                          f"w2 {tuple(w2.shape)} (want [E, H, I])")
     if ids.dim() != 2 or ids.shape[0] != x.shape[0]:
         raise ValueError(f"expert ids must be [tokens, top_k], got {tuple(ids.shape)} for {x.shape[0]} tokens")
-    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= E):
+    if ids.numel() and not ids.is_cuda and (int(ids.min()) < 0 or int(ids.max()) >= E):  # no host sync on CUDA
         raise ValueError(f"expert ids must lie in 0..{E - 1}; got {int(ids.min())}..{int(ids.max())}")
 
 
 def expert_outputs(x: torch.Tensor, ids: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
-    """y [T, k, H]: expert ids[t, j]'s gated MLP on token t, each row independent of the others."""
+    """y [T, k, H]: expert ids[t, j]'s gated MLP on token t, each row independent of the others.
+
+    Triton path (CUDA): the grouped kernels of moe_triton.py through `onpolicy::moe_expert_outputs`
+    (capturable, no host sync; expert ids are not range-checked there: that would sync). CPU path:
+    the per-expert composition below."""
     _check_experts(x, ids, w13, w2)
+    if use_triton(x):
+        return call(_experts_op, x, ids, w13, w2)
     T, k = ids.shape
     H = x.shape[1]
     flat = ids.reshape(-1)
@@ -210,6 +228,61 @@ def expert_outputs(x: torch.Tensor, ids: torch.Tensor, w13: torch.Tensor, w2: to
     inverse = torch.empty_like(order)
     inverse[order] = torch.arange(order.numel(), device=order.device)
     return grouped.index_select(0, inverse).view(T, k, H)
+
+
+@custom_op("onpolicy::moe_expert_outputs", mutates_args=())
+def _experts_op(x: torch.Tensor, ids: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
+    return expert_outputs_triton(x, ids, w13, w2)
+
+
+@_experts_op.register_fake
+def _(x, ids, w13, w2):
+    return x.new_empty(ids.shape[0], ids.shape[1], x.shape[1])
+
+
+def _experts_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _experts_backward(ctx, gy):
+    """Standard ops, per expert (host loop: training is eager): the gated MLP's gradients with the
+    forward recomputed in the model dtype (not invariant: it need not be). dx is summed over the
+    slots in order (no atomics)."""
+    x, ids, w13, w2 = ctx.saved_tensors
+    T, k = ids.shape
+    I = w13.shape[1] // 2
+    need_x, _, need_w13, need_w2 = ctx.needs_input_grad
+    dpair = x.new_zeros(T * k, x.shape[1]) if need_x else None
+    dw13 = torch.zeros_like(w13) if need_w13 else None
+    dw2 = torch.zeros_like(w2) if need_w2 else None
+    flat = ids.reshape(-1)
+    gflat = gy.reshape(T * k, -1)
+    order = torch.argsort(flat, stable=True)
+    counts = torch.bincount(flat, minlength=w13.shape[0]).tolist()
+    start = 0
+    for e, n in enumerate(counts):
+        if n == 0:
+            continue
+        pairs = order[start : start + n]
+        start += n
+        xe, ge = x.index_select(0, pairs // k), gflat.index_select(0, pairs)
+        h = (xe @ w13[e].t()).float()
+        g, u = h[:, :I], h[:, I:]
+        s = torch.sigmoid(g)
+        a = (g * s * u).to(x.dtype)
+        da = (ge @ w2[e]).float()
+        dh = torch.cat([da * u * s * (1 + g * (1 - s)), da * g * s], dim=-1).to(x.dtype)
+        if need_w2:
+            dw2[e] = ge.t() @ a
+        if need_w13:
+            dw13[e] = dh.t() @ xe
+        if need_x:
+            dpair.index_copy_(0, pairs, dh @ w13[e])
+    dx = dpair.view(T, k, -1).float().sum(1).to(x.dtype) if need_x else None
+    return dx, None, dw13, dw2
+
+
+_experts_op.register_autograd(_experts_backward, setup_context=_experts_setup)
 
 
 def moe_experts(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, w13: torch.Tensor,

@@ -1,0 +1,34 @@
+# Issue 31 on the GPU machine: the MoE kernel's GPU tests, the op vs vLLM's fused MoE, and
+# `onpolicy check` on a Qwen3-30B-A3B-shaped model. From the repository root, after the vLLM
+# bundle's setup and `source benchmarks/gpu_env.sh`:
+#   source benchmarks/moe_gpu.sh        # logs under $OUT (default /tmp/moe_out); about 6-8 minutes
+# MOE_LAYERS (default 4) sets the model's depth; MOE_MODEL where it is written.
+_moe_gpu() {
+    local out=${OUT:-/tmp/moe_out} layers=${MOE_LAYERS:-4}
+    local model=${MOE_MODEL:-/tmp/qwen3-30b-a3b-l${layers}}
+    mkdir -p "$out"
+    local t0=$SECONDS make_pid=""
+    # 1. the model, on the CPU in the background while the GPU runs 2 and 3
+    if [ ! -f "$model/config.json" ]; then
+        CUDA_VISIBLE_DEVICES= timeout 200 python benchmarks/bench_moe.py make "$model" --layers "$layers" \
+            > "$out/make_model.log" 2>&1 &
+        make_pid=$!
+    fi
+    # 2. GPU tests of the kernel (invariance 1..8192 tokens, expert load, CUDA graph replay, control)
+    timeout 120 python -m pytest -q -p no:cacheprovider tests/gpu/test_moe_gpu.py > "$out/moe_gpu_tests.log" 2>&1
+    echo "== tests/gpu/test_moe_gpu.py (exit $?, $((SECONDS - t0)) s): $(tail -1 "$out/moe_gpu_tests.log")"
+    # 3. the op vs vLLM's fused MoE
+    timeout 170 python benchmarks/bench_moe.py > "$out/bench_moe.txt" 2> "$out/bench_moe.err"
+    echo "== bench_moe (exit $?, $((SECONDS - t0)) s)"
+    cat "$out/bench_moe.txt"; tail -5 "$out/bench_moe.err"
+    # 4. onpolicy check with CUDA graphs, 64 prompts x 32 tokens (goal 2048/2048 bitwise)
+    [ -n "$make_pid" ] && wait "$make_pid"
+    tail -2 "$out/make_model.log"
+    timeout 260 python -m onpolicy.cli check --model "$model" --prompts 64 --max-tokens 32 --cuda-graphs --json \
+        > "$out/check_cuda_graphs.log" 2>&1
+    echo "== onpolicy check --cuda-graphs (exit $?, $((SECONDS - t0)) s):"
+    grep -E '^\{' "$out/check_cuda_graphs.log" | tail -1 | python -c "import json,sys; r=json.loads(sys.stdin.read() or '{}'); m=r.get('metrics',{}); print('tokens', m.get('tokens'), 'bitwise', m.get('bitwise_equal_frac'), 'divergence', r.get('divergence'))" 2>/dev/null \
+        || tail -20 "$out/check_cuda_graphs.log"
+    echo "== total $((SECONDS - t0)) s; logs in $out"
+}
+_moe_gpu
