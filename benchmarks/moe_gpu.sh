@@ -15,7 +15,7 @@ _moe_gpu() {
         make_pid=$!
     fi
     # 2. GPU tests of the kernel (invariance 1..8192 tokens, expert load, CUDA graph replay, control)
-    timeout 120 python -m pytest -q -p no:cacheprovider tests/gpu/test_moe_gpu.py > "$out/moe_gpu_tests.log" 2>&1
+    timeout 150 python -m pytest -q -p no:cacheprovider -m gpu -o addopts="" tests/gpu/test_moe_gpu.py > "$out/moe_gpu_tests.log" 2>&1
     echo "== tests/gpu/test_moe_gpu.py (exit $?, $((SECONDS - t0)) s): $(tail -1 "$out/moe_gpu_tests.log")"
     # 3. the op vs vLLM's fused MoE
     timeout 170 python benchmarks/bench_moe.py > "$out/bench_moe.txt" 2> "$out/bench_moe.err"

@@ -42,3 +42,22 @@ print("loaded", type(data).__name__)
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "loaded" in r.stdout
+
+
+def test_check_is_registered_where_the_dashboard_cannot_be_imported():
+    """A checkout run without installing (the GPU machine's bundle) may lack the dashboard's CRC package:
+    `onpolicy check` still registers, and `onpolicy dashboard` says what is missing (exit 2)."""
+    code = """
+import sys
+sys.modules["google_crc32c"] = None  # the dashboard's TensorBoard reader cannot import
+from typer.testing import CliRunner
+from onpolicy.cli import _register, app
+_register()
+r = CliRunner().invoke(app, ["check", "--help"])
+assert r.exit_code == 0 and "--model" in r.output, r.output
+r = CliRunner().invoke(app, ["dashboard", "runs"])
+assert r.exit_code == 2 and "dashboard's dependencies" in r.output, r.output
+print("ok")
+"""
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "ok" in r.stdout, r.stdout + r.stderr
