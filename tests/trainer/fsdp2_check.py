@@ -1,8 +1,8 @@
 """Run by test_fsdp2.py under `torch.distributed.run --nproc_per_node N` (N = 2 or 4; gloo, CPU).
 
 A tiny patched Qwen3 sharded with FSDP2 (each layer, then the root) against the same
-model unsharded in the same process, each rank on its own batch (as data-parallel ranks
-are): each rank writes OUT_DIR/rank{r}.json (the ranks'
+model unsharded in the same process (every rank on the same batch, so FSDP2's averaged
+gradients equal one rank's): each rank writes OUT_DIR/rank{r}.json (the ranks'
 stdout shares one pipe, where two prints can interleave) with whether the token logprobs
 are bitwise equal and the largest gradient difference.
 """
@@ -21,7 +21,7 @@ import onpolicy
 def main():
     dist.init_process_group("gloo")
     rank = dist.get_rank()
-    ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(1 + rank))
+    ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(1))
     mask = torch.ones_like(ids)
     mask[1, :3] = 0
     weights = torch.randn(2, 15, generator=torch.Generator().manual_seed(2))
