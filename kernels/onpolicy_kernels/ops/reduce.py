@@ -30,9 +30,11 @@ if HAS_TRITON:
     def _rank_sum_kernel(p_ptr, o_ptr, n, W: tl.constexpr, BLOCK: tl.constexpr):
         offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < n
-        acc = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        for r in tl.static_range(1, W):
-            acc = acc + tl.load(p_ptr + r * n + offs, mask=mask, other=0.0).to(tl.float32)
+        ptrs = p_ptr + offs
+        acc = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+        for _ in tl.static_range(1, W):
+            ptrs += n  # the next rank's partial (pointer steps: no int32 product to overflow)
+            acc = acc + tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
         tl.store(o_ptr + offs, acc.to(o_ptr.dtype.element_ty), mask=mask)
 
 
