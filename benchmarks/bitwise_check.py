@@ -1,6 +1,6 @@
 """`onpolicy check` at the Qwen3-1.7B shape on the GPU machine (issue 10), three ways.
 
-    python3 benchmarks/bitwise_check.py MODEL_DIR OUT_DIR [--tp 2]
+    python3 benchmarks/bitwise_check.py MODEL_DIR OUT_DIR [--tp N]
 
 1. plugin on: `onpolicy check --model M --prompts 64 --max-tokens 32 --json` (must be 100%);
 2. plugin on, trainer perturbed (layer 13's post-attention norm epsilon) through run_check's
@@ -9,7 +9,7 @@
 4. plugin on with `--cuda-graphs` (the production engine: vLLM's graphs for the model, onpolicy's
    for the LM head and sampler), at temperature 1 and 0.7 (the sampler's two graph kinds).
 Each runs in its own process (a vLLM plugin is process-global). Prints one RESULT line each.
-With --tp 2 only (1) runs, at tensor_parallel_size=2. CHECK_RUNS=on,on_graphs (names as in the
+With --tp N (2, 4, 8) only (1) runs, at tensor_parallel_size=N. CHECK_RUNS=on,on_graphs (names as in the
 RESULT lines) runs only those.
 """
 import json
@@ -53,7 +53,8 @@ def main():
     cli = [sys.executable, "-m", "onpolicy.cli", "check", "--model", model, "--prompts", "64", "--max-tokens", "32",
            "--json"]
     if "--tp" in sys.argv:
-        run("on_tp2", cli + ["--tp", sys.argv[sys.argv.index("--tp") + 1]], out)
+        tp = sys.argv[sys.argv.index("--tp") + 1]
+        run(f"on_tp{tp}", cli + ["--tp", tp], out)
         return
     runs = {"on": cli, "perturbed": [sys.executable, "-c", PERTURB, model], "off": cli + ["--off"],
             "on_graphs": cli + ["--cuda-graphs"],

@@ -2,6 +2,7 @@
 # The GPU benchmarks, by part (PARTS), logging under $OUT; vLLM must be importable (pip install, or a bundle's setup).
 #   PARTS="check recipe determinism" bash benchmarks/run_gpu_benchmarks.sh        # one GPU
 #   PARTS="tp2check tp2recipe" bash benchmarks/run_gpu_benchmarks.sh              # two GPUs
+#   PARTS="tpreduce tp4check" bash benchmarks/run_gpu_benchmarks.sh                # four GPUs (tp8check: eight)
 #   PARTS=throughput LOADS="256x512,8x2500" CONFS="default batch_invariant onpolicy default" bash benchmarks/run_gpu_benchmarks.sh
 #     (MP=1: the engine core in its own process, vLLM's default, instead of in-process; TP_ROUNDS=N: the
 #     CONFS sequence N times over, interleaved)
@@ -22,6 +23,14 @@ for part in ${PARTS-check recipe}; do
   case $part in
     check) timeout 900 python3 benchmarks/bitwise_check.py $M "$OUT" ;;
     tp2check) timeout 600 python3 benchmarks/bitwise_check.py $M "$OUT" --tp 2 ;;
+    tp4check|tp8check) timeout 900 python3 benchmarks/bitwise_check.py $M "$OUT" --tp ${part:2:1} ;;
+    tpreduce)  # the TP reduction alone, vLLM's all-reduce vs onpolicy's rank-order sum, at each TP the GPUs allow
+      g=$(nvidia-smi -L | wc -l)
+      for n in 2 4 8; do
+        [ $n -le $g ] || continue
+        timeout 900 torchrun --standalone --nproc_per_node $n benchmarks/bench_tp_reduce.py > "$OUT/tpreduce_$n.log" 2>&1
+        echo "exit $?"; grep -vE "Warning|warn|INFO" "$OUT/tpreduce_$n.log" | tail -25
+      done ;;
     recipe|tp2recipe)
       if [ $part = recipe ]; then acc=single_gpu; extra=""; else acc=fsdp2; extra="--vllm_tensor_parallel_size 2"; fi
       timeout 1200 accelerate launch --config_file recipes/accelerate/$acc.yaml recipes/grpo.py \

@@ -252,8 +252,8 @@ def make_trainer_class():
                 warnings.warn(f"onpolicy: {w}", stacklevel=2)
             tp = int(getattr(cfg, "vllm_tensor_parallel_size", 1) or 1)
             if onpolicy != "off" and tp not in SUPPORTED_TP:  # before the engine is built, not after
-                raise ValueError(f"vllm_tensor_parallel_size={tp} is not supported with onpolicy: use 1 or 2 "
-                                 "(the trainer mirrors the TP=2 all-reduce bitwise)")
+                raise ValueError(f"vllm_tensor_parallel_size={tp} is not supported with onpolicy: use 1, 2, 4 or 8 "
+                                 "(the trainer mirrors vLLM's tensor-parallel reductions at those sizes)")
             self.onpolicy_mode = onpolicy
             plugin = None if onpolicy == "off" else "1"
             cpu_control = onpolicy == "off" and not torch.cuda.is_available()
@@ -281,7 +281,7 @@ def make_trainer_class():
                 trunc = {"top_k": self.top_k, "top_p": self.top_p, "min_p": self.min_p}
                 for m in (self.model, getattr(self, "ref_model", None)):
                     if m is not None:
-                        patch_model(m, tensor_parallel_size=tp)  # mirrors vLLM's TP reductions (1 or 2)
+                        patch_model(m, tensor_parallel_size=tp)  # mirrors vLLM's TP reductions (1, 2, 4, 8)
                         add_onpolicy_lm_head(m, self.temperature, **(trunc if m is self.model else {}))
             self.onpolicy_run_dir = run_dir or cfg.output_dir
             self.onpolicy_overwrite = overwrite_run_dir

@@ -11,6 +11,7 @@ from .ops.attention import attention, attention_contiguous, attention_schedule, 
 from .ops.linear import linear
 from .ops.logprobs import log_softmax, token_logprobs
 from .ops.moe import moe, moe_combine, moe_experts, moe_route, moe_routed
+from .ops.reduce import rank_sum
 from .ops.rms_norm import fused_add_rms_norm, rms_norm
 from .ops.rotary import build_cos_sin_cache, rotary_embedding
 from .ops.truncation import (truncate_logprobs, truncated_log_softmax, truncated_token_logprobs,
@@ -29,6 +30,7 @@ __all__ = [
     "build_cos_sin_cache",
     "log_softmax",
     "token_logprobs",
+    "rank_sum",
     "moe",
     "moe_route",
     "moe_experts",

@@ -24,7 +24,7 @@ def check(
                                                        "{'prompt_token_ids': [...]}) or text, one prompt a line.")] = None,
     seed: Annotated[int, typer.Option(help="Seed for prompts and sampling.")] = 0,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of tables.")] = False,
-    tp: Annotated[int, typer.Option("--tp", help="vLLM tensor_parallel_size (1 or 2); the trainer mirrors it.")] = 1,
+    tp: Annotated[int, typer.Option("--tp", help="vLLM tensor_parallel_size (1, 2, 4 or 8); the trainer mirrors it.")] = 1,
     cuda_graphs: Annotated[bool, typer.Option("--cuda-graphs", help="Sample with CUDA graphs on, as a production "
                                               "engine does (a mismatch is then not located: rerun without).")] = False,
     dtype: Annotated[str, typer.Option("--dtype", help="Dtype of both sides: auto (what vLLM runs the checkpoint "

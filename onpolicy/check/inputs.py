@@ -73,7 +73,7 @@ def validate_inputs(prompts: int, max_tokens: int, temperature: float, tp: int, 
         raise CheckError(f"--temperature must be a finite number > 0, got {temperature} (logprobs of greedy sampling "
                          "are taken at temperature 1: use 1.0)")
     if tp not in SUPPORTED_TP:
-        raise CheckError(f"--tp {tp}: onpolicy mirrors vLLM tensor parallelism of size 1 or 2")
+        raise CheckError(f"--tp {tp}: onpolicy mirrors vLLM tensor parallelism of size 1, 2, 4 or 8; use one of those")
     if dtype not in DTYPES:
         raise CheckError(f"--dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
     if max_model_len < 2:

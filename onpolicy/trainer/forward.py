@@ -14,15 +14,18 @@ removed, like vLLM's flattened batch), every layer is
 trainer/merged.py) and the final norm is fused with the last residual. Only views, splits and
 copies happen between the kernels, so no other rounding can creep in.
 
-Tensor parallelism: a vLLM engine with tensor_parallel_size=2 computes each
-row-parallel layer (o_proj, down_proj) as two half-K partial matmuls, one per
-GPU, each rounded to the model dtype, then all-reduces them: one rounded
-addition. Its vocab-parallel embedding adds a zero from the other rank to each
-row. The patched forward reproduces both when the model is patched with
-`tensor_parallel_size=2` (see `row_parallel_linear`); column-parallel layers,
-attention heads and the vocab-parallel LM head need nothing, because onpolicy's
-kernels give every output element the same bits however the N dimension is
-split. docs/tensor-parallel.md has the design.
+Tensor parallelism: a vLLM engine with tensor_parallel_size=N computes each
+row-parallel layer (o_proj, down_proj) as N partial matmuls over contiguous
+K-slices, one per rank, each rounded to the model dtype, then reduces them: at
+N=2 vLLM's all-reduce (one rounded addition, whatever the algorithm), at N=4 and
+8 onpolicy's rank-order sum (the plugin's communicator all-gathers the partials
+and runs `onpolicy_kernels.rank_sum`: float32, rank order, one rounding). Its
+vocab-parallel embedding adds zeros from the other ranks to each row. The patched
+forward reproduces both when the model is patched with `tensor_parallel_size=N`
+(see `row_parallel_linear`); column-parallel layers, attention heads and the
+vocab-parallel LM head need nothing, because onpolicy's kernels give every output
+element the same bits however the N dimension is split. docs/tensor-parallel.md
+has the design.
 """
 from __future__ import annotations
 
@@ -39,7 +42,7 @@ from onpolicy_kernels.ops.moe import expert_outputs
 from .merged import merged_linear
 
 PAGE = 16  # page size used to view contiguous K/V as a paged cache (decode with an HF cache)
-SUPPORTED_TP = (1, 2)
+SUPPORTED_TP = (1, 2, 4, 8)
 
 
 def full(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
@@ -73,20 +76,44 @@ def check_tp(tp: int) -> int:
     if not isinstance(tp, int) or isinstance(tp, bool) or tp not in SUPPORTED_TP:
         raise ValueError(
             f"tensor_parallel_size={tp!r} is not supported: onpolicy mirrors vLLM's tensor parallelism bitwise "
-            "for sizes 1 and 2 (beyond two ranks the all-reduce's summation order and precision depend on the "
-            "all-reduce algorithm); run vLLM with tensor_parallel_size 1 or 2")
+            "for sizes 1, 2, 4 and 8 (at 4 and 8 the plugin replaces vLLM's all-reduce with a rank-order sum); "
+            "run vLLM with tensor_parallel_size 1, 2, 4 or 8")
     return tp
 
 
-def row_parallel_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], tp: int) -> torch.Tensor:
-    """What a vLLM RowParallelLinear computes with `tp` ranks, in one process.
+def check_tp_shape(config, tp: int) -> None:
+    """Refuse a model whose layers vLLM cannot split over `tp` ranks (vLLM would refuse it too), so
+    the mirror never emulates a sharding that no engine runs."""
+    if tp == 1:
+        return
+    heads = config.num_attention_heads
+    kv = getattr(config, "num_key_value_heads", None) or heads
+    inter = getattr(config, "intermediate_size", None)
+    problems = []
+    if heads % tp:
+        problems.append(f"num_attention_heads={heads} is not a multiple of {tp}")
+    if kv % tp and tp % kv:
+        problems.append(f"num_key_value_heads={kv} neither divides nor is a multiple of {tp}")
+    if inter is not None and inter % tp:
+        problems.append(f"intermediate_size={inter} is not a multiple of {tp}")
+    if problems:
+        raise ValueError(f"this model cannot be split into tensor_parallel_size={tp} ranks as vLLM splits it: "
+                         + "; ".join(problems) + "; use a tensor_parallel_size that divides the head counts")
 
-    Rank r multiplies its K-slice of the input by its K-slice of the weight
-    (onpolicy `linear`, output in the model dtype; the bias only on rank 0),
-    and the all-reduce adds the partial outputs. With two ranks that is one
-    correctly rounded addition, whatever the all-reduce algorithm (NCCL, vLLM's
-    custom all-reduce, the CPU's shared-memory one): round(p0 + p1), which is
-    what the model-dtype `+` below computes.
+
+def row_parallel_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], tp: int) -> torch.Tensor:
+    """What a vLLM RowParallelLinear computes with `tp` ranks under onpolicy, in one process.
+
+    vLLM gives rank r the r-th contiguous K/tp slice of the input and of the weight
+    (for o_proj that is the rank's heads, num_heads/tp of them, in order); rank r
+    multiplies them (onpolicy `linear`, output in the model dtype; the bias only on
+    rank 0), then the ranks' partial outputs are reduced:
+
+    * tp=2: vLLM's own all-reduce. Two terms make one correctly rounded addition
+      whatever the algorithm (NCCL, vLLM's custom all-reduce, the CPU's shared-memory
+      one): round(p0 + p1), which is what the model-dtype `+` below computes.
+    * tp=4, 8: onpolicy's communicator all-gathers the partials and sums them in rank
+      order in float32, rounding once (`onpolicy_kernels.rank_sum`); the same op here.
     """
     if tp == 1:
         return K.linear(x, weight, bias)
@@ -94,12 +121,11 @@ def row_parallel_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[to
     if k % tp:
         raise ValueError(f"input size {k} does not split into {tp} tensor-parallel ranks")
     s = k // tp
-    out = None
-    for r in range(tp):
-        part = K.linear(x[:, r * s:(r + 1) * s].contiguous(), weight[:, r * s:(r + 1) * s].contiguous(),
-                        bias if r == 0 else None)
-        out = part if out is None else out + part
-    return out
+    parts = [K.linear(x[:, r * s:(r + 1) * s].contiguous(), weight[:, r * s:(r + 1) * s].contiguous(),
+                      bias if r == 0 else None) for r in range(tp)]
+    if tp == 2:
+        return parts[0] + parts[1]
+    return K.rank_sum(torch.stack(parts))
 
 
 @dataclass
@@ -313,7 +339,7 @@ def _packed_hidden(model, input_ids, attention_mask, position_ids, past_key_valu
     else:
         emb = model.embed_tokens(input_ids)
     if tp > 1 and inputs_embeds is None:
-        emb = emb + 0.0  # vLLM's vocab-parallel lookup all-reduces with the other ranks' zeros (-0.0 -> +0.0)
+        emb = emb + 0.0  # vLLM's vocab-parallel lookup sums the other ranks' zeros in (-0.0 -> +0.0; rank_sum too)
     B, L = emb.shape[:2]
     if use_cache and past_key_values is None:
         from transformers import DynamicCache

@@ -171,7 +171,7 @@ def token_logprobs(
     predecessor is padding (attention_mask 0) hold 0.0. Differentiable (the
     backward uses standard kernels). The model is patched for the call if it
     is not already. tensor_parallel_size: that of the vLLM engine that sampled
-    (1 or 2), so the forward reproduces its sharded reductions. Bad input
+    (1, 2, 4 or 8), so the forward reproduces its sharded reductions. Bad input
     (no token to score, a mask or temperature of the wrong shape, token ids
     outside the vocabulary, a temperature that is not finite and > 0,
     chunk_rows <= 0) raises a ValueError naming the argument. Runs with

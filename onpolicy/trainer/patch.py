@@ -51,7 +51,7 @@ def patch_model(model: torch.nn.Module, tensor_parallel_size: Optional[int] = No
     (or once with force=True).
 
     tensor_parallel_size: the vLLM engine's tensor-parallel size the forward
-    must mirror (1 or 2; see forward.row_parallel_linear). None keeps the size
+    must mirror (1, 2, 4 or 8; see forward.row_parallel_linear). None keeps the size
     of an enclosing patch, else 1.
     """
     state = getattr(model, _STATE, None)
@@ -63,6 +63,7 @@ def patch_model(model: torch.nn.Module, tensor_parallel_size: Optional[int] = No
         return model
     tp = F.check_tp(1 if tensor_parallel_size is None else tensor_parallel_size)
     fam = check_supported(model.config, next(model.parameters()).dtype)
+    F.check_tp_shape(model.config, tp)
     base, head = _parts(model)
     cache = cos_sin_cache_for(model.config).to(next(model.parameters()).device)
     for layer in base.layers:  # before anything is bound: a refused model stays as it was

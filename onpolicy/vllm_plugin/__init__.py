@@ -6,8 +6,9 @@ attention of a supported model run on `onpolicy_kernels`, and the sampler's
 logprobs come from `onpolicy_kernels.log_softmax` -- the same kernels the trainer
 (`onpolicy.token_logprobs`) runs, so sampler and trainer logprobs are bitwise
 equal. Supported: Qwen3ForCausalLM, Qwen2ForCausalLM, LlamaForCausalLM, unquantized, on one GPU
-(or the CPU) or with tensor_parallel_size=2 (the trainer mirrors the sharded
-reductions: patch_model(..., tensor_parallel_size=2)). Anything else fails when the engine is built.
+(or the CPU) or with tensor_parallel_size 2, 4 or 8 (the trainer mirrors the sharded
+reductions: patch_model(..., tensor_parallel_size=N); at 4 and 8 the all-reduce becomes a
+rank-order sum, collectives.py). Anything else fails when the engine is built.
 
 Enable it with the environment variable ``ONPOLICY_VLLM=1`` (read by both entry
 points, so child processes inherit it), or call `enable()` before ``LLM(...)``.

@@ -98,6 +98,29 @@ def tensor_parallel_engine_args(tp: int) -> dict:
     return {"tensor_parallel_size": tp, "distributed_executor_backend": "mp"}
 
 
+def check_parallel_config(pc) -> int:
+    """Refuse parallelism the trainer does not mirror; returns the tensor-parallel size."""
+    sizes = {
+        "tensor_parallel_size": getattr(pc, "tensor_parallel_size", 1),
+        "pipeline_parallel_size": getattr(pc, "pipeline_parallel_size", 1),
+        "decode_context_parallel_size": getattr(pc, "decode_context_parallel_size", 1),
+        "prefill_context_parallel_size": getattr(pc, "prefill_context_parallel_size", 1),
+    }
+    tp = sizes["tensor_parallel_size"]
+    too_big = {k: v for k, v in sizes.items() if v not in (None, 1) and k != "tensor_parallel_size"}
+    if too_big:
+        raise OnpolicyVllmError(f"this parallelism is not supported ({too_big}): onpolicy supports tensor "
+                                "parallelism only (no pipeline or context parallelism)")
+    # the sizes the trainer mirrors: 2 with vLLM's all-reduce, 4 and 8 with onpolicy's rank-order one (collectives.py)
+    from onpolicy.trainer.forward import SUPPORTED_TP
+
+    if tp not in SUPPORTED_TP:
+        raise OnpolicyVllmError(f"tensor_parallel_size={tp} is not supported: onpolicy mirrors tensor_parallel_size "
+                                f"{', '.join(map(str, SUPPORTED_TP))} in the trainer (pass the same size to "
+                                "patch_model/token_logprobs); use one of those")
+    return tp
+
+
 def configure(vllm_config) -> None:
     """Check the engine config and install onpolicy's linear config and worker."""
     mc = vllm_config.model_config
@@ -106,18 +129,8 @@ def configure(vllm_config) -> None:
     check_model(mc)
 
     pc = vllm_config.parallel_config
-    sizes = {
-        "tensor_parallel_size": getattr(pc, "tensor_parallel_size", 1),
-        "pipeline_parallel_size": getattr(pc, "pipeline_parallel_size", 1),
-        "decode_context_parallel_size": getattr(pc, "decode_context_parallel_size", 1),
-        "prefill_context_parallel_size": getattr(pc, "prefill_context_parallel_size", 1),
-    }
-    too_big = {k: v for k, v in sizes.items() if v not in (None, 1) and not (k == "tensor_parallel_size" and v == 2)}
-    if too_big:
-        raise OnpolicyVllmError(f"this parallelism is not supported ({too_big}): onpolicy mirrors tensor_parallel_size "
-                                "1 or 2 in the trainer (pass tensor_parallel_size=2 to patch_model/token_logprobs), "
-                                "and no pipeline or context parallelism")
-    if sizes["tensor_parallel_size"] == 2:
+    tp = check_parallel_config(pc)
+    if tp > 1:
         keep_collectives_plain(vllm_config)
     cc = getattr(vllm_config, "compilation_config", None)
     if cc is not None and getattr(cc, "cudagraph_num_of_warmups", 1) < 1:

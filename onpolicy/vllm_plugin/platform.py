@@ -6,6 +6,9 @@
 * `check_and_update_config` runs vLLM's, then onpolicy's checks and settings
   (config.py): supported model, single GPU, the "onpolicy" linear config, the
   worker subclass that installs the sampler.
+* `get_device_communicator_cls` returns onpolicy's subclass of vLLM's device
+  communicator, whose all-reduce sums in rank order beyond two ranks
+  (collectives.py).
 
 Reached two ways:
 1. the `vllm.platform_plugins` entry point `detect()` (returns the subclass's
@@ -35,7 +38,7 @@ _SUPPORTED_BASE_NAMES = ("CpuPlatform", "CudaPlatformBase")
 
 
 class OnpolicyPlatformMixin:
-    """The two overrides; placed before vLLM's platform class in the MRO."""
+    """The overrides; placed before vLLM's platform class in the MRO."""
 
     onpolicy = True
 
@@ -56,6 +59,17 @@ class OnpolicyPlatformMixin:
 
         register()  # in case the general-plugin entry point is not installed
         configure(vllm_config)
+
+    @classmethod
+    def get_device_communicator_cls(cls) -> str:
+        from .collectives import communicator_qualname
+
+        return communicator_qualname(cls.vllm_device_communicator_cls())
+
+    @classmethod
+    def vllm_device_communicator_cls(cls) -> str:
+        """The communicator class vLLM's own platform would use (onpolicy's subclasses it)."""
+        return super().get_device_communicator_cls()  # type: ignore[misc]
 
 
 _SUBCLASSES: dict[type, type] = {}

@@ -84,6 +84,9 @@ def _audit_worker(worker):
     model = compat.runner_model(runner)
     vllm_config = getattr(worker, "vllm_config", None)
     check_process(vllm_config)
+    from .collectives import check_tp_reduction
+
+    check_tp_reduction()
     hf_config = getattr(getattr(vllm_config, "model_config", None), "hf_config", None)
     return runner, audit_model(model, hf_config)
 

@@ -25,6 +25,7 @@ def _samples():
         yield "fused_add_rms_norm", ops.fused_add_rms_norm.default, (
             r(6, 64, dtype=dtype, grad=grad), r(6, 64, dtype=dtype, grad=grad), r(64, dtype=dtype, grad=grad), 1e-6)
         yield "silu_and_mul", ops.silu_and_mul.default, (r(6, 64, dtype=dtype, grad=grad),)
+        yield "rank_sum", ops.rank_sum.default, (r(4, 6, 64, dtype=dtype, grad=grad),)
         yield "rotary_embedding", ops.rotary_embedding.default, (
             torch.tensor([0, 5, 63]), r(3, 4, 32, dtype=dtype, grad=grad), r(3, 2, 32, dtype=dtype, grad=grad), CACHE, True)
         yield "log_softmax", ops.log_softmax.default, (r(4, 100, dtype=dtype, grad=grad), torch.full((4,), 0.8))

@@ -15,7 +15,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import onpolicy_kernels as K
 from onpolicy_kernels import _dispatch
-from onpolicy_kernels.ops import activation, attention, linear, logprobs, rms_norm, rotary  # the op modules
+from onpolicy_kernels.ops import activation, attention, linear, logprobs, reduce, rms_norm, rotary  # the op modules
 
 CACHE = K.build_cos_sin_cache(32, 32, 64, 1e4)
 
@@ -36,6 +36,8 @@ def _cases(grad: bool = False):
         lambda: torch.ops.onpolicy.fused_add_rms_norm(h, res, nw, 1e-6)
     yield "silu_and_mul", activation._silu_and_mul_op, lambda: K.silu_and_mul(h), \
         lambda: torch.ops.onpolicy.silu_and_mul(h)
+    parts = r(4, 6, 64)
+    yield "rank_sum", reduce._rank_sum_op, lambda: K.rank_sum(parts), lambda: torch.ops.onpolicy.rank_sum(parts)
     pos, q, k = torch.tensor([0, 5, 63]), r(3, 4, 32), r(3, 2, 32)
     yield "rotary_embedding", rotary._rotary_op, lambda: K.rotary_embedding(pos, q, k, CACHE), \
         lambda: torch.ops.onpolicy.rotary_embedding(pos, q, k, CACHE, True)

@@ -25,7 +25,7 @@ from torch._library.custom_ops import OPDEFS, OPDEF_TO_LIB
 
 def snapshot():
     names = sorted(n for n in OPDEFS if n.startswith("onpolicy::"))
-    assert len(names) == 16, names  # 11 + the MoE ops (moe_route, moe_combine, moe_routed, moe_expert_outputs) + the truncation mask
+    assert len(names) == 17, names  # 11 + the MoE ops (moe_route, moe_combine, moe_routed, moe_expert_outputs) + the truncation mask + rank_sum
     return {n: (OPDEFS[n], OPDEF_TO_LIB[n], getattr(torch.ops.onpolicy, n.split("::")[1]).default) for n in names}
 
 def assert_same(before, after):

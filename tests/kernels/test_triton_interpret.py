@@ -143,6 +143,23 @@ def test_norms_invariant_and_correct(dtype):
     assert torch.equal(rms_norm(xt, w, 1e-6), rms_norm(xt.contiguous(), w, 1e-6))
 
 
+@pytest.mark.parametrize("W", [4, 8])
+def test_rank_sum_triton_equals_cpu_path(W, monkeypatch):
+    """The Triton rank-order sum (one pass, fp32 adds in rank order) == the CPU path's steps, bitwise,
+    in fp32 and fp16 (the interpreter truncates fp32 -> bf16, so bf16 is checked on the GPU); 1100
+    elements span two 1024-wide blocks."""
+    from onpolicy_kernels import rank_sum
+
+    g = gen(11)
+    for dtype in (torch.float32, torch.float16):
+        parts = randn(W, 3, 1100 // 3 + 1, dtype=dtype, g=g, scale=3)
+        got = rank_sum(parts)
+        monkeypatch.setenv("ONPOLICY_KERNELS_BACKEND", "cpu")
+        want = rank_sum(parts)
+        monkeypatch.setenv("ONPOLICY_KERNELS_BACKEND", "triton")
+        assert torch.equal(got, want)
+
+
 @pytest.mark.parametrize("dtype", ALL_DTYPES, ids=["fp32", "fp16", "bf16"])
 def test_silu_and_mul_invariant_and_correct(dtype):
     g = gen(3)

@@ -1,7 +1,8 @@
-"""Run by test_fsdp2.py under `torch.distributed.run --nproc_per_node 2` (gloo, CPU).
+"""Run by test_fsdp2.py under `torch.distributed.run --nproc_per_node N` (N = 2 or 4; gloo, CPU).
 
 A tiny patched Qwen3 sharded with FSDP2 (each layer, then the root) against the same
-model unsharded in the same process: each rank writes OUT_DIR/rank{r}.json (the ranks'
+model unsharded in the same process (every rank on the same batch, so FSDP2's averaged
+gradients equal one rank's): each rank writes OUT_DIR/rank{r}.json (the ranks'
 stdout shares one pipe, where two prints can interleave) with whether the token logprobs
 are bitwise equal and the largest gradient difference.
 """
@@ -19,6 +20,7 @@ import onpolicy
 
 def main():
     dist.init_process_group("gloo")
+    rank = dist.get_rank()
     ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(1))
     mask = torch.ones_like(ids)
     mask[1, :3] = 0
@@ -42,9 +44,16 @@ def main():
     for p, q in zip(sharded.parameters(), ref.parameters()):
         g = p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad
         diff = max(diff, (g - q.grad).abs().max().item())
-    rank = dist.get_rank()
+    # the control: transformers' own forward (unpatched) of the unsharded model must give other bits,
+    # else equal logprobs would prove nothing about the patched forward under sharding
+    onpolicy.unpatch_model(ref)
+    with torch.no_grad():
+        logits = ref(ids, attention_mask=mask).logits[:, :-1].float()
+    plain = logits.log_softmax(-1).gather(-1, ids[:, 1:, None])[..., 0]
+    valid = mask[:, 1:].bool() & mask[:, :-1].bool()
     with open(os.path.join(sys.argv[1], f"rank{rank}.json"), "w") as f:
-        json.dump({"rank": rank, "bitwise": torch.equal(lp, lp_ref), "grad_diff": diff}, f)
+        json.dump({"rank": rank, "world": dist.get_world_size(), "bitwise": torch.equal(lp, lp_ref),
+                   "control_bitwise": torch.equal(plain[valid], lp_ref[valid]), "grad_diff": diff}, f)
     dist.barrier()
     dist.destroy_process_group()
     # Leave without the interpreter's teardown: there a rank aborted in about one run of

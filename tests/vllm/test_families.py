@@ -69,20 +69,29 @@ def test_tied_embeddings_tiny_model_is_not_degenerate(tmp_path):
     assert float(m.model.embed_tokens.weight.float().std()) < 0.05  # the inputs were not scaled
 
 
-def test_tensor_parallel_2_bitwise(tmp_path):
-    """vLLM with tensor_parallel_size=2 (two worker processes, one CPU core each; each o_proj and
-    down_proj sums two half-K partial matmuls in an all-reduce) == the trainer mirroring it
-    (tensor_parallel_size=2), bitwise; a trainer that does not mirror it differs."""
+@pytest.mark.parametrize("tp, family", [(2, "qwen3"), (4, "qwen3"), (4, "llama")],
+                         ids=["tp2-qwen3", "tp4-qwen3", "tp4-llama"])
+def test_tensor_parallel_bitwise(tp, family, tmp_path):
+    """vLLM with tensor_parallel_size=tp (tp worker processes; on this CPU machine each bound to one
+    core, ranks sharing cores beyond two) == the trainer mirroring it (tensor_parallel_size=tp),
+    bitwise. Each o_proj and down_proj sums tp partial matmuls over K-slices: at TP=2 vLLM's
+    all-reduce (one rounding), at TP=4 onpolicy's rank-order float32 sum after an all-gather. A
+    trainer that does not mirror it differs, and at TP=4 so does one with the same sharding but a
+    bf16 sum (the test tells reductions apart). About 75 s an engine on two cores."""
     env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0")
-    r = subprocess.run([sys.executable, str(SCRIPT), "qwen3", str(tmp_path), "--eager", "--tp", "2"], env=env,
+    r = subprocess.run([sys.executable, str(SCRIPT), family, str(tmp_path), "--eager", "--tp", str(tp)], env=env,
                        capture_output=True, text=True, timeout=600)
     lines = {ln.split(" ", 1)[0]: json.loads(ln.split(" ", 1)[1]) for ln in r.stdout.splitlines()
-             if ln.startswith(("RESULT ", "RESULT_TP1 ", "PLUGIN "))}
+             if ln.startswith(("RESULT ", "RESULT_TP1 ", "RESULT_BF16SUM ", "PLUGIN "))}
     assert r.returncode == 0 and "RESULT" in lines, r.stdout[-3000:] + r.stderr[-4000:]
     assert lines["PLUGIN"]["linear"] > 0
-    print("\nTP=2: " + ", ".join(f"T={t}: {e}/{n} bitwise (trainer without TP mirror: {lines['RESULT_TP1'][t][0]}/{n})"
-                                 for t, (e, n) in lines["RESULT"].items()))
+    bf16 = lines.get("RESULT_BF16SUM")
+    print(f"\nTP={tp} {family}: " + ", ".join(
+        f"T={t}: {e}/{n} bitwise (trainer without TP mirror: {lines['RESULT_TP1'][t][0]}/{n}"
+        + (f"; with a bf16 sum: {bf16[t][0]}/{n}" if bf16 else "") + ")" for t, (e, n) in lines["RESULT"].items()))
     for t, (equal, total) in lines["RESULT"].items():
         assert equal == total and total == 256, f"T={t}: {equal}/{total}"
-        assert lines["RESULT_TP1"][t][0] < total, "the TP=1 trainer matched too: the TP=2 reduction was not exercised"
+        assert lines["RESULT_TP1"][t][0] < total, "the TP=1 trainer matched too: the TP reduction was not exercised"
+        if tp > 2:
+            assert bf16[t][0] < total, "a bf16-sum trainer matched too: the test cannot tell the reductions apart"
     _controls(r.stdout)
