@@ -49,8 +49,14 @@ PHASES = ["generation", "weight_sync", "rewards", "scoring", "compare_log", "los
 class Phases:
     """Wall time and host syncs per phase of the current step (nested phases count for the innermost)."""
 
-    def __init__(self, cuda: bool):
+    def __init__(self, cuda: bool, profile: str | None = None):
         self.cuda = cuda
+        self.profile = profile  # a phase whose Python time cProfile records (over every step)
+        self.profiler = None
+        if profile:
+            import cProfile
+
+            self.profiler = cProfile.Profile()
         self.stack: list = []
         self.time: dict = {}
         self.syncs: dict = {}
@@ -72,9 +78,14 @@ class Phases:
             outer, t0 = self.stack[-1]
             self.time[outer] = self.time.get(outer, 0.0) + t - t0
         self.stack.append((name, t))
+        prof = self.profiler if name == self.profile else None
+        if prof:
+            prof.enable()
         try:
             yield
         finally:
+            if prof:
+                prof.disable()
             self._sync()
             now = time.perf_counter()
             n, t0 = self.stack.pop()
@@ -122,7 +133,7 @@ def one(a, extra: list) -> None:
         ["--config", a.config, *extra, "--max_steps", str(a.warmup + a.steps), "--report_to", "none",
          "--logging_steps", "1", "--save_strategy", "no"])
     cuda = torch.cuda.is_available()
-    phases = Phases(cuda)
+    phases = Phases(cuda, a.profile)
     count_syncs = cuda and a.round < a.sync_rounds
     if count_syncs:
         torch.cuda.set_sync_debug_mode("warn")
@@ -195,6 +206,13 @@ def one(a, extra: list) -> None:
     with open(Path(a.out) / "steps.jsonl", "a") as f:
         for r in records:
             f.write(json.dumps(r) + "\n")
+    if phases.profiler:  # where the profiled phase's host time goes (cumulative, top functions)
+        import io
+        import pstats
+
+        buf = io.StringIO()
+        pstats.Stats(phases.profiler, stream=buf).sort_stats("cumulative").print_stats(30)
+        (Path(a.out) / f"profile_{a.profile}_{a.mode}_{a.round}.txt").write_text(buf.getvalue())
     print(f"RUN {a.mode} round {a.round}: {len(records)} steps, build {build_s:.1f} s, median step "
           f"{statistics.median(r['step_s'] for r in records[a.warmup:]):.3f} s", flush=True)
 
@@ -265,6 +283,8 @@ def main() -> None:
     ap.add_argument("--sync-rounds", type=int, default=1,
                     help="GPU: the first N rounds count host syncs (torch.cuda sync debug mode, which costs host "
                          "time); the times come from the other rounds where there are any")
+    ap.add_argument("--profile", choices=PHASES, help="cProfile this phase in every run (OUT/profile_PHASE_MODE_ROUND"
+                    ".txt); its times then include the profiler's cost, so use it in a run of its own")
     ap.add_argument("--mode", help=argparse.SUPPRESS)  # a child: one run
     ap.add_argument("--round", type=int, default=0, help=argparse.SUPPRESS)
     a, extra = ap.parse_known_args()
@@ -289,7 +309,7 @@ def main() -> None:
         for m in a.modes.split(","):
             cmd = [sys.executable, __file__, "--config", a.config, "--model", model, "--steps", str(a.steps),
                    "--warmup", str(a.warmup), "--out", a.out, "--mode", m, "--round", str(r),
-                   "--sync-rounds", str(a.sync_rounds), *extra]
+                   "--sync-rounds", str(a.sync_rounds), *(["--profile", a.profile] if a.profile else []), *extra]
             p = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
             line = [ln for ln in p.stdout.splitlines() if ln.startswith("RUN ")]
             print(line[-1] if line else f"RUN {m} round {r}: failed (exit {p.returncode})\n{p.stdout[-3000:]}",
