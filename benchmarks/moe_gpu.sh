@@ -15,16 +15,16 @@ _moe_gpu() {
         make_pid=$!
     fi
     # 2. GPU tests of the kernel (invariance 1..8192 tokens, expert load, CUDA graph replay, control)
-    timeout 150 python -m pytest -q -p no:cacheprovider -m gpu -o addopts="" tests/gpu/test_moe_gpu.py > "$out/moe_gpu_tests.log" 2>&1
+    timeout ${MOE_TESTS_S:-100} python -m pytest -q -p no:cacheprovider -m gpu -o addopts="" tests/gpu/test_moe_gpu.py > "$out/moe_gpu_tests.log" 2>&1
     echo "== tests/gpu/test_moe_gpu.py (exit $?, $((SECONDS - t0)) s): $(tail -1 "$out/moe_gpu_tests.log")"
     # 3. the op vs vLLM's fused MoE
-    timeout 170 python benchmarks/bench_moe.py > "$out/bench_moe.txt" 2> "$out/bench_moe.err"
+    timeout ${MOE_BENCH_S:-110} python benchmarks/bench_moe.py --reps ${MOE_REPS:-10} > "$out/bench_moe.txt" 2> "$out/bench_moe.err"
     echo "== bench_moe (exit $?, $((SECONDS - t0)) s)"
     cat "$out/bench_moe.txt"; tail -5 "$out/bench_moe.err"
     # 4. onpolicy check with CUDA graphs, 64 prompts x 32 tokens (goal 2048/2048 bitwise)
     [ -n "$make_pid" ] && wait "$make_pid"
     tail -2 "$out/make_model.log"
-    timeout 260 python -m onpolicy.cli check --model "$model" --prompts 64 --max-tokens 32 --cuda-graphs --json \
+    timeout ${MOE_CHECK_S:-180} python -m onpolicy.cli check --model "$model" --prompts 64 --max-tokens 32 --cuda-graphs --json \
         > "$out/check_cuda_graphs.log" 2>&1
     echo "== onpolicy check --cuda-graphs (exit $?, $((SECONDS - t0)) s):"
     grep -E '^\{' "$out/check_cuda_graphs.log" | tail -1 | python -c "import json,sys; r=json.loads(sys.stdin.read() or '{}'); m=r.get('metrics',{}); print('tokens', m.get('tokens'), 'bitwise', m.get('bitwise_equal_frac'), 'divergence', r.get('divergence'))" 2>/dev/null \
