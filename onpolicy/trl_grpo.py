@@ -222,6 +222,28 @@ def _scored_mask(batch: dict) -> torch.Tensor:
     return mask
 
 
+def _peft_base(model):
+    """The transformers model inside a PEFT model (the model itself otherwise)."""
+    get = getattr(model, "get_base_model", None)
+    return get() if get is not None and hasattr(model, "peft_config") else model
+
+
+def _check_peft_args(peft_config, model, cfg) -> None:
+    """Refuse, before the engine is built, a PEFT config (or a PEFT model passed in) the trainer's merged
+    LoRA forward does not compute (trainer/lora.py)."""
+    configs = [peft_config] if peft_config is not None else []
+    if model is not None and not isinstance(model, str) and hasattr(model, "peft_config"):
+        configs += list(model.peft_config.values())
+    if not configs:
+        return
+    from .trainer.lora import check_lora_config
+
+    problems = [p for c in configs for p in check_lora_config(c, bool(getattr(cfg, "disable_dropout", False)))]
+    if problems:
+        raise ValueError("OnPolicyGRPOTrainer cannot make this PEFT config bitwise on-policy:\n  - "
+                         + "\n  - ".join(problems))
+
+
 def _trl_grpo_trainer():
     from trl import GRPOTrainer
 
@@ -250,6 +272,8 @@ def make_trainer_class():
 
             for w in check_settings(cfg, onpolicy):  # refuses what cannot be bitwise, before the engine is built
                 warnings.warn(f"onpolicy: {w}", stacklevel=2)
+            if onpolicy != "off":  # LoRA (PEFT): refused configs before the engine is built
+                _check_peft_args(kwargs.get("peft_config"), kwargs.get("model", args[0] if args else None), cfg)
             tp = int(getattr(cfg, "vllm_tensor_parallel_size", 1) or 1)
             if onpolicy != "off" and tp not in SUPPORTED_TP:  # before the engine is built, not after
                 raise ValueError(f"vllm_tensor_parallel_size={tp} is not supported with onpolicy: use 1 or 2 "
@@ -281,11 +305,32 @@ def make_trainer_class():
                 trunc = {"top_k": self.top_k, "top_p": self.top_p, "min_p": self.min_p}
                 for m in (self.model, getattr(self, "ref_model", None)):
                     if m is not None:
-                        patch_model(m, tensor_parallel_size=tp)  # mirrors vLLM's TP reductions (1 or 2)
-                        add_onpolicy_lm_head(m, self.temperature, **(trunc if m is self.model else {}))
+                        core = _peft_base(m)  # a PEFT model: its transformers model (LoRA layers inside)
+                        patch_model(core, tensor_parallel_size=tp)  # mirrors vLLM's TP reductions (1 or 2)
+                        add_onpolicy_lm_head(core, self.temperature, **(trunc if m is self.model else {}))
+                self._onpolicy_setup_lora()
             self.onpolicy_run_dir = run_dir or cfg.output_dir
             self.onpolicy_overwrite = overwrite_run_dir
             self.onpolicy_log = None  # opened by train(): a fresh run, or a resumed one continuing its records
+
+        def _onpolicy_setup_lora(self):
+            """A LoRA policy: refuse what the merged forward does not compute, and make TRL's weight sync
+            merge with `merged_weight`, out of place (trainer/lora.py): vLLM gets the bits the trainer
+            multiplies by, and the frozen base weights keep theirs."""
+            if _peft_base(self.model) is self.model:
+                return
+            from accelerate.utils import DistributedType
+
+            from .trainer import lora
+
+            problems = lora.check_lora_model(self.model)
+            if self.accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+                problems.append(f"{self.accelerator.distributed_type.value} with a PEFT model: not supported yet "
+                                "(the exact merge is tested unsharded); use DDP or one process")
+            if problems:
+                raise ValueError("OnPolicyGRPOTrainer cannot make this LoRA model bitwise on-policy:\n  - "
+                                 + "\n  - ".join(problems))
+            lora.install_exact_merge(self.model)
 
         def train(self, resume_from_checkpoint=None, *args, **kwargs):
             """`trl.GRPOTrainer.train`, opening the run directory first (before the first step).
