@@ -145,14 +145,18 @@ def _env(name: str, value: Optional[str]):
             os.environ[name] = old
 
 
-def add_onpolicy_lm_head(model: torch.nn.Module, temperature: float, top_k=0, top_p=1.0, min_p=None) -> None:
+def add_onpolicy_lm_head(model: torch.nn.Module, temperature: float, top_k=0, top_p=1.0, min_p=None,
+                         reference_pass=None) -> None:
     """Serve TRL's `model(..., labels=..., fused_lm_head=True)` contract with onpolicy's kernels.
 
     top_k / top_p / min_p (GRPOConfig's, as TRL passes them to vLLM): the logprobs and entropy are
-    those of the truncated distribution the onpolicy sampler drew from (`score_tokens`)."""
+    those of the truncated distribution the onpolicy sampler drew from (`score_tokens`).
+    reference_pass: a callable, true while the model serves as the reference (a PEFT policy with its
+    adapter off): the full distribution then, as a separate reference model scores it."""
     from trl.trainer.utils import FusedCausalLMOutput
 
     previous = model.forward
+    trunc = (top_k, top_p, min_p)
 
     def forward(self, *args, fused_lm_head=False, labels=None, shift_labels=None, num_items_in_batch=None,
                 output_router_logits=None, **kwargs):
@@ -168,6 +172,10 @@ def add_onpolicy_lm_head(model: torch.nn.Module, temperature: float, top_k=0, to
         if unknown:
             raise NotImplementedError(f"onpolicy's LM head got inputs it does not support: {sorted(unknown)}")
         mask = labels[:, 1:] != -100
+        if reference_pass is not None and reference_pass():
+            top_k, top_p, min_p = 0, 1.0, None
+        else:
+            top_k, top_p, min_p = trunc
         with router_logits_of(self.model) as calls:  # MoE (TRL asks for the load-balancing loss): collected
             lp, ent = score_tokens(self, input_ids, kwargs.get("attention_mask"), kwargs.get("position_ids"), mask,
                                    temperature, with_entropy=True, top_k=top_k, top_p=top_p,
@@ -226,6 +234,18 @@ def _peft_base(model):
     """The transformers model inside a PEFT model (the model itself otherwise)."""
     get = getattr(model, "get_base_model", None)
     return get() if get is not None and hasattr(model, "peft_config") else model
+
+
+def _reference_pass_of(model):
+    """A callable: whether a PEFT policy now serves as TRL's reference (`use_adapter`: its adapter disabled,
+    or its frozen "ref" copy active); always false for a model without an adapter."""
+    from .trainer.lora import lora_layers
+
+    layers = lora_layers(model) if hasattr(model, "peft_config") else []
+    if not layers:
+        return lambda: False
+    first = layers[0][1]
+    return lambda: bool(first.disable_adapters) or "ref" in first.active_adapters
 
 
 def _check_peft_args(peft_config, model, cfg) -> None:
@@ -299,6 +319,8 @@ def make_trainer_class():
 
                 gen.sync_weights = sync_and_repack
             self._check_dtypes()
+            # a PEFT policy: true during TRL's reference pass (adapter off), which is scored, not skipped
+            self._onpolicy_reference_pass = _reference_pass_of(self.model)
             if onpolicy != "off":
                 # the policy scores the truncated distribution vLLM samples from (TRL passes these three
                 # to vLLM); the reference model, a KL anchor, keeps the full one as in TRL
@@ -307,7 +329,8 @@ def make_trainer_class():
                     if m is not None:
                         core = _peft_base(m)  # a PEFT model: its transformers model (LoRA layers inside)
                         patch_model(core, tensor_parallel_size=tp)  # mirrors vLLM's TP reductions (1 or 2)
-                        add_onpolicy_lm_head(core, self.temperature, **(trunc if m is self.model else {}))
+                        add_onpolicy_lm_head(core, self.temperature, **(trunc if m is self.model else {}),
+                                             reference_pass=self._onpolicy_reference_pass)
                 self._onpolicy_setup_lora()
             self.onpolicy_run_dir = run_dir or cfg.output_dir
             self.onpolicy_overwrite = overwrite_run_dir
@@ -424,7 +447,8 @@ def make_trainer_class():
                     and a.gradient_accumulation_steps % a.steps_per_generation == 0)
 
         def _get_per_token_logps_and_entropies(self, model, *args, **kwargs):
-            if getattr(self, "_onpolicy_skip_scoring", False) and model is self.model:
+            if (getattr(self, "_onpolicy_skip_scoring", False) and model is self.model
+                    and not self._onpolicy_reference_pass()):
                 # TRL's scoring forward of the policy, deferred to the loss forward: NaN makes TRL's importance
                 # ratio exactly 1 (it zeroes NaN differences) and leaves NaN out of its mismatch metrics; the
                 # tensor itself is dropped before training (see _generate_and_score_completions).
