@@ -25,7 +25,9 @@ Before the engine is built it refuses the settings it cannot make bitwise (penal
 Liger, an fp32 LM head: `check_settings`). `top_k` / `top_p` / `min_p` are made bitwise:
 the sampler and the policy's LM head apply one truncation (`onpolicy_kernels.truncate_logprobs`),
 so the trainer scores the truncated distribution vLLM drew from; TRL's default
-`bf16=True` is made bitwise (the patched forward runs with autocast off). After the
+`bf16=True` is made bitwise (the patched forward runs with autocast off). A LoRA policy
+(`peft_config`) is made bitwise: its patched forward multiplies by the merged weight TRL's sync sends,
+and the sync merges out of place (trainer/lora.py). After the
 engine is built it checks that the plugin runs every layer and the sampler. A run
 directory holding an earlier run's records is refused unless `overwrite_run_dir=True`
 or `train(resume_from_checkpoint=...)` continues it. A step whose tokens differ gets

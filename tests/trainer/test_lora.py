@@ -132,3 +132,19 @@ def test_lora_on_the_embedding_is_refused(base_model):
     model = get_peft_model(copy.deepcopy(base_model), LoraConfig(r=4, target_modules=["embed_tokens", "q_proj"]))
     (p,) = lora.check_lora_model(model)
     assert "embed_tokens" in p and "target_modules" in p
+
+
+def test_peft_style_forward_is_not_the_merged_bits(base_model):
+    """Why the trainer multiplies by the merged weight: PEFT's forward, x W^T + s * B(A x), is the same function
+    with other bits than vLLM's one product with the merged weight."""
+    import onpolicy_kernels as K
+
+    model = _lora_model(base_model, seed=3)
+    m = model.get_base_model().model.layers[0].self_attn.q_proj
+    x = torch.randn(64, m.in_features, generator=torch.Generator().manual_seed(4)).to(torch.bfloat16)
+    a, b, s = m.lora_A["default"].weight, m.lora_B["default"].weight, m.scaling["default"]
+    with torch.no_grad():
+        merged = K.linear(x, lora.weight_of(m))
+        peft_style = (K.linear(x, m.get_base_layer().weight) + (x.float() @ a.t() @ b.t()) * s).to(torch.bfloat16)
+    assert not torch.equal(merged, peft_style)
+    assert torch.allclose(merged.float(), peft_style.float(), atol=0.1)  # the same function
