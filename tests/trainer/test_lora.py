@@ -148,3 +148,15 @@ def test_peft_style_forward_is_not_the_merged_bits(base_model):
         peft_style = (K.linear(x, m.get_base_layer().weight) + (x.float() @ a.t() @ b.t()) * s).to(torch.bfloat16)
     assert not torch.equal(merged, peft_style)
     assert torch.allclose(merged.float(), peft_style.float(), atol=0.1)  # the same function
+
+
+def test_the_trainer_refuses_an_unsupported_lora_config_before_the_engine(tmp_path):
+    from trl import GRPOConfig
+
+    from onpolicy.trl_grpo import OnPolicyGRPOTrainer
+
+    cfg = GRPOConfig(use_vllm=True, vllm_mode="colocate", use_cpu=True, output_dir=str(tmp_path), report_to="none")
+    with pytest.raises(ValueError, match=r"(?s)cannot make this PEFT config bitwise.*use_dora.*use plain LoRA") as e:
+        OnPolicyGRPOTrainer(model="no-such-model", reward_funcs=[], args=cfg,
+                            peft_config=LoraConfig(r=8, use_dora=True, lora_dropout=0.05))
+    assert "disable_dropout=True" in str(e.value)  # every problem named, each with its fix
