@@ -25,7 +25,9 @@ Before the engine is built it refuses the settings it cannot make bitwise (penal
 Liger, an fp32 LM head: `check_settings`). `top_k` / `top_p` / `min_p` are made bitwise:
 the sampler and the policy's LM head apply one truncation (`onpolicy_kernels.truncate_logprobs`),
 so the trainer scores the truncated distribution vLLM drew from; TRL's default
-`bf16=True` is made bitwise (the patched forward runs with autocast off). After the
+`bf16=True` is made bitwise (the patched forward runs with autocast off). A LoRA policy
+(`peft_config`) is made bitwise: its patched forward multiplies by the merged weight TRL's sync sends,
+and the sync merges out of place (trainer/lora.py). After the
 engine is built it checks that the plugin runs every layer and the sampler. A run
 directory holding an earlier run's records is refused unless `overwrite_run_dir=True`
 or `train(resume_from_checkpoint=...)` continues it. A step whose tokens differ gets
@@ -145,14 +147,18 @@ def _env(name: str, value: Optional[str]):
             os.environ[name] = old
 
 
-def add_onpolicy_lm_head(model: torch.nn.Module, temperature: float, top_k=0, top_p=1.0, min_p=None) -> None:
+def add_onpolicy_lm_head(model: torch.nn.Module, temperature: float, top_k=0, top_p=1.0, min_p=None,
+                         reference_pass=None) -> None:
     """Serve TRL's `model(..., labels=..., fused_lm_head=True)` contract with onpolicy's kernels.
 
     top_k / top_p / min_p (GRPOConfig's, as TRL passes them to vLLM): the logprobs and entropy are
-    those of the truncated distribution the onpolicy sampler drew from (`score_tokens`)."""
+    those of the truncated distribution the onpolicy sampler drew from (`score_tokens`).
+    reference_pass: a callable, true while the model serves as the reference (a PEFT policy with its
+    adapter off): the full distribution then, as a separate reference model scores it."""
     from trl.trainer.utils import FusedCausalLMOutput
 
     previous = model.forward
+    trunc = (top_k, top_p, min_p)
 
     def forward(self, *args, fused_lm_head=False, labels=None, shift_labels=None, num_items_in_batch=None,
                 output_router_logits=None, **kwargs):
@@ -168,6 +174,10 @@ def add_onpolicy_lm_head(model: torch.nn.Module, temperature: float, top_k=0, to
         if unknown:
             raise NotImplementedError(f"onpolicy's LM head got inputs it does not support: {sorted(unknown)}")
         mask = labels[:, 1:] != -100
+        if reference_pass is not None and reference_pass():
+            top_k, top_p, min_p = 0, 1.0, None
+        else:
+            top_k, top_p, min_p = trunc
         with router_logits_of(self.model) as calls:  # MoE (TRL asks for the load-balancing loss): collected
             lp, ent = score_tokens(self, input_ids, kwargs.get("attention_mask"), kwargs.get("position_ids"), mask,
                                    temperature, with_entropy=True, top_k=top_k, top_p=top_p,
@@ -222,6 +232,40 @@ def _scored_mask(batch: dict) -> torch.Tensor:
     return mask
 
 
+def _peft_base(model):
+    """The transformers model inside a PEFT model (the model itself otherwise)."""
+    get = getattr(model, "get_base_model", None)
+    return get() if get is not None and hasattr(model, "peft_config") else model
+
+
+def _reference_pass_of(model):
+    """A callable: whether a PEFT policy now serves as TRL's reference (`use_adapter`: its adapter disabled,
+    or its frozen "ref" copy active); always false for a model without an adapter."""
+    from .trainer.lora import lora_layers
+
+    layers = lora_layers(model) if hasattr(model, "peft_config") else []
+    if not layers:
+        return lambda: False
+    first = layers[0][1]
+    return lambda: bool(first.disable_adapters) or "ref" in first.active_adapters
+
+
+def _check_peft_args(peft_config, model, cfg) -> None:
+    """Refuse, before the engine is built, a PEFT config (or a PEFT model passed in) the trainer's merged
+    LoRA forward does not compute (trainer/lora.py)."""
+    configs = [peft_config] if peft_config is not None else []
+    if model is not None and not isinstance(model, str) and hasattr(model, "peft_config"):
+        configs += list(model.peft_config.values())
+    if not configs:
+        return
+    from .trainer.lora import check_lora_config
+
+    problems = [p for c in configs for p in check_lora_config(c, bool(getattr(cfg, "disable_dropout", False)))]
+    if problems:
+        raise ValueError("OnPolicyGRPOTrainer cannot make this PEFT config bitwise on-policy:\n  - "
+                         + "\n  - ".join(problems))
+
+
 def _trl_grpo_trainer():
     from trl import GRPOTrainer
 
@@ -250,6 +294,8 @@ def make_trainer_class():
 
             for w in check_settings(cfg, onpolicy):  # refuses what cannot be bitwise, before the engine is built
                 warnings.warn(f"onpolicy: {w}", stacklevel=2)
+            if onpolicy != "off":  # LoRA (PEFT): refused configs before the engine is built
+                _check_peft_args(kwargs.get("peft_config"), kwargs.get("model", args[0] if args else None), cfg)
             tp = int(getattr(cfg, "vllm_tensor_parallel_size", 1) or 1)
             if onpolicy != "off" and tp not in SUPPORTED_TP:  # before the engine is built, not after
                 raise ValueError(f"vllm_tensor_parallel_size={tp} is not supported with onpolicy: use 1, 2, 4 or 8 "
@@ -275,17 +321,41 @@ def make_trainer_class():
 
                 gen.sync_weights = sync_and_repack
             self._check_dtypes()
+            # a PEFT policy: true during TRL's reference pass (adapter off), which is scored, not skipped
+            self._onpolicy_reference_pass = _reference_pass_of(self.model)
             if onpolicy != "off":
                 # the policy scores the truncated distribution vLLM samples from (TRL passes these three
                 # to vLLM); the reference model, a KL anchor, keeps the full one as in TRL
                 trunc = {"top_k": self.top_k, "top_p": self.top_p, "min_p": self.min_p}
                 for m in (self.model, getattr(self, "ref_model", None)):
                     if m is not None:
-                        patch_model(m, tensor_parallel_size=tp)  # mirrors vLLM's TP reductions (1, 2, 4, 8)
-                        add_onpolicy_lm_head(m, self.temperature, **(trunc if m is self.model else {}))
+                        core = _peft_base(m)  # a PEFT model: its transformers model (LoRA layers inside)
+                        patch_model(core, tensor_parallel_size=tp)  # mirrors vLLM's TP reductions (1, 2, 4, 8)
+                        add_onpolicy_lm_head(core, self.temperature, **(trunc if m is self.model else {}),
+                                             reference_pass=self._onpolicy_reference_pass)
+                self._onpolicy_setup_lora()
             self.onpolicy_run_dir = run_dir or cfg.output_dir
             self.onpolicy_overwrite = overwrite_run_dir
             self.onpolicy_log = None  # opened by train(): a fresh run, or a resumed one continuing its records
+
+        def _onpolicy_setup_lora(self):
+            """A LoRA policy: refuse what the merged forward does not compute, and make TRL's weight sync
+            merge with `merged_weight`, out of place (trainer/lora.py): vLLM gets the bits the trainer
+            multiplies by, and the frozen base weights keep theirs."""
+            if _peft_base(self.model) is self.model:
+                return
+            from accelerate.utils import DistributedType
+
+            from .trainer import lora
+
+            problems = lora.check_lora_model(self.model)
+            if self.accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+                problems.append(f"{self.accelerator.distributed_type.value} with a PEFT model: not supported yet "
+                                "(the exact merge is tested unsharded); use DDP or one process")
+            if problems:
+                raise ValueError("OnPolicyGRPOTrainer cannot make this LoRA model bitwise on-policy:\n  - "
+                                 + "\n  - ".join(problems))
+            lora.install_exact_merge(self.model)
 
         def train(self, resume_from_checkpoint=None, *args, **kwargs):
             """`trl.GRPOTrainer.train`, opening the run directory first (before the first step).
@@ -379,7 +449,8 @@ def make_trainer_class():
                     and a.gradient_accumulation_steps % a.steps_per_generation == 0)
 
         def _get_per_token_logps_and_entropies(self, model, *args, **kwargs):
-            if getattr(self, "_onpolicy_skip_scoring", False) and model is self.model:
+            if (getattr(self, "_onpolicy_skip_scoring", False) and model is self.model
+                    and not self._onpolicy_reference_pass()):
                 # TRL's scoring forward of the policy, deferred to the loss forward: NaN makes TRL's importance
                 # ratio exactly 1 (it zeroes NaN differences) and leaves NaN out of its mismatch metrics; the
                 # tensor itself is dropped before training (see _generate_and_score_completions).

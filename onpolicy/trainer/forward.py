@@ -39,6 +39,7 @@ import onpolicy_kernels as K
 
 from onpolicy_kernels.ops.moe import expert_outputs
 
+from . import lora
 from .merged import merged_linear
 
 PAGE = 16  # page size used to view contiguous K/V as a paged cache (decode with an HF cache)
@@ -240,14 +241,15 @@ def attention_forward(self, x: torch.Tensor, plan: TokenPlan) -> torch.Tensor:
         seq_lens = torch.full((B,), S, dtype=torch.int32, device=x.device)
         o = attention(q, kp, vp, table, plan.cu_seqlens, seq_lens, self.scaling)
     o = plan.record(f"{name}.attn", o.reshape(T, -1))
-    out = row_parallel_linear(o, self.o_proj.weight, self.o_proj.bias, plan.tp)
+    out = row_parallel_linear(o, lora.weight_of(self.o_proj), self.o_proj.bias, plan.tp)
     return plan.record(f"{name}.o_proj", out)
 
 
 def mlp_forward(self, x: torch.Tensor, plan: Optional[TokenPlan] = None, name: str = "mlp") -> torch.Tensor:
     gate_up = merged_linear(x, (self.gate_proj, self.up_proj))
     act = K.silu_and_mul(gate_up)
-    out = row_parallel_linear(act, self.down_proj.weight, self.down_proj.bias, plan.tp if plan is not None else 1)
+    out = row_parallel_linear(act, lora.weight_of(self.down_proj), self.down_proj.bias,
+                              plan.tp if plan is not None else 1)
     if plan is not None and plan.tap is not None:
         plan.record(f"{name}.gate_up_proj", gate_up)
         plan.record(f"{name}.act_fn", act)
@@ -266,7 +268,7 @@ def moe_block_forward(self, x: torch.Tensor, plan: Optional[TokenPlan] = None, n
     gate, experts = self.gate, self.experts
     shape = x.shape
     x2 = x if x.dim() == 2 else x.reshape(-1, shape[-1])
-    logits = K.linear(x2, full(gate.weight))
+    logits = K.linear(x2, full(lora.weight_of(gate)))
     weights, ids = K.moe_route(logits, gate.top_k, bool(gate.norm_topk_prob))
     y = expert_outputs(x2, ids, full(experts.gate_up_proj), full(experts.down_proj))
     out = K.moe_combine(y, weights)

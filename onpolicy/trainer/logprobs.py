@@ -140,6 +140,11 @@ def _score(model, input_ids, hidden, plan, score_mask, temperature, with_entropy
             ls = K.log_softmax(logits, t)
             ents.append(-(ls.exp() * ls).sum(-1))
     zeros = torch.zeros(B * (L - 1), dtype=torch.float32, device=dev)
+    if not lps and hidden.requires_grad:
+        # nothing to score (TRL's mask_truncated_completions masks every completion of a batch that hit
+        # max_completion_length): zeros still tied to the graph, so the loss has a backward (of zero
+        # gradients, reaching every parameter, as DDP needs); adding +0.0 leaves the zeros' bits alone
+        zeros = zeros + hidden[:0].sum()
     lp = zeros.index_put((rows,), torch.cat(lps)) if lps else zeros
     ent = (zeros.index_put((rows,), torch.cat(ents)) if ents else zeros) if with_entropy else None
     return lp.view(B, L - 1), (ent.view(B, L - 1) if ent is not None else None)

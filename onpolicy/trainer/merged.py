@@ -19,6 +19,8 @@ import torch
 
 import onpolicy_kernels as K
 
+from . import lora
+
 
 class _MergedLinear(torch.autograd.Function):
     @staticmethod
@@ -52,7 +54,7 @@ def merged_linear(x: torch.Tensor, modules: Sequence[torch.nn.Module]) -> torch.
 
     Modules with some biases but not all run separately, and their outputs are
     concatenated (adding a zero bias would turn a -0.0 into +0.0)."""
-    ws = [m.weight for m in modules]
+    ws = [lora.weight_of(m) for m in modules]  # a LoRA layer: its merged weight (trainer/lora.py)
     bs = [m.bias for m in modules]
     if any(b is None for b in bs) and not all(b is None for b in bs):
         return torch.cat([K.linear(x, w, b) for w, b in zip(ws, bs)], dim=-1)

@@ -80,3 +80,22 @@ def test_per_sequence_settings_padding_and_off_values(model):
 def test_bad_settings_are_refused_naming_them(model, kw, match):
     with pytest.raises(ValueError, match=match):
         onpolicy.token_logprobs(model, _ids(), **kw)
+
+
+def test_nothing_to_score_still_has_a_backward(model):
+    """TRL's mask_truncated_completions masks every completion of a batch whose completions all hit
+    max_completion_length: no token is scored, and the loss must still have a backward (it raised
+    "element 0 of tensors does not require grad"), with zero gradients and the logprobs all +0.0."""
+    from onpolicy.trainer.logprobs import score_tokens
+
+    ids = _ids(2, 12)
+    mask = torch.ones_like(ids)
+    mask[:, 6:] = 0  # the completions masked out of attention, as TRL does with a truncated completion
+    lp, ent = score_tokens(model, ids, mask, score_mask=torch.zeros(2, 11, dtype=torch.bool), with_entropy=True,
+                           top_p=0.9)
+    assert lp.requires_grad and ent.requires_grad
+    assert torch.equal(lp, torch.zeros_like(lp)) and not torch.signbit(lp).any()
+    (-lp.sum()).backward()
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    assert grads and all(not g.any() for g in grads)
+    model.zero_grad(set_to_none=True)
