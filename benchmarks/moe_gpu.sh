@@ -24,7 +24,7 @@ _moe_gpu() {
     # 4. onpolicy check with CUDA graphs, 64 prompts x 32 tokens (goal 2048/2048 bitwise)
     [ -n "$make_pid" ] && wait "$make_pid"
     tail -2 "$out/make_model.log"
-    timeout ${MOE_CHECK_S:-180} python -m onpolicy.cli check --model "$model" --prompts 64 --max-tokens 32 --cuda-graphs --json \
+    ONPOLICY_MOE_CUDA=1 timeout ${MOE_CHECK_S:-180} python -m onpolicy.cli check --model "$model" --prompts 64 --max-tokens 32 --cuda-graphs --json \
         > "$out/check_cuda_graphs.log" 2>&1
     echo "== onpolicy check --cuda-graphs (exit $?, $((SECONDS - t0)) s):"
     grep -E '^\{' "$out/check_cuda_graphs.log" | tail -1 | python -c "import json,sys; r=json.loads(sys.stdin.read() or '{}'); m=r.get('metrics',{}); print('tokens', m.get('tokens'), 'bitwise', m.get('bitwise_equal_frac'), 'divergence', r.get('divergence'))" 2>/dev/null \
