@@ -109,7 +109,7 @@ class RunLog:
     def truncate_after(self, step: int) -> None:
         """Drop the records of steps after `step`, and the end record (a resumed run redoes them)."""
         if self.path.exists():
-            keep = [r for r in read_steps(self.path) if r["step"] <= step]
+            keep = [r for r in read_steps(self.path, later_passes=True) if r["step"] <= step]
             tmp = self.path.with_suffix(".jsonl.tmp")
             tmp.write_text("".join(json.dumps(r) + "\n" for r in keep))
             tmp.rename(self.path)
@@ -131,6 +131,10 @@ class RunLog:
             tmp.rename(self.dir / "tokens" / f"step_{step:06d}.json")
 
 
-def read_steps(path) -> list[dict]:
-    """The step records of a metrics.jsonl, in order (the end record and other events left out)."""
-    return [r for r in (json.loads(ln) for ln in Path(path).read_text().splitlines() if ln.strip()) if "step" in r]
+def read_steps(path, later_passes: bool = False) -> list[dict]:
+    """The step records of a metrics.jsonl, in order (the end record and other events left out).
+
+    With num_iterations > 1 a generation's later optimisation passes (off-policy by design) have records
+    of their own (`pass` >= 2, `offpolicy_*` metrics); they are left out unless later_passes."""
+    rows = [r for r in (json.loads(ln) for ln in Path(path).read_text().splitlines() if ln.strip()) if "step" in r]
+    return rows if later_passes else [r for r in rows if r.get("pass", 1) == 1]

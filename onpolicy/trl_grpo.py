@@ -485,8 +485,18 @@ def make_trainer_class():
                 self._onpolicy_compare(ctx, out["completion_ids"], _scored_mask(out), sampler, trainer)
             return out
 
+        def _onpolicy_pass(self) -> int:
+            """Which optimisation pass over its generation batch this micro-step is: 1 runs on the weights
+            that sampled, 2..num_iterations on weights updated since (off-policy by design). TRL reuses
+            a generation for steps_per_generation x num_iterations micro-steps (`_prepare_inputs`) and
+            counts them in `_step` after each."""
+            return (self._step // self.args.steps_per_generation) % self.num_iterations + 1
+
         def _compute_loss(self, model, inputs):
             pending = getattr(self, "_onpolicy_pending", None)
+            if (pending is None and self.model.training and self.onpolicy_mode != "off" and self.num_iterations > 1
+                    and self._onpolicy_pass() > 1):
+                return self._onpolicy_later_pass_loss(model, inputs)
             if pending is None or not self.model.training:
                 return super()._compute_loss(model, inputs)
             self._onpolicy_capture = []
@@ -507,6 +517,35 @@ def make_trainer_class():
                 self._onpolicy_compare(pending, *[torch.cat(x) for x in zip(*pending.pop("chunks"))])
             return loss
 
+        def _onpolicy_later_pass_loss(self, model, inputs):
+            """A later pass (num_iterations > 1): TRL's loss, and the distance of the loss forward's logprobs
+            from the sampler's -- off-policy by design, never a failure -- recorded once the pass's chunks are
+            done, at the optimizer step it feeds, as `pass` k and `offpolicy_*` metrics."""
+            k = self._onpolicy_pass()
+            later = getattr(self, "_onpolicy_later", None)
+            if later is None or later["pass"] != k:
+                later = self._onpolicy_later = {"pass": k, "left": self.args.steps_per_generation, "chunks": []}
+            self._onpolicy_capture = []
+            try:
+                loss = super()._compute_loss(model, inputs)
+                trainer = self._onpolicy_capture[0]
+            finally:
+                self._onpolicy_capture = None
+            later["chunks"].append((_scored_mask(inputs), inputs["sampling_per_token_logps"], trainer))
+            later["left"] -= 1
+            if later["left"] == 0:
+                self._onpolicy_later = None
+                mask, sampler, trainer = (torch.cat(x) for x in zip(*later["chunks"]))
+                acc = self.accelerator
+                g_s, g_t, g_m = (acc.gather(acc.pad_across_processes(x, dim=1)) for x in (sampler, trainer, mask.int()))
+                m = mismatch_metrics(g_s, g_t, g_m.bool())
+                rec = {"pass": k, **{f"offpolicy_{n}": v for n, v in m.items() if isinstance(v, (int, float))}}
+                for n, v in rec.items():
+                    self._metrics["train"][f"onpolicy/{n}"].append(float(v))
+                if acc.is_main_process and self.onpolicy_log is not None:
+                    self.onpolicy_log.log_step(self.state.global_step + 1, rec)
+            return loss
+
         def _onpolicy_compare(self, ctx: dict, completion_ids, mask, sampler, trainer):
             """Compare the sampler's and the trainer's logprobs of one generation batch: TRL's metrics
             (`onpolicy/*`), the run log (a step record and per-token samples), and in strict mode a
@@ -515,14 +554,15 @@ def make_trainer_class():
             mode, step = ctx["mode"], ctx["step"]
             g_s, g_t, g_m = (acc.gather(acc.pad_across_processes(x, dim=1)) for x in (sampler, trainer, mask.int()))
             m = mismatch_metrics(g_s, g_t, g_m.bool())
-            for k, v in m.items():
+            passes = {"pass": 1} if mode == "train" and self.num_iterations > 1 else {}  # later passes: see above
+            for k, v in {**m, **passes}.items():
                 if isinstance(v, (int, float)):
                     self._metrics[mode][f"onpolicy/{k}"].append(float(v))
             if acc.is_main_process:
                 if self.onpolicy_log is None:  # a generation outside train() (e.g. evaluate())
                     self.onpolicy_log = RunLog.open(self.onpolicy_run_dir, overwrite=self.onpolicy_overwrite)
                 # the weights of this generation: a deferred comparison runs before the next optimizer step
-                rec = {**m, "onpolicy": self.onpolicy_mode != "off", "reward_mean": ctx["reward_mean"],
+                rec = {**m, **passes, "onpolicy": self.onpolicy_mode != "off", "reward_mean": ctx["reward_mean"],
                        "weights": weights_fingerprint(self.model), "reward_std": ctx["reward_std"]}
                 samples = _token_samples(self.processing_class, completion_ids.cpu(), mask.cpu(),
                                          sampler.cpu(), trainer.cpu(), None, self.onpolicy_log.max_samples)

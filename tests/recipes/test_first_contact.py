@@ -79,7 +79,15 @@ def test_recipe_steps_are_trls_global_step_and_resume_continues_them(tmp_path):
     first = _rows(run / "onpolicy" / "metrics.jsonl")
     # num_iterations=2: one generation per two optimizer steps, recorded at the step it feeds (1 and 3)
     assert [x["step"] for x in first] == [1, 3], first
-    assert all(x["bitwise_equal_frac"] == 1.0 for x in first)
+    assert all(x["bitwise_equal_frac"] == 1.0 and x["pass"] == 1 for x in first)
+    # its second pass (steps 2 and 4) runs on weights updated since the sampling: off-policy by design,
+    # recorded as such (pass 2, offpolicy_* metrics), never a strict-mode failure
+    from onpolicy.runlog import read_steps
+
+    later = [x for x in read_steps(run / "onpolicy" / "metrics.jsonl", later_passes=True) if x.get("pass") == 2]
+    assert [x["step"] for x in later] == [2, 4], later
+    assert all(x["offpolicy_tokens"] > 0 and x["offpolicy_bitwise_equal_frac"] < 1.0 for x in later), later
+    assert all("bitwise_equal_frac" not in x for x in later)
     assert (run / "onpolicy" / "checkpoint-2").is_dir()
     # the same command again: refused before anything is built
     again = subprocess.run([sys.executable, *RECIPE, "--run_dir", str(run)], cwd=ROOT, env=_env(),
