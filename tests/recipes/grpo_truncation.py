@@ -34,6 +34,43 @@ trainer = OnPolicyGRPOTrainer(
                     per_device_train_batch_size=8, num_generations=4, learning_rate=1e-4, warmup_steps=0,
                     logging_steps=1, report_to="none", vllm_gpu_memory_utilization=0.3, vllm_max_model_length=128,
                     **EXTRA))
+KL = []  # beta > 0: TRL's KL to the reference, recomputed here from the loss's inputs at each step
+
+
+def recompute_kl(inputs) -> float:
+    """TRL's logged `kl` for one loss call, recomputed apart: per token exp(ref - pol) - (ref - pol) - 1 over
+    the scored completion tokens, with the policy's truncated logprobs and the reference's full ones, each
+    sequence scored alone through `onpolicy.token_logprobs` (no padding, no TRL code)."""
+    import torch
+
+    import onpolicy
+
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for i in range(inputs["completion_ids"].shape[0]):
+            prompt = inputs["prompt_ids"][i][inputs["prompt_mask"][i].bool()]
+            mask = inputs["completion_mask"][i].bool()
+            n = int(mask.nonzero().max()) + 1 if mask.any() else 0
+            if n == 0:
+                continue
+            ids = torch.cat([prompt, inputs["completion_ids"][i][:n]])[None]
+            pol = onpolicy.token_logprobs(trainer.model, ids, temperature=0.7, logits_to_keep=n, **TRUNC)[0]
+            ref = onpolicy.token_logprobs(trainer.ref_model, ids, temperature=0.7, logits_to_keep=n)[0]
+            d = (ref - pol).double()
+            kl = torch.exp(d) - d - 1
+            total += float(kl[mask[:n]].sum())
+            count += int(mask[:n].sum())
+    return total / max(count, 1)
+
+
+if trainer.beta != 0.0:
+    loss_fn = trainer._compute_loss
+
+    def compute_loss_and_recompute_kl(model, inputs):
+        KL.append(recompute_kl(inputs))
+        return loss_fn(model, inputs)
+
+    trainer._compute_loss = compute_loss_and_recompute_kl
 trainer.train()
 
 
@@ -75,5 +112,5 @@ def control(trainer) -> dict:
 keys = ("sampling/sampling_logp_difference", "sampling/importance_sampling_ratio", "onpolicy/", "entropy", "loss", "kl")
 log = [{k: v for k, v in row.items() if k == "step" or k.startswith(keys)} for row in trainer.state.log_history]
 ref = getattr(trainer, "ref_model", None)
-print("RESULT " + json.dumps({"log": log, "control": control(trainer),
+print("RESULT " + json.dumps({"log": log, "control": control(trainer), "kl_recomputed": KL,
                               "ref_model_patched": None if ref is None else onpolicy_patched(ref)}), flush=True)

@@ -41,6 +41,10 @@ def test_grpo_with_top_k_top_p_min_p_is_bitwise_every_step(tmp_path):
         assert x["onpolicy/bitwise_equal_frac"] == 1.0 and x["onpolicy/tokens"] > 0
         assert 0.0 < x["kl"] < float("inf")  # beta > 0: TRL computed the KL to the reference model
     assert result["ref_model_patched"] is True
+    # the KL TRL logs equals a recomputation apart from TRL (see grpo_truncation.recompute_kl), step by step
+    assert len(result["kl_recomputed"]) == 3
+    for x, kl in zip(steps, result["kl_recomputed"]):
+        assert abs(x["kl"] - kl) <= 1e-5 * kl, (x["kl"], kl)
     rows = read_steps(tmp_path / "out" / "metrics.jsonl")
     assert len({x["weights"] for x in rows}) > 1  # vLLM matched synced, changed weights
     c = result["control"]
