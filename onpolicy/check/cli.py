@@ -31,6 +31,10 @@ def check(
                                        "in, e.g. bfloat16 for float32 weights), bfloat16, float16, float32.")] = "auto",
     max_model_len: Annotated[int, typer.Option("--max-model-len", help="vLLM's context (prompt + completion).")]
     = 512,
+    top_k: Annotated[int, typer.Option("--top-k", help="Sample from the k likeliest tokens (0: off); the trainer "
+                                       "scores the same truncated distribution.")] = 0,
+    top_p: Annotated[float, typer.Option("--top-p", help="Nucleus sampling (1: off), likewise.")] = 1.0,
+    min_p: Annotated[float, typer.Option("--min-p", help="Min-p sampling (0: off), likewise.")] = 0.0,
 ) -> None:
     """Sample with vLLM, recompute with the trainer, and prove bitwise equality (or name the first diverging layer)."""
     from rich.console import Console
@@ -43,6 +47,7 @@ def check(
             res = run_check(model, prompts, max_tokens, temperature, off, prompt_file, seed,
                             progress=lambda msg: (status.update(msg), console.log(msg)), tp=tp,
                             cuda_graphs=cuda_graphs, dtype=dtype, max_model_len=max_model_len,
+                            top_k=top_k, top_p=top_p, min_p=min_p,
                             warn=lambda msg: console.print(f"[bold yellow]warning:[/] {escape(msg)}",
                                                            soft_wrap=True))
     except CheckError as e:

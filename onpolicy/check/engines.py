@@ -46,12 +46,13 @@ def vllm_model(llm):
     return compat.engine_model(llm)
 
 
-def sample(llm, prompts, max_tokens: int, temperature: float, seed: int):
+def sample(llm, prompts, max_tokens: int, temperature: float, seed: int, **truncation):
+    """Completions and their sampled (processed) logprobs; truncation: vLLM's top_k / top_p / min_p."""
     from vllm import SamplingParams
 
     reqs = [{"prompt_token_ids": p} for p in prompts]
     params = [SamplingParams(temperature=temperature, max_tokens=max_tokens, logprobs=0, seed=seed + i,
-                             ignore_eos=True) for i in range(len(prompts))]
+                             ignore_eos=True, **truncation) for i in range(len(prompts))]
     outs = llm.generate(reqs, params, use_tqdm=False)
     comps, lps = [], []
     for o in outs:
@@ -73,12 +74,16 @@ def load_trainer(model: str, patch: bool, tp: int = 1, dtype="auto"):
     return patch_model(m, tensor_parallel_size=tp) if patch else m
 
 
-def trainer_logprobs(model, prompt: list[int], completion: list[int], temperature: float, patched: bool):
+def trainer_logprobs(model, prompt: list[int], completion: list[int], temperature: float, patched: bool,
+                     **truncation):
+    """The trainer's logprobs of `completion`: patched, onpolicy's (of the distribution truncated as the
+    sampler's, where truncation is set); unpatched, transformers' plain log-softmax (what TRL compares)."""
     from ..trainer import token_logprobs
 
     ids = torch.tensor([prompt + completion], device=next(model.parameters()).device)
     with torch.no_grad():
         if patched:
-            return token_logprobs(model, ids, temperature=temperature, logits_to_keep=len(completion))[0].cpu()
+            return token_logprobs(model, ids, temperature=temperature, logits_to_keep=len(completion),
+                                  **truncation)[0].cpu()
         logits = model(ids).logits[0, len(prompt) - 1 : -1].float() / temperature
         return torch.log_softmax(logits, -1).gather(-1, ids[0, len(prompt):, None])[:, 0].cpu()

@@ -59,7 +59,8 @@ def validate_model(model: str):
         raise CheckError(str(e)) from None
 
 
-def validate_inputs(prompts: int, max_tokens: int, temperature: float, tp: int, dtype: str, max_model_len: int):
+def validate_inputs(prompts: int, max_tokens: int, temperature: float, tp: int, dtype: str, max_model_len: int,
+                    top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0):
     """CheckError (exit 2, one line) for a bad command line, before any model or engine is loaded."""
     import math
 
@@ -78,3 +79,9 @@ def validate_inputs(prompts: int, max_tokens: int, temperature: float, tp: int, 
         raise CheckError(f"--dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
     if max_model_len < 2:
         raise CheckError(f"--max-model-len must be >= 2, got {max_model_len}")
+    if top_k < 0:
+        raise CheckError(f"--top-k must be >= 0 (0: off), got {top_k}")
+    if not (math.isfinite(top_p) and 0 < top_p <= 1):
+        raise CheckError(f"--top-p must be in (0, 1] (1: off), got {top_p}")
+    if not (math.isfinite(min_p) and 0 <= min_p < 1):
+        raise CheckError(f"--min-p must be in [0, 1) (0: off), got {min_p}")

@@ -13,7 +13,8 @@ def render(res: CheckResult, console) -> None:
     tp += ", CUDA graphs" if res.cuda_graphs else ""
     dt = (f"dtype {res.sampler_dtype}" if res.sampler_dtype == res.trainer_dtype
           else f"dtype: vLLM {res.sampler_dtype}, trainer {res.trainer_dtype}")
-    t = Table(title=f"onpolicy check: {res.model} (plugin {'on' if res.plugin else 'off'}, T={res.temperature}{tp})\n"
+    t = Table(title=f"onpolicy check: {res.model} (plugin {'on' if res.plugin else 'off'}, T={res.temperature}{tp}"
+                    + "".join(f", {k}={v}" for k, v in res.truncation.items()) + ")\n"
                     f"vLLM runs {res.sampler_dtype}, the trainer {res.trainer_dtype} ({dt})")
     for c in ("tokens compared", "bitwise equal", "mean |Δlogp|", "max |Δlogp|", "KL k3", "sequences with a mismatch"):
         t.add_column(c, justify="right")

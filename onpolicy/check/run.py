@@ -28,6 +28,7 @@ class CheckResult:
     sampler_dtype: Optional[str] = None
     trainer_dtype: Optional[str] = None
     max_model_len: int = 512
+    truncation: dict = field(default_factory=dict)  # top_k / top_p / min_p where set
 
     @property
     def ok(self) -> bool:
@@ -60,13 +61,16 @@ def run_check(model: str, prompts: int = 16, max_tokens: int = 32, temperature: 
               prompt_file: Optional[Path] = None, seed: int = 0, llm=None, trainer=None,
               trainer_hook: Optional[Callable] = None, progress: Optional[Callable[[str], None]] = None,
               tp: int = 1, cuda_graphs: bool = False, dtype: str = "auto", max_model_len: int = 512,
-              warn: Optional[Callable[[str], None]] = None) -> CheckResult:
+              warn: Optional[Callable[[str], None]] = None, top_k: int = 0, top_p: float = 1.0,
+              min_p: float = 0.0) -> CheckResult:
     """Sample, recompute, compare; localise the first divergence. `llm`/`trainer` may be passed in to reuse them.
 
     Every input is checked (CheckError) before an engine starts; `warn` hears what the check will do
     differently from what was asked (e.g. fewer tokens than --max-tokens where the context is full)."""
     say = progress or (lambda _msg: None)
-    validate_inputs(prompts, max_tokens, temperature, tp, dtype, max_model_len)
+    validate_inputs(prompts, max_tokens, temperature, tp, dtype, max_model_len, top_k, top_p, min_p)
+    trunc = {k: v for k, v in (("top_k", top_k), ("top_p", top_p), ("min_p", min_p))
+             if v != {"top_k": 0, "top_p": 1.0, "min_p": 0.0}[k]}
     cfg = validate_model(model)
     tok = None
     if prompt_file is not None:
@@ -89,9 +93,10 @@ def run_check(model: str, prompts: int = 16, max_tokens: int = 32, temperature: 
         llm = make_engine(model, plugin=not off, seed=seed, tp=tp, cuda_graphs=cuda_graphs, dtype=dtype,
                           max_model_len=max_model_len)
     sampler_dtype = engine_dtype(llm)
-    say(f"sampling {len(prompt_ids)} prompts x {max_tokens} tokens at temperature {temperature} "
+    say(f"sampling {len(prompt_ids)} prompts x {max_tokens} tokens at temperature {temperature}"
+        + "".join(f", {k}={v}" for k, v in trunc.items()) + " "
         f"(vLLM runs {_short(sampler_dtype)})")
-    comps, slps = sample(llm, prompt_ids, max_tokens, temperature, seed)
+    comps, slps = sample(llm, prompt_ids, max_tokens, temperature, seed, **trunc)
     if trainer is None:
         say(f"loading the trainer model in {_short(sampler_dtype)}" + ("" if off else " (patched)"))
         trainer = load_trainer(model, patch=not off, tp=tp, dtype=sampler_dtype)
@@ -103,11 +108,12 @@ def run_check(model: str, prompts: int = 16, max_tokens: int = 32, temperature: 
         trainer_hook(trainer)
     say("recomputing logprobs in the trainer")
     patched = not off
-    tl = [trainer_logprobs(trainer, p, c, temperature, patched) for p, c in zip(prompt_ids, comps)]
+    tl = [trainer_logprobs(trainer, p, c, temperature, patched, **trunc) for p, c in zip(prompt_ids, comps)]
     metrics, firsts = compare(slps, tl)
     res = CheckResult(model, not off, temperature, len(comps), metrics, firsts, tensor_parallel_size=tp,
                       cuda_graphs=cuda_graphs, sampler_dtype=_short(sampler_dtype),
-                      trainer_dtype=_short(trainer_dtype), max_model_len=max_model_len, notes=notes)
+                      trainer_dtype=_short(trainer_dtype), max_model_len=max_model_len, notes=notes,
+                      truncation=trunc)
     if metrics["first_mismatch"] is not None:
         i, j = metrics["first_mismatch"]["seq"], metrics["first_mismatch"]["pos"]
         ids = prompt_ids[i] + comps[i][:j]

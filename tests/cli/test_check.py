@@ -51,11 +51,24 @@ def test_plugin_on_is_bitwise_and_a_perturbed_norm_is_named(model_dir):
         g = run_check({model_dir!r}, prompts=8, max_tokens=16, llm=llm,
                       trainer=load_trainer({model_dir!r}, True, dtype=dt), trainer_hook=perturb, cuda_graphs=True)
         print("GRAPHS " + json.dumps({{"metrics": g.metrics, "divergence": g.divergence, "notes": g.notes}}))
+        # --top-k / --top-p / --min-p: the trainer scores the truncated distribution the sampler drew from
+        trunc = dict(top_k=20, top_p=0.9, min_p=0.02)
+        t = run_check({model_dir!r}, prompts=8, max_tokens=16, llm=llm, temperature=0.7, **trunc)
+        # control: the same sampling, compared with the trainer's untruncated distribution (what TRL compares)
+        from onpolicy.check.engines import sample, trainer_logprobs
+        from onpolicy.check.inputs import load_prompts, validate_model
+        ps = load_prompts(None, 8, validate_model({model_dir!r}).vocab_size, 0, None)
+        comps, slps = sample(llm, ps, 16, 0.7, 0, **trunc)
+        tr = load_trainer({model_dir!r}, True, dtype=dt)
+        full = [trainer_logprobs(tr, p, c, 0.7, True).tolist() for p, c in zip(ps, comps)]
+        same = sum(a == b for s_, f in zip(slps, full) for a, b in zip(s_, f))
+        print("TRUNC " + json.dumps({{"metrics": t.metrics, "truncation": t.truncation, "untruncated_equal": same,
+                                      "lp_mean": sum(map(sum, slps)) / 128, "distinct": len(set(map(tuple, comps)))}}))
     """)
     r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=ENV, timeout=600)
     lines = {ln.split(" ", 1)[0]: json.loads(ln.split(" ", 1)[1]) for ln in r.stdout.splitlines()
-             if ln.startswith(("ON ", "PERTURBED ", "GRAPHS "))}
-    assert "ON" in lines and "PERTURBED" in lines and "GRAPHS" in lines, r.stderr[-3000:]
+             if ln.startswith(("ON ", "PERTURBED ", "GRAPHS ", "TRUNC "))}
+    assert all(k in lines for k in ("ON", "PERTURBED", "GRAPHS", "TRUNC")), r.stderr[-3000:]
     on = lines["ON"]
     assert on["metrics"]["tokens"] == 8 * 16 and on["metrics"]["bitwise_equal_frac"] == 1.0
     assert on["divergence"] is None
@@ -70,6 +83,11 @@ def test_plugin_on_is_bitwise_and_a_perturbed_norm_is_named(model_dir):
     g = lines["GRAPHS"]
     assert g["metrics"] == bad["metrics"] and g["divergence"] is None
     assert any("without --cuda-graphs" in n for n in g["notes"]), g["notes"]
+    t = lines["TRUNC"]
+    assert t["truncation"] == {"top_k": 20, "top_p": 0.9, "min_p": 0.02}
+    assert t["metrics"]["tokens"] == 128 and t["metrics"]["bitwise_equal_frac"] == 1.0
+    assert t["untruncated_equal"] < 0.05 * 128, "control: the untruncated trainer matched, the test cannot fail"
+    assert t["distinct"] > 1 and t["lp_mean"] < -0.05  # sampling not degenerate
 
 
 @pytest.mark.vllm
@@ -112,6 +130,9 @@ def _one_line(r, text):
     (["--temperature", "0"], "--temperature must be a finite number > 0"),
     (["--dtype", "int8"], "--dtype 'int8'"),
     (["--tp", "3"], "--tp 3"),
+    (["--top-k", "-1"], "--top-k must be >= 0"),
+    (["--top-p", "0"], "--top-p must be in (0, 1]"),
+    (["--min-p", "1"], "--min-p must be in [0, 1)"),
 ])
 def test_bad_numbers_exit_2_in_one_line_before_any_engine(model_dir, args, text):
     _one_line(_cli("--model", model_dir, *args, timeout=120), text)
