@@ -12,6 +12,7 @@
 #   PARTS="hostcost timeline" LOAD=8x512 CONFS="onpolicy default" bash benchmarks/run_gpu_benchmarks.sh  # host vs GPU time
 #   PARTS="linear memory" REPEAT=2 bash benchmarks/run_gpu_benchmarks.sh   # kernel benchmarks
 #   PARTS=starts CONFIGS=shipped:10,off bash benchmarks/run_gpu_benchmarks.sh  # bitwise across cold engine starts
+#   PARTS=trunc bash benchmarks/run_gpu_benchmarks.sh      # onpolicy check with top-k / top-p / min-p, T=1.0 and 0.7
 set -u
 source benchmarks/gpu_env.sh
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -23,6 +24,12 @@ for part in ${PARTS-check recipe}; do
   case $part in
     check) timeout 900 python3 benchmarks/bitwise_check.py $M "$OUT" ;;
     tp2check) timeout 600 python3 benchmarks/bitwise_check.py $M "$OUT" --tp 2 ;;
+    trunc)  # issue 32's GPU row: top-k / top-p / min-p, the trainer scoring the truncated distribution
+      for t in 1.0 0.7; do
+        timeout 300 python3 -m onpolicy.cli check --model $M --prompts 64 --max-tokens 32 --cuda-graphs --temperature $t \
+          --top-k 20 --top-p 0.9 --min-p 0.02 --json > "$OUT/trunc_$t.log" 2>&1; echo "T=$t exit $?"
+        grep -E '^\{' "$OUT/trunc_$t.log" | tail -1 | cut -c1-400
+      done ;;
     tp4check|tp8check) timeout 900 python3 benchmarks/bitwise_check.py $M "$OUT" --tp ${part:2:1} ;;
     tpreduce)  # the TP reduction alone, vLLM's all-reduce vs onpolicy's rank-order sum, at each TP the GPUs allow
       g=$(nvidia-smi -L | wc -l)
