@@ -190,6 +190,42 @@ def test_weight_update_through_trls_client_then_bitwise(client, hf_model, tmp_pa
         assert old == 0, (old, total)
 
 
+def _reward(completions, **kwargs):
+    return [sum(ch.isdigit() for ch in c) / max(1, len(c)) for c in completions]
+
+
+def test_grpo_run_in_server_mode_strict(servers, model_dir, tmp_path, monkeypatch):
+    """OnPolicyGRPOTrainer(vllm_mode="server") for 3 steps in strict mode (a step whose tokens differ fails):
+    TRL's generation through the server, TRL's weight sync before steps 2 and 3 (NCCL replaced by a file)."""
+    import json
+
+    from datasets import Dataset
+    from fake_weight_transfer import install_trainer_side
+    from trl import GRPOConfig
+
+    from onpolicy.trl_grpo import OnPolicyGRPOTrainer
+
+    install_trainer_side(monkeypatch, tmp_path)
+    ds = Dataset.from_dict({"prompt": [f"{a}+{b}=" for a in range(5) for b in range(5)]})
+    out = tmp_path / "run"
+    trainer = OnPolicyGRPOTrainer(
+        model=str(model_dir), reward_funcs=_reward, train_dataset=ds, onpolicy="strict",
+        args=GRPOConfig(use_vllm=True, vllm_mode="server", vllm_server_base_url=servers.current.url,
+                        model_init_kwargs={"dtype": "bfloat16"}, use_cpu=True, max_steps=3, output_dir=str(out),
+                        temperature=0.7, max_completion_length=12, per_device_train_batch_size=8, num_generations=4,
+                        learning_rate=1e-3, warmup_steps=0, logging_steps=1, report_to="none", seed=0))
+    assert trainer.onpolicy_server["rl_server"]
+    trainer.train()
+    steps = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in steps if r.get("step") is not None and "bitwise_equal_frac" in r]
+    assert [r["step"] for r in steps] == [1, 2, 3], steps
+    assert all(r["bitwise_equal_frac"] == 1.0 and r["tokens"] > 20 for r in steps), steps
+    assert len({r["weights"] for r in steps}) == 3, "the policy did not change between steps (no sync tested)"
+    for row in trainer.state.log_history:
+        if "sampling/sampling_logp_difference/max" in row:
+            assert row["sampling/sampling_logp_difference/max"] == 0.0, row
+
+
 def test_the_server_without_the_plugin_differs(servers, hf_model):
     from trl.generation.vllm_client import VLLMClient
 
