@@ -67,9 +67,12 @@ def test_requests_an_rl_server_refuses(monkeypatch):
            "frequency_penalty": dict(frequency_penalty=-0.2), "min_tokens": dict(min_tokens=1),
            "logit_bias": dict(logit_bias={5: 1.0}), "allowed_token_ids": dict(allowed_token_ids=[1, 2]),
            "bad_words": dict(bad_words=["x"])}
+    from vllm.exceptions import VLLMClientError
+
     for name, kw in bad.items():
-        with pytest.raises(ValueError, match=name):
+        with pytest.raises(VLLMClientError, match=name) as e:  # vLLM answers its client errors 400
             serving.check_request(SamplingParams(**kw))
+        assert e.value.parameter == name
     monkeypatch.setattr(serving, "_rl_server", False)  # a plain `vllm serve`: vLLM's options as documented
     serving.check_request(SamplingParams(repetition_penalty=1.1))
 
@@ -83,17 +86,38 @@ class _Resp:
 
 
 def _client(status, body):
-    session = types.SimpleNamespace(post=lambda url, json=None, timeout=None: _Resp(status, body))
-    return types.SimpleNamespace(base_url="http://h:1", session=session)
+    return types.SimpleNamespace(base_url="http://h:1", answer=_Resp(status, body))
+
+
+@pytest.fixture(autouse=True)
+def _answers(monkeypatch):
+    import onpolicy.server as srv
+
+    calls = []
+
+    def post(url, payload, timeout):
+        calls.append((url, payload))
+        return _CURRENT[0].answer
+
+    monkeypatch.setattr(srv, "_http_post", post)
+    return calls
+
+
+_CURRENT = [None]
+
+
+def _audit(client):
+    _CURRENT[0] = client
+    return audit_server(client)
 
 
 GOOD = {"onpolicy": True, "counts": {"attention": 2}, "dtype": "bfloat16", "logprobs_mode": "processed_logprobs",
         "tensor_parallel_size": 1, "rl_server": True, "rank": 0}
 
 
-def test_audit_server_accepts_an_onpolicy_rl_server_and_names_the_fix_otherwise():
-    assert audit_server(_client(200, {"results": [GOOD]}))["dtype"] == "bfloat16"
-    two = audit_server(_client(200, {"results": [GOOD, {**GOOD, "rank": 1}]}))
+def test_audit_server_accepts_an_onpolicy_rl_server_and_names_the_fix_otherwise(_answers):
+    assert _audit(_client(200, {"results": [GOOD]}))["dtype"] == "bfloat16"
+    two = _audit(_client(200, {"results": [GOOD, {**GOOD, "rank": 1}]}))
     assert two["workers"] == 2
     cases = [(_client(404, {}), "dev-mode"), (_client(500, {"error": "no_such"}), "does not run the onpolicy plugin"),
              (_client(200, {"results": [{**GOOD, "logprobs_mode": "raw_logprobs"}]}), "processed_logprobs"),
@@ -101,8 +125,9 @@ def test_audit_server_accepts_an_onpolicy_rl_server_and_names_the_fix_otherwise(
              (_client(200, {"results": [GOOD, {**GOOD, "dtype": "float32"}]}), "different settings")]
     for client, words in cases:
         with pytest.raises(ServerCheckError, match=words) as e:
-            audit_server(client)
+            _audit(client)
         assert "onpolicy serve" in str(e.value) or "different" in words
+    assert _answers[0] == ("http://h:1/collective_rpc", {"method": "onpolicy_audit"})
 
 
 def test_trainer_refuses_structured_outputs_before_the_engine():
