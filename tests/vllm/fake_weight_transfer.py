@@ -23,7 +23,7 @@ from __future__ import annotations
 import os
 import time
 
-FILE = "weights.safetensors"
+FILE = "weights-{}.safetensors"  # one file per update, numbered from 0
 
 
 def _wait_for(path: str, timeout: float = 120.0) -> None:
@@ -44,13 +44,14 @@ class FakeTransferExtension:
         engine = self.weight_transfer_engine
         if engine is None:
             raise RuntimeError("the server has no weight-transfer engine (--weight-transfer-config)")
-        path = os.path.join(directory, FILE)
+        received = [0]  # this worker's count of updates: update k reads the k-th file (every rank reads it)
 
         def update_weights(update_info: dict) -> None:
             info = engine.parse_update_info(update_info)  # vLLM's validation of TRL's request
+            path = os.path.join(directory, FILE.format(received[0]))
             _wait_for(path)
+            received[0] += 1
             tensors = load_file(path)
-            os.remove(path)
             for name, dtype_name, shape in zip(info.names, info.dtype_names, info.shapes):
                 weight = tensors[name]
                 if weight.dtype != getattr(torch, dtype_name) or list(weight.shape) != list(shape):
@@ -66,6 +67,7 @@ class FakeGroup:
 
     def __init__(self, directory: str):
         self.directory = directory
+        self.sent = 0
 
 
 def fake_producer(iterator, group, src=0, post_iter_func=None, **_):
@@ -77,9 +79,10 @@ def fake_producer(iterator, group, src=0, post_iter_func=None, **_):
         name = item[0]
         t = post_iter_func(item) if post_iter_func is not None else item[1]
         tensors[name] = t.detach().to("cpu").contiguous().clone()
-    tmp = os.path.join(group.directory, FILE + ".tmp")
-    save_file(tensors, tmp)
-    os.replace(tmp, os.path.join(group.directory, FILE))
+    path = os.path.join(group.directory, FILE.format(group.sent))
+    save_file(tensors, path + ".tmp")
+    os.replace(path + ".tmp", path)
+    group.sent += 1
 
 
 def install_trainer_side(monkeypatch, directory: str) -> None:

@@ -62,13 +62,14 @@ class Servers:
     def __init__(self, model_dir, logs: Path):
         self.model_dir, self.logs, self.current = model_dir, logs, None
 
-    def start(self, plugin: bool):
+    def start(self, plugin: bool, extra=(), env=None, name=None):
         from onpolicy.bench.server import VllmServer, free_port
 
         self.stop()
-        extra = ("--worker-extension-cls", "fake_weight_transfer.FakeTransferExtension") if plugin else ()
-        srv = VllmServer(_command(self.model_dir, free_port(), extra), _env(plugin),
-                         self.logs / f"server-{'onpolicy' if plugin else 'plain'}.log")
+        if plugin:
+            extra = ("--worker-extension-cls", "fake_weight_transfer.FakeTransferExtension", *extra)
+        srv = VllmServer(_command(self.model_dir, free_port(), extra), {**_env(plugin), **(env or {})},
+                         self.logs / f"server-{name or ('onpolicy' if plugin else 'plain')}.log")
         srv.start()
         self.current = srv
         srv.wait_healthy(300)
@@ -241,5 +242,63 @@ def test_the_server_without_the_plugin_differs(servers, hf_model):
         with pytest.raises(ServerCheckError, match="onpolicy serve"):
             audit_server(client)  # the trainer refuses it, naming the launch
         assert servers.current.running()  # the unknown RPC did not kill it
+    finally:
+        servers.stop()
+
+
+def test_a_misconfigured_rl_server_is_refused_at_start_naming_the_fix(servers, model_dir):
+    import subprocess
+
+    from onpolicy.bench.server import free_port
+
+    servers.stop()
+    cmd = _command(model_dir, free_port(), ("--logprobs-mode", "raw_logprobs"))
+    r = subprocess.run(cmd, env=_env(True), capture_output=True, text=True, timeout=300)
+    out = r.stdout + r.stderr
+    assert r.returncode != 0, out[-2000:]
+    assert "--logprobs-mode processed_logprobs" in out and "onpolicy serve" in out, out[-2000:]
+
+
+def _tp2_logprobs(model, prompt, completion, temperature):
+    import onpolicy
+
+    ids = torch.tensor([list(prompt) + list(completion)])
+    with torch.no_grad():
+        return onpolicy.token_logprobs(model, ids, temperature=temperature, logits_to_keep=len(completion),
+                                       tensor_parallel_size=2)[0]
+
+
+@pytest.mark.slow
+def test_tensor_parallel_2_server_bitwise_before_and_after_a_weight_update(servers, hf_model, tmp_path, monkeypatch):
+    """The server at tensor_parallel_size=2 (two worker processes, one core each): the trainer mirrors it
+    (its audit reports 2), bitwise at T=0.7; the TP=1 forward differs; a weight update reaches both ranks."""
+    from fake_weight_transfer import install_trainer_side
+    from trl.generation.vllm_client import VLLMClient
+
+    from onpolicy.server import audit_server
+
+    servers.start(plugin=True, extra=("--tensor-parallel-size", "2", "--distributed-executor-backend", "mp"),
+                  env={"VLLM_CPU_OMP_THREADS_BIND": "0|1"}, name="tp2")
+    try:
+        client = VLLMClient(base_url=servers.current.url, connection_timeout=30)
+        audit = audit_server(client)
+        assert audit["tensor_parallel_size"] == 2 and audit["workers"] == 2, audit
+        rows = _generate(client, 0.7)
+        assert _compare(rows, hf_model, 0.7, score=_tp2_logprobs) == (len(rows), len(rows))
+        tp1, total = _compare(rows, hf_model, 0.7)  # control: the unsharded forward's reductions
+        assert tp1 < total
+        install_trainer_side(monkeypatch, tmp_path)
+        new = copy.deepcopy(hf_model)
+        gen = torch.Generator().manual_seed(2)
+        with torch.no_grad():
+            for p in new.parameters():
+                p.add_((torch.randn(p.shape, generator=gen) * 0.02).to(p.dtype))
+        client.init_communicator(device="cpu")
+        with client.weight_update():
+            client.update_model_params(new)
+        client.reset_prefix_cache()
+        rows = _generate(client, 0.7, seed=1)
+        assert _compare(rows, new, 0.7, score=_tp2_logprobs) == (len(rows), len(rows))
+        assert _compare(rows, hf_model, 0.7, score=_tp2_logprobs)[0] == 0  # the old weights
     finally:
         servers.stop()
