@@ -21,6 +21,14 @@ In strict mode the comparison is made in the loss forward and TRL's no-grad scor
 forward is skipped, where the loss forward runs on the sampling weights
 (`_scoring_deferred`); elsewhere right after generation, on TRL's scoring forward.
 
+With `vllm_mode="server"` the sampler is a vLLM server started with the plugin (`onpolicy serve
+MODEL`, or `ONPOLICY_VLLM=1 trl vllm-serve`): once TRL connected, the server's workers are audited
+(`onpolicy.server.audit_server`: every layer and the sampler onpolicy's, processed logprobs, a weight
+transfer), the trainer takes the server's dtype and tensor-parallel size, and the logprobs the server
+returned are compared as in colocate mode. The per-step `weights` fingerprint is the trainer's policy,
+as in colocate mode; a mismatch's engine report holds the server's audit and weight checksums
+(docs/server-mode.md).
+
 Before the engine is built it refuses the settings it cannot make bitwise (penalties,
 Liger, an fp32 LM head: `check_settings`). `top_k` / `top_p` / `min_p` are made bitwise:
 the sampler and the policy's LM head apply one truncation (`onpolicy_kernels.truncate_logprobs`),
