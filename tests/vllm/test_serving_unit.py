@@ -139,3 +139,15 @@ def test_trainer_refuses_structured_outputs_before_the_engine():
                      vllm_structured_outputs_regex="a+")
     with pytest.raises(ValueError, match="vllm_structured_outputs_regex"):
         check_settings(cfg, "strict")
+
+
+def test_server_report_holds_the_audit_and_the_servers_weight_checksums(monkeypatch):
+    """What a strict-mode mismatch records in server mode (the engine is not in this process)."""
+    import onpolicy.server as srv
+
+    answers = {"/collective_rpc": _Resp(200, {"results": [GOOD]}),
+               "/weight_checker": _Resp(200, {"checksums": {"model.embed_tokens.weight": "ab12"}})}
+    monkeypatch.setattr(srv, "_http_post", lambda url, payload, timeout: answers[url.removeprefix("http://h:1")])
+    report = srv.server_report(types.SimpleNamespace(base_url="http://h:1"))
+    assert report["server"] == "http://h:1" and report["audit"]["dtype"] == "bfloat16"
+    assert report["weight_checksums"] == {"model.embed_tokens.weight": "ab12"}
