@@ -1,4 +1,4 @@
-"""The `onpolicy` command: check, dashboard, report, bench."""
+"""The `onpolicy` command: check, serve, dashboard, report, bench."""
 from __future__ import annotations
 
 import typer
@@ -39,6 +39,9 @@ def _register():
         app.command("check", **extra)(_missing("check", e))
     else:
         app.command()(check)
+    from .serve import serve
+
+    app.command("serve", **extra)(serve)
     try:
         from .bench.cli import determinism
     except ImportError as e:

@@ -21,6 +21,14 @@ In strict mode the comparison is made in the loss forward and TRL's no-grad scor
 forward is skipped, where the loss forward runs on the sampling weights
 (`_scoring_deferred`); elsewhere right after generation, on TRL's scoring forward.
 
+With `vllm_mode="server"` the sampler is a vLLM server started with the plugin (`onpolicy serve
+MODEL`, or `ONPOLICY_VLLM=1 trl vllm-serve`): once TRL connected, the server's workers are audited
+(`onpolicy.server.audit_server`: every layer and the sampler onpolicy's, processed logprobs, a weight
+transfer), the trainer takes the server's dtype and tensor-parallel size, and the logprobs the server
+returned are compared as in colocate mode. The per-step `weights` fingerprint is the trainer's policy,
+as in colocate mode; a mismatch's engine report holds the server's audit and weight checksums
+(docs/server-mode.md).
+
 Before the engine is built it refuses the settings it cannot make bitwise (penalties,
 Liger, an fp32 LM head: `check_settings`). `top_k` / `top_p` / `min_p` are made bitwise:
 the sampler and the policy's LM head apply one truncation (`onpolicy_kernels.truncate_logprobs`),
@@ -61,6 +69,7 @@ _GENERATION_KWARGS_OFF_POLICY = {
     "repetition_penalty": 1.0, "presence_penalty": 0.0, "frequency_penalty": 0.0, "top_k": (0, -1, None),
     "top_p": 1.0, "min_p": (0.0, None), "logit_bias": (None, {}), "bad_words": (None, []),
     "allowed_token_ids": (None, []), "min_tokens": (0, None), "logits_processors": (None, []),
+    "structured_outputs": (None, {}), "thinking_token_budget": (None,),
 }
 
 
@@ -104,6 +113,10 @@ def check_settings(cfg, mode: str) -> list[str]:
                    if key in ("top_k", "top_p", "min_p") else "remove it from generation_kwargs")
             problems.append(f"generation_kwargs[{key!r}]={value!r}: changes vLLM's sampled distribution, which the "
                             f"trainer does not reproduce; {fix}")
+    regex = getattr(cfg, "vllm_structured_outputs_regex", None)
+    if regex:
+        problems.append(f"vllm_structured_outputs_regex={regex!r}: vLLM masks the logits to the grammar before "
+                        "sampling and the trainer does not, so masked steps are off-policy; remove it")
     if getattr(cfg, "use_liger_kernel", False):
         problems.append("use_liger_kernel=True: Liger's kernels replace the model's layers, while onpolicy runs the "
                         "trainer on the kernels vLLM runs; set use_liger_kernel=False (onpolicy's kernels replace "
@@ -287,9 +300,9 @@ def make_trainer_class():
             if cfg is None or not getattr(cfg, "use_vllm", False):
                 raise ValueError("OnPolicyGRPOTrainer compares vLLM's sampled logprobs with the trainer's: "
                                  "pass args=GRPOConfig(use_vllm=True, ...)")
-            if cfg.vllm_mode != "colocate":
-                raise NotImplementedError("OnPolicyGRPOTrainer supports vllm_mode='colocate' only so far "
-                                          "(server mode is not supported yet)")
+            if cfg.vllm_mode not in ("colocate", "server"):
+                raise ValueError(f"vllm_mode={cfg.vllm_mode!r}: OnPolicyGRPOTrainer supports 'colocate' and 'server'")
+            server = cfg.vllm_mode == "server"
             import warnings
 
             for w in check_settings(cfg, onpolicy):  # refuses what cannot be bitwise, before the engine is built
@@ -297,12 +310,13 @@ def make_trainer_class():
             if onpolicy != "off":  # LoRA (PEFT): refused configs before the engine is built
                 _check_peft_args(kwargs.get("peft_config"), kwargs.get("model", args[0] if args else None), cfg)
             tp = int(getattr(cfg, "vllm_tensor_parallel_size", 1) or 1)
-            if onpolicy != "off" and tp not in SUPPORTED_TP:  # before the engine is built, not after
+            if onpolicy != "off" and not server and tp not in SUPPORTED_TP:  # before the engine is built, not after
                 raise ValueError(f"vllm_tensor_parallel_size={tp} is not supported with onpolicy: use 1, 2, 4 or 8 "
                                  "(the trainer mirrors vLLM's tensor-parallel reductions at those sizes)")
             self.onpolicy_mode = onpolicy
-            plugin = None if onpolicy == "off" else "1"
-            cpu_control = onpolicy == "off" and not torch.cuda.is_available()
+            self.onpolicy_server = None  # server mode: what the server's workers report (server_audit)
+            plugin = None if onpolicy == "off" or server else "1"  # server mode: no engine in this process
+            cpu_control = onpolicy == "off" and not server and not torch.cuda.is_available()
             with _env("ONPOLICY_VLLM", plugin), compat.cpu_weights_loadable(cpu_control):
                 if plugin:
                     from . import vllm_plugin
@@ -311,6 +325,9 @@ def make_trainer_class():
                 super().__init__(*args, **kwargs)
             if plugin:
                 self._verify_plugin()
+            if server and onpolicy != "off":
+                self.onpolicy_server = self._verify_server()
+                tp = self.onpolicy_server["tensor_parallel_size"]  # the trainer mirrors the server's reductions
             if cpu_control:
                 gen = self.vllm_generation
                 sync = gen.sync_weights
@@ -402,8 +419,37 @@ def make_trainer_class():
                     "onpolicy is installed in this Python (`pip install -e .`), that VLLM_PLUGINS (if set) does "
                     "not exclude it, and that no other platform or worker plugin replaced it") from None
 
+        def _verify_server(self) -> dict:
+            """Server mode: the server TRL connected to must run onpolicy as an RL server (every layer and
+            the sampler audited in each worker, processed logprobs), in a tensor-parallel size the trainer
+            mirrors. Asked by the main process (`/collective_rpc onpolicy_audit`, a dev-mode endpoint TRL's
+            sync needs anyway); its verdict is shared, so every process fails together."""
+            from accelerate.utils import broadcast_object_list
+
+            from .server import ServerCheckError, audit_server
+
+            box = [None]
+            if self.accelerator.is_main_process:
+                try:
+                    box[0] = audit_server(self.vllm_generation.vllm_client)
+                except ServerCheckError as e:
+                    box[0] = str(e)
+            if self.accelerator.num_processes > 1:
+                broadcast_object_list(box, from_process=0)
+            if isinstance(box[0], str):
+                raise ValueError(box[0])
+            return box[0]
+
         def _check_dtypes(self):
             """The trainer must compute in the dtype vLLM runs the model in, or no token can match."""
+            if self.onpolicy_server is not None:  # server mode
+                want = getattr(torch, self.onpolicy_server["dtype"])
+                have = next(self.model.parameters()).dtype
+                if want != have:
+                    raise ValueError(f"the trainer model is {have} but the vLLM server runs it in {want}: pass "
+                                     f"model_init_kwargs={{'dtype': '{self.onpolicy_server['dtype']}'}} in the "
+                                     "GRPOConfig, or start the server with --dtype matching the trainer's")
+                return
             gen = getattr(self, "vllm_generation", None)
             llm = getattr(gen, "llm", None)
             if llm is None:
@@ -583,13 +629,21 @@ def make_trainer_class():
                 return None
             if self.onpolicy_mode == "monitor" and getattr(self, "_onpolicy_engine_reported", False):
                 return None
-            llm = getattr(getattr(self, "vllm_generation", None), "llm", None)
-            if llm is None:  # server mode: the engine is in another process
+            gen = getattr(self, "vllm_generation", None)
+            llm = getattr(gen, "llm", None)
+            client = getattr(gen, "vllm_client", None)
+            if llm is None and client is None:
                 return None
             try:
-                from .vllm_plugin.diagnostics import engine_report
+                if llm is not None:
+                    from .vllm_plugin.diagnostics import engine_report
 
-                path = self.onpolicy_log.write_engine_report(step, engine_report(llm))
+                    report = engine_report(llm)
+                else:  # server mode: what its workers report, and a checksum of every weight it holds
+                    from .server import server_report
+
+                    report = server_report(client)
+                path = self.onpolicy_log.write_engine_report(step, report)
             except Exception as e:  # noqa: BLE001 -- the report must never hide the mismatch itself
                 logger.warning("onpolicy: could not record what the engine ran at step %d: %s", step, e)
                 return None

@@ -138,6 +138,9 @@ def configure(vllm_config) -> None:
         # specialisation is compiled and loaded outside stream capture (a first load inside a
         # capture faulted on the H200 under TRL's engine settings).
         cc.cudagraph_num_of_warmups = 1
+    from .serving import check_engine
+
+    check_engine(vllm_config)  # an RL server (TRL's server mode): processed logprobs, NCCL transfer (serving.py)
     if getattr(vllm_config, "speculative_config", None) is not None:
         raise OnpolicyVllmError("speculative decoding is not supported")
     if getattr(vllm_config, "lora_config", None) is not None:

@@ -6,6 +6,9 @@
 * `check_and_update_config` runs vLLM's, then onpolicy's checks and settings
   (config.py): supported model, single GPU, the "onpolicy" linear config, the
   worker subclass that installs the sampler.
+* `validate_request` (in the API server process) refuses, on an RL server (a weight-transfer
+  config, TRL's server mode), the requests the trainer cannot reproduce (serving.py): vLLM
+  answers them 400.
 * `get_device_communicator_cls` returns onpolicy's subclass of vLLM's device
   communicator, whose all-reduce sums in rank order beyond two ranks
   (collectives.py).
@@ -59,6 +62,15 @@ class OnpolicyPlatformMixin:
 
         register()  # in case the general-plugin entry point is not installed
         configure(vllm_config)
+
+    @classmethod
+    def validate_request(cls, *args, **kwargs) -> None:
+        """vLLM's check, then (on an RL server, serving.py) a 400 for a request the trainer cannot reproduce."""
+        super().validate_request(*args, **kwargs)  # type: ignore[misc]
+        from .serving import check_request
+
+        params = args[1] if len(args) > 1 else kwargs.get("params")
+        check_request(params)
 
     @classmethod
     def get_device_communicator_cls(cls) -> str:

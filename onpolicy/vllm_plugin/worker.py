@@ -51,6 +51,24 @@ class OnpolicyWorkerMixin:
         return out
 
 
+    def onpolicy_audit(self) -> dict:
+        """What a trainer in TRL's server mode asks the server through `/collective_rpc` (dev mode): this
+        worker's audit (raises unless every layer and the sampler are onpolicy's) and the settings the
+        trainer must match (dtype, tensor-parallel size, logprobs mode)."""
+        return server_audit(self)
+
+
+def server_audit(worker) -> dict:
+    counts = audit_in_worker(worker)
+    vc = worker.vllm_config
+    from .serving import is_rl_server
+
+    return {"onpolicy": True, "counts": counts, "dtype": str(vc.model_config.dtype).removeprefix("torch."),
+            "logprobs_mode": getattr(vc.model_config, "logprobs_mode", None),
+            "tensor_parallel_size": vc.parallel_config.tensor_parallel_size, "rl_server": is_rl_server(vc),
+            "rank": getattr(worker, "rank", None)}
+
+
 def warm_up_decode_graphs(worker) -> None:
     """Capture the LM head's and the sampler's decode-step graphs (graphs.py), if installed,
     once vLLM has captured its own: before the engine serves, not in its first steps."""
