@@ -2,7 +2,7 @@
 
 The bench runs once, as a subprocess with --json, for the onpolicy and default
 configurations (one vLLM OpenAI server each, multiprocess engine, 127.0.0.1); the
-tests read its JSON. With the plugin on: 1 distinct completion of 100 target requests
+tests read its JSON. With the plugin on: 1 distinct completion of N (48) target requests
 at T=0 under concurrent load, 1 distinct seeded T=1 completion, and every sampled
 logprob bitwise equal to `onpolicy.token_logprobs`. Bad input gets a 4xx and leaves the
 server up. Bad command lines fail in one line, without a traceback.
@@ -21,7 +21,7 @@ from onpolicy.bench import analysis, load
 from onpolicy.bench.server import CONFIGS, server_env
 
 ENV = {**os.environ, "ONPOLICY_VLLM": "0"}  # the bench sets what each server needs
-N, MAX_TOKENS, BACKGROUND = 100, 16, 50
+N, MAX_TOKENS, BACKGROUND = 48, 16, 24  # the suite's time: the README's numbers come from the GPU runs
 
 
 @pytest.fixture(scope="module")
