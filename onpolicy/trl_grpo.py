@@ -538,6 +538,21 @@ def make_trainer_class():
             counts them in `_step` after each."""
             return (self._step // self.args.steps_per_generation) % self.num_iterations + 1
 
+        def _loss_and_logprobs(self, model, inputs):
+            """TRL's loss, and the per-token logprobs its forward computed (captured, detached)."""
+            self._onpolicy_capture = []
+            try:
+                loss = super()._compute_loss(model, inputs)
+                return loss, self._onpolicy_capture[0]
+            finally:
+                self._onpolicy_capture = None
+
+        def _gathered_metrics(self, sampler, trainer, mask) -> dict:
+            """mismatch_metrics over every process's tokens (padded to one width, then gathered)."""
+            acc = self.accelerator
+            g_s, g_t, g_m = (acc.gather(acc.pad_across_processes(x, dim=1)) for x in (sampler, trainer, mask.int()))
+            return mismatch_metrics(g_s, g_t, g_m.bool())
+
         def _compute_loss(self, model, inputs):
             pending = getattr(self, "_onpolicy_pending", None)
             if (pending is None and self.model.training and self.onpolicy_mode != "off" and self.num_iterations > 1
@@ -545,12 +560,7 @@ def make_trainer_class():
                 return self._onpolicy_later_pass_loss(model, inputs)
             if pending is None or not self.model.training:
                 return super()._compute_loss(model, inputs)
-            self._onpolicy_capture = []
-            try:
-                loss = super()._compute_loss(model, inputs)
-                trainer = self._onpolicy_capture[0]
-            finally:
-                self._onpolicy_capture = None
+            loss, trainer = self._loss_and_logprobs(model, inputs)
             mask, sampler = _scored_mask(inputs), inputs["sampling_per_token_logps"]
             pending["chunks"].append((inputs["completion_ids"], mask, sampler, trainer))
             pending["left"] -= 1
@@ -571,24 +581,16 @@ def make_trainer_class():
             later = getattr(self, "_onpolicy_later", None)
             if later is None or later["pass"] != k:
                 later = self._onpolicy_later = {"pass": k, "left": self.args.steps_per_generation, "chunks": []}
-            self._onpolicy_capture = []
-            try:
-                loss = super()._compute_loss(model, inputs)
-                trainer = self._onpolicy_capture[0]
-            finally:
-                self._onpolicy_capture = None
-            later["chunks"].append((_scored_mask(inputs), inputs["sampling_per_token_logps"], trainer))
+            loss, trainer = self._loss_and_logprobs(model, inputs)
+            later["chunks"].append((inputs["sampling_per_token_logps"], trainer, _scored_mask(inputs)))
             later["left"] -= 1
             if later["left"] == 0:
                 self._onpolicy_later = None
-                mask, sampler, trainer = (torch.cat(x) for x in zip(*later["chunks"]))
-                acc = self.accelerator
-                g_s, g_t, g_m = (acc.gather(acc.pad_across_processes(x, dim=1)) for x in (sampler, trainer, mask.int()))
-                m = mismatch_metrics(g_s, g_t, g_m.bool())
+                m = self._gathered_metrics(*(torch.cat(x) for x in zip(*later["chunks"])))
                 rec = {"pass": k, **{f"offpolicy_{n}": v for n, v in m.items() if isinstance(v, (int, float))}}
                 for n, v in rec.items():
                     self._metrics["train"][f"onpolicy/{n}"].append(float(v))
-                if acc.is_main_process and self.onpolicy_log is not None:
+                if self.accelerator.is_main_process and self.onpolicy_log is not None:
                     self.onpolicy_log.log_step(self.state.global_step + 1, rec)
             return loss
 
@@ -598,8 +600,7 @@ def make_trainer_class():
             MismatchError (with what the engine ran) when a token differs."""
             acc = self.accelerator
             mode, step = ctx["mode"], ctx["step"]
-            g_s, g_t, g_m = (acc.gather(acc.pad_across_processes(x, dim=1)) for x in (sampler, trainer, mask.int()))
-            m = mismatch_metrics(g_s, g_t, g_m.bool())
+            m = self._gathered_metrics(sampler, trainer, mask)
             passes = {"pass": 1} if mode == "train" and self.num_iterations > 1 else {}  # later passes: see above
             for k, v in {**m, **passes}.items():
                 if isinstance(v, (int, float)):
