@@ -97,6 +97,24 @@ def test_weight_sync_then_bitwise_again(llm, model_dir):
 
 # --- the post-load audit fails loudly when any piece is not onpolicy's ----------------------------------------------
 
+def test_weight_loads_build_the_cache_scale_mapper_once(llm):
+    """TRL's sync calls load_weights once per parameter, and vLLM's loader asks the quantization config for its
+    KV-cache scale mapper at every call: onpolicy's config hands out one mapper, built once, mapping names as
+    vLLM's own does (the base class compiled its regexes at every call: the sync's extra time on the GPU)."""
+    from vllm.model_executor.layers.quantization.base_config import QuantizationConfig
+
+    cfg = llm.llm_engine.vllm_config.quant_config
+    assert type(cfg).__name__ == "OnpolicyQuantConfig"
+    mapper = cfg.get_cache_scale_mapper()
+    assert mapper is cfg.get_cache_scale_mapper() is type(cfg)().get_cache_scale_mapper()
+    base = QuantizationConfig.get_cache_scale_mapper()
+    assert base is not mapper
+    for name in ("model.layers.0.self_attn.kv_scale", "model.layers.0.self_attn.k_proj.k_scale",
+                 "model.layers.0.self_attn.qkv_proj.v_scale", "model.layers.0.mlp.down_proj.weight"):
+        assert mapper.map_name(name) == base.map_name(name)
+    assert mapper.map_name("model.layers.0.self_attn.kv_scale") == "model.layers.0.self_attn.attn.k_scale"
+
+
 def test_verify_counts_every_layer(llm):
     import onpolicy.vllm_plugin as plugin
     from onpolicy.vllm_plugin import compat

@@ -11,7 +11,7 @@ file (fake_weight_transfer.py; NCCL needs GPUs). Checked here:
 * its logprobs equal the patched trainer's bitwise at T=1.0 and 0.7 (several distinct completions,
   logprobs well below 0); control: plain transformers differs on the same tokens;
 * requests the trainer cannot reproduce (penalties, logit bias, ...) get a 400 naming the option, and
-  the next request is served;
+  the next request is served; top-k / top-p / min-p requests are served, a bad value gets a 400;
 * after a weight update through TRL's client (every parameter changed), the server samples bitwise
   what the patched trainer with the new weights computes; control: the old weights differ;
 * the same server without the plugin (ONPOLICY_VLLM=0) differs from the patched trainer (last test:
@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import copy
 import os
-import sys
 from pathlib import Path
 
 import pytest
@@ -163,6 +162,34 @@ def test_bad_requests_get_400_and_the_server_serves_the_next(servers, client):
     # through TRL's client, as a GRPOConfig(repetition_penalty=1.2) run would send it
     with pytest.raises(Exception, match="400.*repetition_penalty"):
         client.generate(PROMPTS[:1], n=1, repetition_penalty=1.2, max_tokens=4)
+    assert srv.healthy() and srv.running()
+    text = srv.log_text()
+    assert "EngineDeadError" not in text and "OnpolicyVllmError" not in text, text[-3000:]
+
+
+TRUNCATED = {"prompt": [5, 6, 7], "max_tokens": 4, "logprobs": 0, "top_k": 5}  # issue 28's request, now served
+
+
+def test_truncation_requests_served_a_bad_value_gets_400_and_the_server_stays_up(servers, client):
+    """Issue 28 item 2, issue 32: top-k / top-p / min-p requests get the truncated distribution's logprobs
+    (which the trainer reproduces: test_truncation.py); a bad value gets vLLM's 400 naming the parameter,
+    and the next request is served with its logprobs."""
+    import httpx
+
+    srv = servers.current
+    url = srv.url + "/v1/completions"
+    with httpx.Client(timeout=120, trust_env=False) as http:
+        for req in (TRUNCATED, {**TRUNCATED, "top_k": None, "top_p": 0.5}, {**TRUNCATED, "min_p": 0.1}):
+            r = http.post(url, json={"model": client.model, **req})
+            assert r.status_code == 200, (r.status_code, r.text)
+            lps = r.json()["choices"][0]["logprobs"]["token_logprobs"]
+            assert len(lps) == 4 and all(isinstance(x, float) and x <= 0 for x in lps), lps
+        r = http.post(url, json={"model": client.model, **{**TRUNCATED, "top_k": None, "top_p": 1.5}})
+        assert r.status_code == 400 and "top_p" in r.text, (r.status_code, r.text)
+        r = http.post(url, json={"model": client.model, "prompt": [5, 6, 7], "max_tokens": 4, "logprobs": 0})
+        assert r.status_code == 200, r.text
+        lps = r.json()["choices"][0]["logprobs"]["token_logprobs"]
+        assert len(lps) == 4 and all(isinstance(x, float) and x < 0 for x in lps), lps
     assert srv.healthy() and srv.running()
     text = srv.log_text()
     assert "EngineDeadError" not in text and "OnpolicyVllmError" not in text, text[-3000:]
