@@ -13,6 +13,7 @@
 #   PARTS="linear memory" REPEAT=2 bash benchmarks/run_gpu_benchmarks.sh   # kernel benchmarks
 #   PARTS=starts CONFIGS=shipped:10,off bash benchmarks/run_gpu_benchmarks.sh  # bitwise across cold engine starts
 #   PARTS=trunc bash benchmarks/run_gpu_benchmarks.sh      # onpolicy check with top-k / top-p / min-p, T=1.0 and 0.7
+#   PARTS=lora LORA_R=16 bash benchmarks/run_gpu_benchmarks.sh   # the GRPO recipe with a LoRA adapter, strict
 set -u
 source benchmarks/gpu_env.sh
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -30,6 +31,12 @@ for part in ${PARTS-check recipe}; do
           --top-k 20 --top-p 0.9 --min-p 0.02 --json > "$OUT/trunc_$t.log" 2>&1; echo "T=$t exit $?"
         grep -E '^\{' "$OUT/trunc_$t.log" | tail -1 | cut -c1-400
       done ;;
+    lora)  # issue 32's GPU row: the recipe with a LoRA adapter on every projection (PEFT), strict mode (a step
+      # that is not 100% bitwise stops the run); 32 completions x 64 tokens a step, 6 steps; no control run
+      timeout 900 accelerate launch --config_file recipes/accelerate/single_gpu.yaml recipes/grpo.py \
+        --config recipes/gpu_qwen3_1p7b.yaml --model $M --run_dir "$OUT/lora" --lora_r ${LORA_R:-16} --control false \
+        > "$OUT/lora.log" 2>&1; echo "exit $?"
+      grep -E "│|step time|Error|error:" "$OUT/lora.log" | grep -v Warning | tail -20 ;;
     tp4check|tp8check) timeout 900 python3 benchmarks/bitwise_check.py $M "$OUT" --tp ${part:2:1} ;;
     tpreduce)  # the TP reduction alone, vLLM's all-reduce vs onpolicy's rank-order sum, at each TP the GPUs allow
       g=$(nvidia-smi -L | wc -l)

@@ -57,6 +57,9 @@ class RecipeArgs:
                 "be a bare number: 1 if it is the answer, partial credit by distance, 0 for anything else) or "
                 "'digits' (share of digit characters in the completion: a dense signal even an untrained model "
                 "varies on, so every step updates the weights)"})
+    lora_r: int = field(default=0, metadata={
+        "help": "train a LoRA adapter of this rank on every linear projection (PEFT; lora_alpha = 2 x rank) "
+                "instead of the full model; 0: full fine-tuning"})
     run_dir: str = field(default="runs/demo", metadata={"help": "where metrics.jsonl and checkpoints go"})
     overwrite_run_dir: bool = field(default=False, metadata={
         "help": "replace an earlier run's records in the run directory (else a re-run is refused)"})
@@ -204,8 +207,16 @@ def train(recipe: RecipeArgs, cfg, model: str, dataset, mode: str, run_dir: Path
     from onpolicy.trl_grpo import OnPolicyGRPOTrainer
 
     cfg.output_dir = str(run_dir)
+    extra = {}
+    if recipe.lora_r < 0:
+        raise SystemExit(f"--lora_r {recipe.lora_r}: give a rank >= 1, or 0 for full fine-tuning")
+    if recipe.lora_r:
+        from peft import LoraConfig
+
+        extra["peft_config"] = LoraConfig(r=recipe.lora_r, lora_alpha=2 * recipe.lora_r, target_modules="all-linear")
     trainer = OnPolicyGRPOTrainer(model=model, reward_funcs=REWARDS[recipe.reward], args=cfg, train_dataset=dataset,
-                                  onpolicy=mode, run_dir=str(run_dir), overwrite_run_dir=recipe.overwrite_run_dir)
+                                  onpolicy=mode, run_dir=str(run_dir), overwrite_run_dir=recipe.overwrite_run_dir,
+                                  **extra)
     trainer.train(resume_from_checkpoint=resume_arg(cfg.resume_from_checkpoint))
     return run_dir / "metrics.jsonl"
 

@@ -298,7 +298,8 @@ def _tp2_logprobs(model, prompt, completion, temperature):
 @pytest.mark.slow
 def test_tensor_parallel_2_server_bitwise_before_and_after_a_weight_update(servers, hf_model, tmp_path, monkeypatch):
     """The server at tensor_parallel_size=2 (two worker processes, one core each): the trainer mirrors it
-    (its audit reports 2), bitwise at T=0.7; the TP=1 forward differs; a weight update reaches both ranks."""
+    (its audit reports 2), bitwise at T=1.0 and 0.7; the TP=1 forward differs; a weight update reaches both ranks
+    (this is the suite's TP=2 engine test: vLLM's all-reduce of two partials, mirrored by the trainer)."""
     from fake_weight_transfer import install_trainer_side
     from trl.generation.vllm_client import VLLMClient
 
@@ -310,10 +311,11 @@ def test_tensor_parallel_2_server_bitwise_before_and_after_a_weight_update(serve
         client = VLLMClient(base_url=servers.current.url, connection_timeout=30)
         audit = audit_server(client)
         assert audit["tensor_parallel_size"] == 2 and audit["workers"] == 2, audit
-        rows = _generate(client, 0.7)
-        assert _compare(rows, hf_model, 0.7, score=_tp2_logprobs) == (len(rows), len(rows))
-        tp1, total = _compare(rows, hf_model, 0.7)  # control: the unsharded forward's reductions
-        assert tp1 < total
+        for t in (1.0, 0.7):
+            rows = _generate(client, t)
+            assert _compare(rows, hf_model, t, score=_tp2_logprobs) == (len(rows), len(rows))
+            tp1, total = _compare(rows, hf_model, t)  # control: the unsharded forward's reductions
+            assert tp1 < total
         install_trainer_side(monkeypatch, tmp_path)
         new = copy.deepcopy(hf_model)
         gen = torch.Generator().manual_seed(2)
