@@ -1,5 +1,5 @@
-# Issue 31 on the GPU machine: the MoE kernel's GPU tests, the op vs vLLM's fused MoE, and
-# `onpolicy check` on a Qwen3-30B-A3B-shaped model. From the repository root, after the vLLM
+# Issue 31 on the GPU machine: the MoE kernel's GPU tests, the op vs vLLM's fused MoE,
+# `onpolicy check` on a Qwen3-30B-A3B-shaped model, and benchmarks/batch_diag.py on it. From the repository root, after the vLLM
 # bundle's setup and `source benchmarks/gpu_env.sh`:
 #   source benchmarks/moe_gpu.sh        # logs under $OUT (default /tmp/moe_out); about 6-8 minutes
 # MOE_LAYERS (default 4) sets the model's depth; MOE_MODEL where it is written.
@@ -29,6 +29,10 @@ _moe_gpu() {
     echo "== onpolicy check --cuda-graphs (exit $?, $((SECONDS - t0)) s):"
     grep -E '^\{' "$out/check_cuda_graphs.log" | tail -1 | python -c "import json,sys; r=json.loads(sys.stdin.read() or '{}'); m=r.get('metrics',{}); print('tokens', m.get('tokens'), 'bitwise', m.get('bitwise_equal_frac'), 'divergence', r.get('divergence'))" 2>/dev/null \
         || tail -20 "$out/check_cuda_graphs.log"
+    # 5. inside the engine: the first module whose rows for one prompt change when 63 others share the batch
+    ONPOLICY_MOE_CUDA=1 timeout ${MOE_DIAG_S:-200} python benchmarks/batch_diag.py "$model" --batch 64 > "$out/batch_diag.log" 2>&1
+    echo "== batch_diag (exit $?, $((SECONDS - t0)) s):"
+    grep -E "^linear|^DIFF|^no module|^op" "$out/batch_diag.log" | head -30
     echo "== total $((SECONDS - t0)) s; logs in $out"
 }
 _moe_gpu
