@@ -122,19 +122,38 @@ if HAS_TRITON:
         for b in range(used + e, NUM_BLOCKS, E):  # surplus blocks, shared out between programs
             tl.store(block_expert_ptr + b, -1)
 
+    # The two grouped GEMMs' shared steps (inlined by Triton: the same instructions as written out).
+    @triton.jit
+    def _block_of(block_expert_ptr, NUM_BLOCKS):
+        """(row block, column block, its expert or -1) of this program: programs run row blocks fastest."""
+        pid = tl.program_id(0)
+        pid_m = pid % NUM_BLOCKS
+        return pid_m, pid // NUM_BLOCKS, tl.load(block_expert_ptr + pid_m)
+
+    @triton.jit
+    def _block_pairs(sorted_ptr, pid_m, N_PAIRS, BLOCK_M: tl.constexpr):
+        """(slot rows, their (token, slot) pairs, which are live -- not the alignment's padding)."""
+        rows = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+        pair = tl.load(sorted_ptr + rows)
+        return rows, pair, pair < N_PAIRS
+
+    @triton.jit
+    def _dot(a, b, acc, IEEE: tl.constexpr):
+        """acc + a @ b in fp32; fp32 inputs as IEEE products (no TF32)."""
+        if IEEE:
+            acc = tl.dot(a, b, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(a, b, acc)
+        return acc
+
     @triton.jit(do_not_specialize=["N_PAIRS"])
     def _experts_gate_up_kernel(x_ptr, w_ptr, act_ptr, sorted_ptr, block_expert_ptr, N_PAIRS, TOP_K, H, I,
                                 sxm, sxk, swe, swn, swk, sam, NUM_BLOCKS, IEEE: tl.constexpr,
                                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-        pid = tl.program_id(0)
-        pid_m = pid % NUM_BLOCKS
-        pid_n = pid // NUM_BLOCKS
-        e = tl.load(block_expert_ptr + pid_m)
-        if e < 0:
+        pid_m, pid_n, e = _block_of(block_expert_ptr, NUM_BLOCKS)
+        if e < 0:  # a surplus block of the worst-case alignment
             return
-        rows = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-        pair = tl.load(sorted_ptr + rows)
-        live = pair < N_PAIRS
+        rows, pair, live = _block_pairs(sorted_ptr, pid_m, N_PAIRS, BLOCK_M)
         tok = tl.where(live, pair // TOP_K, 0).to(tl.int64)
         rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         nmask = rn < I
@@ -150,12 +169,8 @@ if HAS_TRITON:
             wmask = nmask[None, :] & kmask[:, None]
             bg = tl.load(wb + rn[None, :] * swn + kk[:, None] * swk, mask=wmask, other=0.0)
             bu = tl.load(wb + (rn[None, :] + I) * swn + kk[:, None] * swk, mask=wmask, other=0.0)
-            if IEEE:
-                acc_g = tl.dot(a, bg, acc_g, input_precision="ieee")
-                acc_u = tl.dot(a, bu, acc_u, input_precision="ieee")
-            else:
-                acc_g = tl.dot(a, bg, acc_g)
-                acc_u = tl.dot(a, bu, acc_u)
+            acc_g = _dot(a, bg, acc_g, IEEE)
+            acc_u = _dot(a, bu, acc_u, IEEE)
         dt = act_ptr.dtype.element_ty
         g = acc_g.to(dt).to(tl.float32)  # the gate/up linear's output, rounded to the model dtype
         u = acc_u.to(dt).to(tl.float32)
@@ -166,15 +181,10 @@ if HAS_TRITON:
     def _experts_down_kernel(act_ptr, w_ptr, y_ptr, sorted_ptr, block_expert_ptr, N_PAIRS, H, I,
                              sam, swe, swn, swk, sym, NUM_BLOCKS, IEEE: tl.constexpr,
                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-        pid = tl.program_id(0)
-        pid_m = pid % NUM_BLOCKS
-        pid_n = pid // NUM_BLOCKS
-        e = tl.load(block_expert_ptr + pid_m)
-        if e < 0:
+        pid_m, pid_n, e = _block_of(block_expert_ptr, NUM_BLOCKS)
+        if e < 0:  # a surplus block of the worst-case alignment
             return
-        rows = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-        pair = tl.load(sorted_ptr + rows)
-        live = pair < N_PAIRS
+        rows, pair, live = _block_pairs(sorted_ptr, pid_m, N_PAIRS, BLOCK_M)
         rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         nmask = rn < H
         rk = tl.arange(0, BLOCK_K)
@@ -185,10 +195,7 @@ if HAS_TRITON:
             kmask = kk < I
             a = tl.load(act_ptr + rows[:, None] * sam + kk[None, :], mask=live[:, None] & kmask[None, :], other=0.0)
             b = tl.load(wb + rn[None, :] * swn + kk[:, None] * swk, mask=nmask[None, :] & kmask[:, None], other=0.0)
-            if IEEE:
-                acc = tl.dot(a, b, acc, input_precision="ieee")
-            else:
-                acc = tl.dot(a, b, acc)
+            acc = _dot(a, b, acc, IEEE)
         dst = tl.where(live, pair, 0).to(tl.int64)
         tl.store(y_ptr + dst[:, None] * sym + rn[None, :], acc.to(y_ptr.dtype.element_ty),
                  mask=live[:, None] & nmask[None, :])
