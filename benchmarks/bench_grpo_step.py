@@ -206,12 +206,14 @@ def one(a, extra: list) -> None:
     with open(Path(a.out) / "steps.jsonl", "a") as f:
         for r in records:
             f.write(json.dumps(r) + "\n")
-    if phases.profiler:  # where the profiled phase's host time goes (cumulative, top functions)
+    if phases.profiler:  # where the profiled phase's host time goes (top functions, cumulative and own time)
         import io
         import pstats
 
         buf = io.StringIO()
         pstats.Stats(phases.profiler, stream=buf).sort_stats("cumulative").print_stats(30)
+        pstats.Stats(phases.profiler, stream=buf).sort_stats("tottime").print_stats(30)
+        phases.profiler.dump_stats(str(Path(a.out) / f"profile_{a.profile}_{a.mode}_{a.round}.prof"))
         (Path(a.out) / f"profile_{a.profile}_{a.mode}_{a.round}.txt").write_text(buf.getvalue())
     print(f"RUN {a.mode} round {a.round}: {len(records)} steps, build {build_s:.1f} s, median step "
           f"{statistics.median(r['step_s'] for r in records[a.warmup:]):.3f} s", flush=True)
@@ -284,7 +286,8 @@ def main() -> None:
                     help="GPU: the first N rounds count host syncs (torch.cuda sync debug mode, which costs host "
                          "time); the times come from the other rounds where there are any")
     ap.add_argument("--profile", choices=PHASES, help="cProfile this phase in every run (OUT/profile_PHASE_MODE_ROUND"
-                    ".txt); its times then include the profiler's cost, so use it in a run of its own")
+                    ".txt, and .prof for pstats / snakeviz); its times then include the profiler's cost, so use it in a run "
+                    "of its own")
     ap.add_argument("--mode", help=argparse.SUPPRESS)  # a child: one run
     ap.add_argument("--round", type=int, default=0, help=argparse.SUPPRESS)
     a, extra = ap.parse_known_args()
