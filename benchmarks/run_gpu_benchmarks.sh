@@ -14,6 +14,7 @@
 #   PARTS=starts CONFIGS=shipped:10,off bash benchmarks/run_gpu_benchmarks.sh  # bitwise across cold engine starts
 #   PARTS=trunc bash benchmarks/run_gpu_benchmarks.sh      # onpolicy check with top-k / top-p / min-p, T=1.0 and 0.7
 #   PARTS=lora LORA_R=16 bash benchmarks/run_gpu_benchmarks.sh   # the GRPO recipe with a LoRA adapter, strict
+#   PARTS=sleep bash benchmarks/run_gpu_benchmarks.sh     # the GRPO recipe with vllm_enable_sleep_mode, strict
 set -u
 source benchmarks/gpu_env.sh
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -31,6 +32,11 @@ for part in ${PARTS-check recipe}; do
           --top-k 20 --top-p 0.9 --min-p 0.02 --json > "$OUT/trunc_$t.log" 2>&1; echo "T=$t exit $?"
         grep -E '^\{' "$OUT/trunc_$t.log" | tail -1 | cut -c1-400
       done ;;
+    sleep)  # issue 32: TRL's vllm_enable_sleep_mode (level 2 after each generation; weights re-pushed at wake-up), strict
+      timeout 900 accelerate launch --config_file recipes/accelerate/single_gpu.yaml recipes/grpo.py \
+        --config recipes/gpu_qwen3_1p7b.yaml --model $M --run_dir "$OUT/sleep" --vllm_enable_sleep_mode true \
+        --control false > "$OUT/sleep.log" 2>&1; echo "exit $?"
+      grep -E "│|step time|Error|error:" "$OUT/sleep.log" | grep -v Warning | tail -20 ;;
     lora)  # issue 32's GPU row: the recipe with a LoRA adapter on every projection (PEFT), strict mode (a step
       # that is not 100% bitwise stops the run); 32 completions x 64 tokens a step, 6 steps; no control run
       timeout 900 accelerate launch --config_file recipes/accelerate/single_gpu.yaml recipes/grpo.py \
