@@ -5,8 +5,9 @@ usage: python readme_snippet.py MODEL_DIR OUTPUT_DIR
 Between the markers is the snippet exactly as README.md shows it (keep the two in step); above
 it, what a user brings (a model path, a reward, a data set); the GRPOConfig sets only what the
 snippet's `...` stands for here: use_cpu=True (this CPU machine: TRL's default bf16=True needs
-it), max_steps=3 and output_dir. Everything else is TRL's default: bf16=True (autocast),
-gradient checkpointing, top_k/top_p/min_p off, repetition_penalty 1, 256 completion tokens.
+it), max_steps=3, max_completion_length=32 (TRL's 256 tokens took the suite ~60 s more) and output_dir.
+Everything else is TRL's default: bf16=True (autocast), gradient checkpointing, top_k/top_p/min_p off,
+repetition_penalty 1.
 
 After training, in the same process: the sampler's logprobs on fresh prompts against the
 patched trainer (must be bitwise), the plain transformers forward (the control, must differ)
@@ -32,7 +33,8 @@ from onpolicy.trl_grpo import OnPolicyGRPOTrainer
 trainer = OnPolicyGRPOTrainer(model=path, reward_funcs=reward, train_dataset=ds, onpolicy="strict",
                               args=GRPOConfig(use_vllm=True, vllm_mode="colocate",
                                               model_init_kwargs={"dtype": "bfloat16"},
-                                              use_cpu=True, max_steps=3, output_dir=output_dir))
+                                              use_cpu=True, max_steps=3, max_completion_length=32,
+                                              output_dir=output_dir))
 trainer.train()
 # --- end of the README snippet -----------------------------------------------------------------------------------
 
