@@ -1,6 +1,6 @@
 """Where does vLLM's batched run of a model differ from its run of one prompt alone? (GPU or CPU)
 
-    python benchmarks/batch_diag.py MODEL [--batch 64] [--plugin on|off] [--len 24]
+    python benchmarks/batch_diag.py MODEL [--batch 64] [--plugin on|off] [--len 24] [--prefix-caching off|on]
 
 `onpolicy check` compares the sampler with the trainer; this looks inside the engine (in-process, eager,
 greedy, two steps) for a module whose output rows for one prompt change with what else shares the batch:
@@ -30,10 +30,13 @@ def main():
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--plugin", default="on")
     p.add_argument("--len", type=int, default=24)
+    p.add_argument("--prefix-caching", default="off", help="on: the batch reuses prompt 0's cached blocks "
+                   "(its rows then are only those computed; the hooks compare the first step's rows as found)")
     a = p.parse_args()
     from onpolicy.check.engines import make_engine, vllm_model
 
-    llm = make_engine(a.model, plugin=a.plugin == "on", max_model_len=256)
+    llm = make_engine(a.model, plugin=a.plugin == "on", max_model_len=256,
+                      enable_prefix_caching=a.prefix_caching == "on")
     model = vllm_model(llm)
     dev = next(model.parameters()).device
     dt = next(model.parameters()).dtype
@@ -90,7 +93,11 @@ def main():
                 return
             n = state["rows"] if state["step"] == 0 else 1
             off = state.get("off") or 0
-            if o.shape[0] < off + n:
+            if o.shape[0] != state["tokens"]:  # one row per sequence (the logits): prompt 0's is the first
+                if off != 0 or o.dim() == 0 or o.shape[0] < 1:
+                    return
+                n, i = 1, None
+            elif o.shape[0] < off + n:
                 return
             if state["tag"] == "batch" and state["step"] == 0 and name.endswith("layers.0.mlp.experts"):
                 full = kwargs.get("hidden_states", args[0] if args else None)
@@ -114,11 +121,15 @@ def main():
         ids = kwargs.get("input_ids", args[0] if args else None)
         pos = kwargs.get("positions", args[1] if len(args) > 1 else None)
         ids, pos = ids.tolist(), pos.tolist()
+        state["tokens"] = len(ids)
         p0 = state["p0"]
         if state["step"] == 0:
             off = next((i for i in range(len(ids) - len(p0) + 1) if ids[i:i + len(p0)] == p0), None)
         else:
             off = next((i for i, q in enumerate(pos) if q == len(p0) + state["step"] - 1), None)
+        if off is None:
+            raise SystemExit(f"{state['tag']} step {state['step']}: prompt 0's rows not found in the batch (with "
+                             "--prefix-caching on, its cached blocks are not recomputed)")
         state["off"] = off
         print(state["tag"], "step", state["step"], "rows", len(ids), "prompt 0 at", off, flush=True)
 

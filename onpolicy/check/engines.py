@@ -14,9 +14,9 @@ def engine_dtype(llm) -> torch.dtype:
 
 
 def make_engine(model: str, plugin: bool, max_model_len: int = 512, seed: int = 0, tp: int = 1,
-                cuda_graphs: bool = False, dtype: str = "auto"):
+                cuda_graphs: bool = False, dtype: str = "auto", **engine_args):
     """An in-process vLLM engine, eager unless `cuda_graphs`, with the onpolicy plugin on or off
-    (tp > 1: one worker process a rank)."""
+    (tp > 1: one worker process a rank); engine_args: more of `LLM`'s arguments."""
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     from .. import vllm_plugin
 
@@ -36,6 +36,7 @@ def make_engine(model: str, plugin: bool, max_model_len: int = 512, seed: int = 
         kw.update(tensor_parallel_engine_args(tp))
         if not torch.cuda.is_available():
             kw["gpu_memory_utilization"] = 0.3 / tp  # a share of host memory per rank
+    kw.update(engine_args)
     return LLM(**kw)
 
 
