@@ -69,11 +69,10 @@ def main():
         print(f"linear {name} {key} method={type(getattr(mod, 'quant_method', None)).__name__}: "
               f"{'row 0 differs at M=' + str(bad) if bad else 'invariant'}", flush=True)
 
-    # 2. hooks
+    # 2. hooks: (tag, step, module, its call in the step) -> (input rows, output rows) of prompt 0
     rec = {}
     saved = {}
-    state = {"on": False, "step": -1, "rows": None}
-    order = []
+    state = {"on": False, "step": -1}
 
     def first(t):
         if isinstance(t, (tuple, list)):
@@ -88,36 +87,34 @@ def main():
             if not state["on"]:
                 return
             o = first(out)
-            i = first(args) if args else first(list(kwargs.values()))
             if o is None or o.dim() == 0:
                 return
-            n = state["rows"] if state["step"] == 0 else 1
-            off = state.get("off") or 0
-            if o.shape[0] != state["tokens"]:  # one row per sequence (the logits): prompt 0's is the first
-                if off != 0 or o.dim() == 0 or o.shape[0] < 1:
-                    return
-                n, i = 1, None
-            elif o.shape[0] < off + n:
+            off, tokens = state["off"], state["tokens"]
+            i = first(args) if args else first(list(kwargs.values()))
+            if o.shape[0] == tokens:  # a row per token: prompt 0's
+                rows = slice(off, off + (len(state["p0"]) if state["step"] == 0 else 1))
+            elif off == 0:  # a row per sequence (the logits): prompt 0's is the first
+                rows, i = slice(0, 1), None
+            else:
                 return
             if state["tag"] == "batch" and state["step"] == 0 and name.endswith("layers.0.mlp.experts"):
-                full = kwargs.get("hidden_states", args[0] if args else None)
-                saved["x"], saved["off"] = full.detach().clone(), off
-            o = o[off:]
-            if i is not None and i.dim() > 0 and i.shape[0] >= off + n:
-                i = i[off:]
-            key = (state["tag"], state["step"], name)
-            if key in rec:
-                key = key + (len(rec),)
-            rec[key] = (i[:n].detach().float().cpu().clone() if i is not None and i.dim() > 0 and i.shape[0] >= n else None,
-                        o[:n].detach().float().cpu().clone() if o.shape[0] >= n else o.detach().float().cpu().clone())
-            if state["tag"] == "alone":
-                order.append(key[1:])
+                saved["x"] = kwargs.get("hidden_states", args[0] if args else None).detach().clone()
+                saved["off"] = off
+            calls = state["calls"]
+            calls[name] = calls.get(name, 0) + 1  # a module called twice in a step: compared call by call
+
+            def keep(t):
+                return t[rows].detach().float().cpu().clone()
+
+            has_rows = i is not None and i.dim() > 0 and i.shape[0] == tokens
+            rec[(state["tag"], state["step"], name, calls[name])] = (keep(i) if has_rows else None, keep(o))
         return f
 
     def top_pre(mod, args, kwargs):
         if not state["on"]:
             return
         state["step"] += 1
+        state["calls"] = {}
         ids = kwargs.get("input_ids", args[0] if args else None)
         pos = kwargs.get("positions", args[1] if len(args) > 1 else None)
         ids, pos = ids.tolist(), pos.tolist()
@@ -147,7 +144,7 @@ def main():
     state["p0"] = prompts[0]
     sp = SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True)
     for tag, ps in (("alone", prompts[:1]), ("batch", prompts)):
-        state.update(on=True, step=-1, tag=tag, rows=len(prompts[0]), off=0)
+        state.update(on=True, step=-1, tag=tag, off=0)
         out = llm.generate([{"prompt_token_ids": q} for q in ps], [sp] * len(ps), use_tqdm=False)
         state["on"] = False
         print(tag, "steps", state["step"] + 1, "tokens of prompt 0:", list(out[0].outputs[0].token_ids), flush=True)
@@ -172,11 +169,10 @@ def main():
                                               r.w2_weight, r.top_k, bool(r.renormalize))
             print("op: same logits, alone vs batch rows:", sum(torch.equal(of[off + j], oa2[j]) for j in range(L)), flush=True)
     shown = 0
-    for k in order:
+    for k in [k[1:] for k in rec if k[0] == "alone"]:  # call order
         step, name = k[0], k[1]
-        A = rec.get(("alone",) + tuple(k))
-        B = rec.get(("batch",) + tuple(k))
-        if A is None or B is None:
+        A, B = rec[("alone",) + k], rec.get(("batch",) + k)
+        if B is None:
             continue
         ia, oa = A
         ib, ob = B

@@ -32,17 +32,6 @@ for part in ${PARTS-check recipe}; do
           --top-k 20 --top-p 0.9 --min-p 0.02 --json > "$OUT/trunc_$t.log" 2>&1; echo "T=$t exit $?"
         grep -E '^\{' "$OUT/trunc_$t.log" | tail -1 | cut -c1-400
       done ;;
-    sleep)  # issue 32: TRL's vllm_enable_sleep_mode (level 2 after each generation; weights re-pushed at wake-up), strict
-      timeout 900 accelerate launch --config_file recipes/accelerate/single_gpu.yaml recipes/grpo.py \
-        --config recipes/gpu_qwen3_1p7b.yaml --model $M --run_dir "$OUT/sleep" --vllm_enable_sleep_mode true \
-        --control false > "$OUT/sleep.log" 2>&1; echo "exit $?"
-      grep -E "│|step time|Error|error:" "$OUT/sleep.log" | grep -v Warning | tail -20 ;;
-    lora)  # issue 32's GPU row: the recipe with a LoRA adapter on every projection (PEFT), strict mode (a step
-      # that is not 100% bitwise stops the run); 32 completions x 64 tokens a step, 6 steps; no control run
-      timeout 900 accelerate launch --config_file recipes/accelerate/single_gpu.yaml recipes/grpo.py \
-        --config recipes/gpu_qwen3_1p7b.yaml --model $M --run_dir "$OUT/lora" --lora_r ${LORA_R:-16} --control false \
-        > "$OUT/lora.log" 2>&1; echo "exit $?"
-      grep -E "│|step time|Error|error:" "$OUT/lora.log" | grep -v Warning | tail -20 ;;
     tp4check|tp8check) timeout 900 python3 benchmarks/bitwise_check.py $M "$OUT" --tp ${part:2:1} ;;
     tpreduce)  # the TP reduction alone, vLLM's all-reduce vs onpolicy's rank-order sum, at each TP the GPUs allow
       g=$(nvidia-smi -L | wc -l)
@@ -51,9 +40,16 @@ for part in ${PARTS-check recipe}; do
         timeout 900 torchrun --standalone --nproc_per_node $n benchmarks/bench_tp_reduce.py > "$OUT/tpreduce_$n.log" 2>&1
         echo "exit $?"; grep -vE "Warning|warn|INFO" "$OUT/tpreduce_$n.log" | tail -25
       done ;;
-    recipe|tp2recipe)
-      if [ $part = recipe ]; then acc=single_gpu; extra=""; else acc=fsdp2; extra="--vllm_tensor_parallel_size 2"; fi
-      timeout 1200 accelerate launch --config_file recipes/accelerate/$acc.yaml recipes/grpo.py \
+    recipe|tp2recipe|lora|sleep)
+      acc=single_gpu; extra=""; limit=1200
+      case $part in
+        tp2recipe) acc=fsdp2; extra="--vllm_tensor_parallel_size 2" ;;
+        # issue 32's GPU rows, strict (a step not 100% bitwise stops the run), no control run: a LoRA adapter on
+        # every projection (PEFT); TRL's vllm_enable_sleep_mode (level 2 after each generation, weights re-pushed)
+        lora) extra="--lora_r ${LORA_R:-16} --control false"; limit=900 ;;
+        sleep) extra="--vllm_enable_sleep_mode true --control false"; limit=900 ;;
+      esac
+      timeout $limit accelerate launch --config_file recipes/accelerate/$acc.yaml recipes/grpo.py \
         --config recipes/gpu_qwen3_1p7b.yaml --model $M --run_dir "$OUT/$part" $extra > "$OUT/$part.log" 2>&1
       echo "exit $?"
       if [ $part = tp2recipe ]; then  # several processes: the control is a launch of its own

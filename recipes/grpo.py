@@ -208,8 +208,6 @@ def train(recipe: RecipeArgs, cfg, model: str, dataset, mode: str, run_dir: Path
 
     cfg.output_dir = str(run_dir)
     extra = {}
-    if recipe.lora_r < 0:
-        raise SystemExit(f"--lora_r {recipe.lora_r}: give a rank >= 1, or 0 for full fine-tuning")
     if recipe.lora_r:
         from peft import LoraConfig
 
@@ -322,6 +320,8 @@ def main(argv=None):
         raise SystemExit(f"--onpolicy must be strict, monitor or off (got {recipe.onpolicy!r})")
     if recipe.reward not in REWARDS:
         raise SystemExit(f"--reward must be one of {', '.join(REWARDS)} (got {recipe.reward!r})")
+    if recipe.lora_r < 0:
+        raise SystemExit(f"--lora_r {recipe.lora_r}: give a rank >= 1, or 0 for full fine-tuning")
     root = Path(recipe.run_dir)
     model = recipe.model
     if model != "tiny":

@@ -25,7 +25,6 @@ trainer must too).
 from __future__ import annotations
 
 import functools
-
 from typing import Any, Optional
 
 import onpolicy_kernels

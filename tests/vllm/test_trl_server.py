@@ -121,6 +121,13 @@ def _compare(rows, model, temperature: float, score=trainer_logprobs):
     return equal, len(rows)
 
 
+def _assert_serving(srv):
+    """The server is up and healthy, and its log shows no dead engine and no onpolicy error."""
+    assert srv.healthy() and srv.running()
+    text = srv.log_text()
+    assert "EngineDeadError" not in text and "OnpolicyVllmError" not in text, text[-3000:]
+
+
 def test_server_starts_with_plugin_and_passes_the_trainer_audit(servers, client):
     from onpolicy.server import audit_server
 
@@ -162,9 +169,7 @@ def test_bad_requests_get_400_and_the_server_serves_the_next(servers, client):
     # through TRL's client, as a GRPOConfig(repetition_penalty=1.2) run would send it
     with pytest.raises(Exception, match="400.*repetition_penalty"):
         client.generate(PROMPTS[:1], n=1, repetition_penalty=1.2, max_tokens=4)
-    assert srv.healthy() and srv.running()
-    text = srv.log_text()
-    assert "EngineDeadError" not in text and "OnpolicyVllmError" not in text, text[-3000:]
+    _assert_serving(srv)
 
 
 TRUNCATED = {"prompt": [5, 6, 7], "max_tokens": 4, "logprobs": 0, "top_k": 5}  # issue 28's request, now served
@@ -190,9 +195,7 @@ def test_truncation_requests_served_a_bad_value_gets_400_and_the_server_stays_up
         assert r.status_code == 200, r.text
         lps = r.json()["choices"][0]["logprobs"]["token_logprobs"]
         assert len(lps) == 4 and all(isinstance(x, float) and x < 0 for x in lps), lps
-    assert srv.healthy() and srv.running()
-    text = srv.log_text()
-    assert "EngineDeadError" not in text and "OnpolicyVllmError" not in text, text[-3000:]
+    _assert_serving(srv)
 
 
 def test_weight_update_through_trls_client_then_bitwise(client, hf_model, tmp_path, monkeypatch):
