@@ -21,8 +21,17 @@ autograd, a call made while a CUDA graph is being captured (vLLM's own capture),
 tensors, and any argument `RowGraphs` cannot key. A failed capture is logged and that
 key runs eagerly from then on.
 
+Memory: the buckets share their static buffers. A `RowGraphs` keeps one static input per
+argument position (dtype, row shape) and, given `into` (a form of fn that writes into a given
+tensor), one static output per argument kinds, each of the largest bucket's rows; a bucket's
+graph reads and writes their first rows. All its graphs capture into one memory pool (their
+scratch: only one replays at a time). At 256 rows and a 151936-token vocabulary the head's
+and sampler's graphs hold 0.44 GiB (1.01 GiB with buffers per bucket), and the worker takes
+them out of the KV cache's share of `gpu_memory_utilization` (`planned_bytes`), so the engine
+stays inside its budget.
+
 The returned tensor is a view of the graph's static output: it stays valid until the
-next call of the same `RowGraphs` with the same bucket and argument kinds. vLLM's model
+next call of the same `RowGraphs` with the same argument kinds (any bucket). vLLM's model
 runner V2 consumes the logits and the sampler's log-probabilities within the step (its
 logprobs are gathered into new tensors), so the graphs are installed there only
 (`wanted`), and not with speculative decoding (draft logits are kept across steps),
@@ -106,11 +115,15 @@ class RowGraphs:
     address -- e.g. a weight loaded in place), part of the key.
     """
 
-    def __init__(self, fn: Callable, name: str, max_rows: int = MAX_ROWS):
+    def __init__(self, fn: Callable, name: str, max_rows: int = MAX_ROWS, into: Callable | None = None):
         self.fn = fn
+        self.into = into  # into(*rows, *extra, out): fn's result written into out (same bits), or None
         self.name = name
         self.max_rows = min(max_rows, MAX_ROWS)
         self._graphs: dict = {}
+        self._inputs: dict = {}  # (position, dtype, row shape, device) -> static rows of the largest bucket
+        self._outputs: dict = {}  # a key without its bucket -> static output rows of the largest bucket
+        self._pool = None  # one memory pool for every graph's scratch
         self.captures = 0
         self.replays = 0
         self.warmed = False  # set once warm_up has captured every bucket: later captures are logged
@@ -144,7 +157,10 @@ class RowGraphs:
         if g is None:
             for old in [k for k in self._graphs if stale(k, key)]:
                 del self._graphs[old]  # an extra tensor (a weight) now lives elsewhere: its graphs are dead
-            g = self._graphs[key] = self._capture(key[0], rows, extra)
+            live = {k[1:] for k in self._graphs}
+            for k in [k for k in self._outputs if k not in live]:
+                del self._outputs[k]
+            g = self._graphs[key] = self._capture(key, rows, extra)
         if g is False:  # its capture failed: eager
             return self.fn(*rows, *extra)
         m = rows[0].shape[0]
@@ -154,22 +170,43 @@ class RowGraphs:
         self.replays += 1
         return g.output[:m]
 
-    def _capture(self, b: int, rows, extra):
+    def _static(self, table: dict, key, row_shape: tuple, dtype, device, fill) -> torch.Tensor:
+        """The largest bucket's static rows for `key` in `table` (made on first use)."""
+        buf = table.get(key)
+        if buf is None:
+            with torch.inference_mode(False):  # plain tensors: copied into under any mode
+                buf = table[key] = fill((bucket(self.max_rows),) + tuple(row_shape), dtype=dtype, device=device)
+        return buf
+
+    def _capture(self, key: tuple, rows, extra):
+        b = key[0]
         if len(self._graphs) >= 64:  # e.g. extra tensors at new addresses each time: keep the newest only
             self._graphs.clear()
+            self._outputs.clear()
         device = rows[0].device
         try:
-            with torch.inference_mode(False):  # plain tensors: copied into under any mode
-                inputs = tuple(torch.ones((b,) + tuple(r.shape[1:]), dtype=r.dtype, device=device) for r in rows)
+            inputs = tuple(self._static(self._inputs, (i, r.dtype, tuple(r.shape[1:]), r.device), r.shape[1:],
+                                        r.dtype, device, torch.ones)[:b] for i, r in enumerate(rows))
             current = torch.cuda.current_stream(device)
             side = torch.cuda.Stream(device)
             side.wait_stream(current)
             graph = torch.cuda.CUDAGraph()
+            if self._pool is None:
+                self._pool = torch.cuda.graph_pool_handle()
             with torch.cuda.stream(side):
-                self.fn(*inputs, *extra)  # compiles and tunes (never inside the capture)
-                graph.capture_begin(capture_error_mode="thread_local")
+                ref = self.fn(*inputs, *extra)  # compiles and tunes (never inside the capture)
+                out = None
+                if self.into is not None and isinstance(ref, torch.Tensor) and ref.shape[:1] == (b,):
+                    out = self._static(self._outputs, key[1:], ref.shape[1:], ref.dtype, device, torch.empty)[:b]
+                    self.into(*inputs, *extra, out=out)  # likewise for the form that writes into out
+                del ref
+                graph.capture_begin(pool=self._pool, capture_error_mode="thread_local")
                 try:
-                    output = self.fn(*inputs, *extra)
+                    if out is None:
+                        output = self.fn(*inputs, *extra)
+                    else:
+                        self.into(*inputs, *extra, out=out)
+                        output = out
                 finally:
                     graph.capture_end()
             current.wait_stream(side)
@@ -227,6 +264,9 @@ def installed(runner, model) -> list:
 def install(runner, model, vllm_config) -> str:
     """Give the model's LM head (its OnpolicyLogitsProcessor) and the runner's sampler their
     RowGraphs where `wanted`; returns why not otherwise ("" when installed)."""
+    from onpolicy_kernels.ops.linear import linear_into
+    from onpolicy_kernels.ops.logprobs import log_softmax_into
+
     from . import compat
     from .linear import _linear
     from .sampler import _log_softmax
@@ -245,52 +285,97 @@ def install(runner, model, vllm_config) -> str:
     for p in procs:
         # An fp32 head_dtype under a bf16 model runs the head eagerly (a cast first): no head graphs.
         if getattr(p, "head_dtype", None) in (None, param.dtype):
-            p._onpolicy_graphs = RowGraphs(functools.partial(_linear, bias=None), "the LM head", max_rows)
-    sampler._onpolicy_graphs = RowGraphs(_log_softmax, "the sampler's log-softmax", max_rows)
+            p._onpolicy_graphs = RowGraphs(functools.partial(_linear, bias=None), "the LM head", max_rows,
+                                           into=linear_into)
+    sampler._onpolicy_graphs = RowGraphs(_log_softmax, "the sampler's log-softmax", max_rows, into=log_softmax_into)
     return ""
+
+
+class WarmUp:
+    """What `warm_up` captures for one worker: the head's graphs on [b, K] rows of the weight's dtype
+    (where installed), the log-softmax's on logits of the head's dtype (or head_dtype) over the
+    processor's vocabulary, with a float temperature (every request at 0 or 1) and with per-row ones."""
+
+    def __init__(self, head_graphs, soft: RowGraphs, weight: torch.Tensor, vocab: int, logits_dtype):
+        self.head_graphs, self.soft, self.w, self.vocab, self.logits_dtype = head_graphs, soft, weight, vocab, logits_dtype
+
+    @classmethod
+    def of(cls, runner, model):
+        """The worker's, or None where `install` gave it no graphs."""
+        from . import compat
+
+        soft = getattr(compat.runner_sampler(runner), "_onpolicy_graphs", None)
+        procs = logits_processors(model)
+        head = getattr(model, "lm_head", None)
+        if soft is None or not procs or head is None:
+            return None
+        w = head.weight
+        return cls(getattr(procs[0], "_onpolicy_graphs", None), soft, w,
+                   getattr(procs[0], "org_vocab_size", None) or w.shape[0],
+                   getattr(procs[0], "head_dtype", None) or w.dtype)
+
+    @property
+    def held(self) -> list:
+        return [g for g in (self.head_graphs, self.soft) if g is not None]
+
+    def planned_bytes(self) -> int:
+        """What the static buffers will hold once `capture` ran: per RowGraphs, one input per argument
+        position and one output per argument kinds, each of its largest bucket's rows."""
+        w, size = self.w, lambda dtype: torch.empty((), dtype=dtype).element_size()  # noqa: E731
+        total = 0
+        if self.head_graphs is not None:
+            rows = bucket(self.head_graphs.max_rows)
+            total += rows * (w.shape[1] + w.shape[0]) * w.element_size()
+        rows = bucket(self.soft.max_rows)
+        total += rows * (self.vocab * size(self.logits_dtype) + 4)  # the logits and per-row temperatures
+        return total + 2 * rows * self.vocab * 4  # fp32 log-probabilities, float and per-row temperature
+
+    def capture(self) -> None:
+        w, dev = self.w, self.w.device
+        with torch.inference_mode():
+            if self.head_graphs is not None:
+                capture_buckets(self.head_graphs, lambda b: (torch.zeros(b, w.shape[1], dtype=w.dtype, device=dev),),
+                                extra=(w,))
+            logits = lambda b: torch.zeros(b, self.vocab, dtype=self.logits_dtype, device=dev)  # noqa: E731
+            capture_buckets(self.soft, lambda b: (logits(b),), extra=(1.0,))
+            capture_buckets(self.soft, lambda b: (logits(b), torch.ones(b, device=dev)))
+        for g in self.held:
+            g.warmed = True
+
+
+def planned_bytes(runner, model) -> int:
+    """Bytes `warm_up` will keep in the graphs' static buffers (0 where none are installed): the
+    worker takes them out of the KV cache's budget before vLLM sizes it."""
+    plan = WarmUp.of(runner, model)
+    return plan.planned_bytes() if plan is not None else 0
 
 
 def warm_up(runner, model) -> None:
     """Capture every bucket's graphs before the engine serves (else the first decode step of a
-    bucket pays its capture), if `install` gave them: the head on [b, K] rows of the weight's
-    dtype, the log-softmax on its logits (the head's dtype, or head_dtype; the processor's
-    vocabulary) with a float temperature (every request at 0 or 1) and with per-row ones."""
-    from . import compat
-
-    soft = getattr(compat.runner_sampler(runner), "_onpolicy_graphs", None)
-    procs = logits_processors(model)
-    head = getattr(model, "lm_head", None)
-    if soft is None or not procs or head is None:
+    bucket pays its capture), if `install` gave them (see `WarmUp`)."""
+    plan = WarmUp.of(runner, model)
+    if plan is None:
         return  # graphs not installed (`wanted` said why in the load log)
-    head_graphs = getattr(procs[0], "_onpolicy_graphs", None)
-    held = [g for g in (head_graphs, soft) if g is not None]
+    held = plan.held
     start = time.perf_counter()
-    w = head.weight
-    dev = w.device
-    vocab = getattr(procs[0], "org_vocab_size", None) or w.shape[0]
-    logits_dtype = getattr(procs[0], "head_dtype", None) or w.dtype
     before = sum(g.captures for g in held)
-    with torch.inference_mode():
-        if head_graphs is not None:
-            capture_buckets(head_graphs, lambda b: (torch.zeros(b, w.shape[1], dtype=w.dtype, device=dev),),
-                            extra=(w,))
-        logits = lambda b: torch.zeros(b, vocab, dtype=logits_dtype, device=dev)  # noqa: E731
-        capture_buckets(soft, lambda b: (logits(b),), extra=(1.0,))
-        capture_buckets(soft, lambda b: (logits(b), torch.ones(b, device=dev)))
-    for g in held:
-        g.warmed = True
+    plan.capture()
     total = sum(g.captures for g in held)
     logger.info("onpolicy: %d CUDA graphs of the %s (%d captured by this warm-up, %.2f s; buckets up to %d rows; "
-                "their static buffers hold %.2f GiB, outside vLLM's memory budget; %s=N for fewer rows)", total,
-                "LM head and sampler" if head_graphs is not None else "sampler (the fp32 head runs eagerly)",
-                total - before, time.perf_counter() - start, soft.max_rows,
+                "their static buffers hold %.2f GiB, taken out of the KV cache's share of gpu_memory_utilization; "
+                "%s=N for fewer rows)", total,
+                "LM head and sampler" if plan.head_graphs is not None else "sampler (the fp32 head runs eagerly)",
+                total - before, time.perf_counter() - start, plan.soft.max_rows,
                 sum(graph_bytes(g) for g in held) / 2**30, ROWS_ENV)
 
 
 def graph_bytes(graphs: RowGraphs) -> int:
-    """Bytes of the static inputs and outputs `graphs` holds (what stays allocated between replays)."""
-    total = 0
+    """Bytes of the static inputs and outputs `graphs` holds (what stays allocated between replays),
+    each buffer counted once (the buckets' graphs hold views of shared ones)."""
+    sizes = {}
     for g in graphs._graphs.values():
         if g:
-            total += sum(t.numel() * t.element_size() for t in (*g.inputs, g.output))
-    return total
+            for t in (*g.inputs, g.output):
+                base = t._base if t._base is not None else t
+                sizes[base.data_ptr()] = base.numel() * base.element_size()
+    return sum(sizes.values())

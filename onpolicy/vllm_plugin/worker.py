@@ -40,6 +40,10 @@ class OnpolicyWorkerMixin:
         after_load(self)
         return out
 
+    def determine_available_memory(self, *args, **kwargs):
+        avail = super().determine_available_memory(*args, **kwargs)  # type: ignore[misc]
+        return budget_decode_graphs(self, avail)
+
     def compile_or_warm_up_model(self, *args, **kwargs):
         warm_up_linears(self)
         # vLLM's warm-up samples its own requests with every sampling feature on
@@ -67,6 +71,31 @@ def server_audit(worker) -> dict:
             "logprobs_mode": getattr(vc.model_config, "logprobs_mode", None),
             "tensor_parallel_size": vc.parallel_config.tensor_parallel_size, "rl_server": is_rl_server(vc),
             "rank": getattr(worker, "rank", None)}
+
+
+def budget_decode_graphs(worker, available: int) -> int:
+    """The KV cache's bytes less what the decode graphs' static buffers will hold (graphs.py), so the
+    engine keeps to `gpu_memory_utilization` as vLLM's own graphs do; unchanged without graphs or where
+    the user fixed the KV cache's size (`kv_cache_memory_bytes`)."""
+    from . import graphs
+
+    runner = getattr(worker, "model_runner", None)
+    cache = getattr(worker, "cache_config", None)
+    if runner is None or getattr(cache, "kv_cache_memory_bytes", None):
+        return available
+    held = graphs.planned_bytes(runner, compat.runner_model(runner))
+    if not held:
+        return available
+    if held >= available:
+        raise OnpolicyVllmError(
+            f"onpolicy's decode graphs need {held / 2**30:.2f} GiB and the KV cache would get "
+            f"{available / 2**30:.2f} GiB: raise gpu_memory_utilization, or lower {graphs.ROWS_ENV} "
+            f"(fewer rows per graph) or set {graphs.ENV}=0")
+    if isinstance(getattr(worker, "available_kv_cache_memory_bytes", None), (int, float)):
+        worker.available_kv_cache_memory_bytes -= held  # what vLLM's later log lines report
+    logger.info("onpolicy: %.2f GiB of the KV cache's memory kept for the decode graphs' static buffers",
+                held / 2**30)
+    return available - held
 
 
 def warm_up_decode_graphs(worker) -> None:

@@ -22,9 +22,16 @@ def _orders():
     return ms[::-1] + ms
 
 
-def test_head_graphs_equal_eager(head):
+from onpolicy_kernels.ops.linear import linear_into  # noqa: E402
+from onpolicy_kernels.ops.logprobs import log_softmax_into  # noqa: E402
+
+INTO = [None, "into"]  # graphs that return fn's own output, and graphs writing into shared static outputs (the plugin's)
+
+
+@pytest.mark.parametrize("into", INTO)
+def test_head_graphs_equal_eager(head, into):
     require_compiled_triton()
-    graphs = G.RowGraphs(lambda x, w: K.linear(x, w), "head")
+    graphs = G.RowGraphs(lambda x, w: K.linear(x, w), "head", into=linear_into if into else None)
     g = torch.Generator(device="cuda").manual_seed(1)
     with torch.inference_mode():
         for m in _orders():
@@ -35,10 +42,11 @@ def test_head_graphs_equal_eager(head):
     assert graphs.captures == len(G.buckets(G.MAX_ROWS)) and graphs.replays == 2 * G.MAX_ROWS
 
 
+@pytest.mark.parametrize("into", INTO)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
-def test_log_softmax_graphs_equal_eager(dtype):
+def test_log_softmax_graphs_equal_eager(dtype, into):
     require_compiled_triton()
-    graphs = G.RowGraphs(lambda lg, t: K.log_softmax(lg, t), "log_softmax")
+    graphs = G.RowGraphs(lambda lg, t: K.log_softmax(lg, t), "log_softmax", into=log_softmax_into if into else None)
     g = torch.Generator(device="cuda").manual_seed(2)
     with torch.inference_mode():
         for m in _orders():
@@ -95,3 +103,28 @@ def test_weight_updated_in_place_is_seen(head):
         assert torch.equal(after, K.linear(x, w)) and torch.equal(after, -before)
         w2 = w.clone()  # a new tensor: a new graph
         assert torch.equal(graphs(x, extra=(w2,)), K.linear(x, w2)) and graphs.captures == 2
+
+
+def test_warm_up_holds_what_the_worker_took_out_of_the_kv_budget(head):
+    """The plugin's graphs (install's: shared static inputs and outputs) after the engine's warm-up
+    hold exactly planned_bytes -- what the worker takes out of the KV cache's budget -- and less
+    than half of what a buffer per bucket held (1.01 GiB at 256 rows of a 151936 vocabulary)."""
+    require_compiled_triton()
+    from onpolicy.vllm_plugin.sampler import _log_softmax
+
+    head_graphs = G.RowGraphs(lambda x, w: K.linear(x, w), "the LM head", into=linear_into)
+    soft = G.RowGraphs(_log_softmax, "the sampler's log-softmax", into=log_softmax_into)
+    plan = G.WarmUp(head_graphs, soft, head, V, head.dtype)
+    plan.capture()
+    held = sum(G.graph_bytes(g) for g in plan.held)
+    assert held == plan.planned_bytes()
+    assert held < 0.5 * 1.0142 * 2**30, held / 2**30
+    g = torch.Generator(device="cuda").manual_seed(5)
+    with torch.inference_mode():  # and they still give the eager bits, the sampler's two kinds in turn
+        for m in (256, 3, 100, 1):
+            x = torch.randn(m, H, device="cuda", generator=g, dtype=torch.bfloat16)
+            logits = head_graphs(x, extra=(head,))
+            assert torch.equal(logits, K.linear(x, head)), m
+            t = 0.5 + torch.rand(m, device="cuda", generator=g)
+            assert torch.equal(soft(logits, t), K.log_softmax(logits, t)), m
+            assert torch.equal(soft(logits, extra=(1.0,)), K.log_softmax(logits, 1.0)), m

@@ -218,3 +218,32 @@ def test_warm_up_rows_off_hopper_and_off_cuda():
     with mock.patch.object(LT, "_is_hopper", lambda index: False):
         assert W.warm_up_rows(4096, 8192, torch.device("cuda", 0)) == [1]
     assert W.warm_up_rows(4096, 8192, torch.device("cpu")) == []
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_linear_into_rows_of_a_larger_buffer_equal_linear(backend, monkeypatch):
+    """linear_into (what the vLLM head's CUDA graphs write through): the first M rows of a larger
+    static buffer get linear's bits, and the rows past M are left alone."""
+    from onpolicy_kernels.ops.linear import linear_into
+
+    monkeypatch.setenv("ONPOLICY_KERNELS_BACKEND", backend)
+    g = gen(7)
+    w = randn(40, 24, dtype=torch.bfloat16, g=g)
+    buf = torch.full((16, 40), 7.0, dtype=torch.bfloat16)
+    for m in (1, 5, 16):
+        x = randn(m, 24, dtype=torch.bfloat16, g=g)
+        buf[m:] = 7.0
+        assert linear_into(x, w, buf[:m]) is not None
+        assert torch.equal(buf[:m], linear(x, w)), m
+        assert bool((buf[m:] == 7.0).all())
+
+
+def test_linear_into_names_what_out_must_be():
+    from onpolicy_kernels.ops.linear import linear_into
+
+    x, w = torch.randn(4, 8), torch.randn(6, 8)
+    for bad in (torch.empty(4, 5), torch.empty(4, 6, dtype=torch.float64), torch.empty(6, 4).t()):
+        with pytest.raises(ValueError, match="out must be a \\(4, 6\\) torch.float32 tensor with contiguous rows"):
+            linear_into(x, w, bad)
+    with pytest.raises(ValueError, match="x \\[M, K\\] and weight \\[N, K\\]"):
+        linear_into(x[None], w, torch.empty(4, 6))

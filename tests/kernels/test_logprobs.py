@@ -132,3 +132,34 @@ def test_backward_against_float64(dtype):
     lp = torch.log_softmax(xd2 / t.double().view(2, 3, 1), -1).gather(-1, ids[..., None])[..., 0]
     (lp * g2.double()).sum().backward()
     assert x2.grad.dtype == dtype and ((x2.grad.double() - xd2.grad).norm() / xd2.grad.norm()) < tol
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_log_softmax_into_rows_of_a_larger_buffer_equal_log_softmax(backend, dtype, monkeypatch):
+    """log_softmax_into (what the vLLM sampler's CUDA graphs write through): the first M rows of a
+    larger fp32 buffer get log_softmax's bits, with a float or per-row temperature."""
+    from onpolicy_kernels.ops.logprobs import log_softmax_into
+
+    monkeypatch.setenv("ONPOLICY_KERNELS_BACKEND", backend)
+    g = gen(11)
+    buf = torch.full((8, 300), 7.0)
+    for m in (1, 3, 8):
+        logits = randn(m, 300, dtype=dtype, g=g, scale=4.0)
+        t = 0.5 + torch.rand(m, generator=g)
+        for temp in (t, 0.7):
+            buf[m:] = 7.0
+            log_softmax_into(logits, temp, buf[:m])
+            assert torch.equal(buf[:m], log_softmax(logits, temp)), (m, temp)
+            assert bool((buf[m:] == 7.0).all())
+
+
+def test_log_softmax_into_names_what_out_must_be():
+    from onpolicy_kernels.ops.logprobs import log_softmax_into
+
+    logits = torch.randn(3, 10)
+    for bad in (torch.empty(3, 9), torch.empty(3, 10, dtype=torch.float64), torch.empty(10, 3).t()):
+        with pytest.raises(ValueError, match="out must be a \\(3, 10\\) float32 tensor with contiguous rows"):
+            log_softmax_into(logits, 1.0, bad)
+    with pytest.raises(ValueError, match="every temperature must be > 0|temperature must be > 0"):
+        log_softmax_into(logits, torch.zeros(3), torch.empty(3, 10))

@@ -130,6 +130,13 @@ def test_install_and_warm_up_wiring(monkeypatch, head_dtype):
         assert torch.equal(proc._onpolicy_graphs(x, extra=(w,)), K.linear(x, w))
     assert torch.equal(sampler._onpolicy_graphs(lg, extra=(0.7,)), K.log_softmax(lg, 0.7))
 
+    # what the worker takes out of the KV cache's budget: one input per argument position and one output
+    # per argument kinds, of the largest bucket's rows (8 for max_num_seqs 5)
+    logits_size = torch.empty((), dtype=head_dtype or torch.bfloat16).element_size()
+    soft_bytes = 8 * (48 * logits_size + 4) + 2 * 8 * 48 * 4
+    head_bytes = 8 * (16 + 48) * 2 if head_dtype != torch.float32 else 0
+    assert G.planned_bytes(runner, model) == soft_bytes + head_bytes
+
     seen = []
     monkeypatch.setattr(G, "capture_buckets", lambda g, make, extra=(): seen.append((g.name, make(8)[0].dtype, extra)))
     G.warm_up(runner, model)
@@ -138,3 +145,35 @@ def test_install_and_warm_up_wiring(monkeypatch, head_dtype):
     head = [] if head_dtype == torch.float32 else [("the LM head", torch.bfloat16, (model.lm_head.weight,))]
     assert seen == head + soft
     assert sampler._onpolicy_graphs.warmed
+
+
+def test_the_worker_keeps_the_graphs_buffers_inside_the_memory_budget(monkeypatch):
+    """vLLM sizes the KV cache from determine_available_memory; the plugin's worker returns it less the
+    decode graphs' planned bytes (so the engine keeps to gpu_memory_utilization), leaves a KV cache
+    the user sized (kv_cache_memory_bytes) alone, and names the fixes where nothing would be left."""
+    from onpolicy.vllm_plugin import compat, worker as W
+    from onpolicy.vllm_plugin.errors import OnpolicyVllmError
+
+    class Base:
+        def determine_available_memory(self):
+            return self.available_kv_cache_memory_bytes
+
+    class Worker(W.OnpolicyWorkerMixin, Base):
+        pass
+
+    planned = {"bytes": 300}
+    monkeypatch.setattr(G, "planned_bytes", lambda runner, model: planned["bytes"])
+    monkeypatch.setattr(compat, "runner_model", lambda runner: None)
+    w = Worker.__new__(Worker)  # no vLLM worker behind it
+    w.model_runner, w.cache_config, w.available_kv_cache_memory_bytes = object(), SimpleNamespace(
+        kv_cache_memory_bytes=None), 1000
+    assert w.determine_available_memory() == 700 and w.available_kv_cache_memory_bytes == 700
+    planned["bytes"] = 0  # no graphs installed (CPU, enforce_eager, ONPOLICY_DECODE_GRAPHS=0)
+    assert w.determine_available_memory() == 700
+    planned["bytes"] = 300
+    w.cache_config.kv_cache_memory_bytes = 700
+    assert w.determine_available_memory() == 700
+    w.cache_config.kv_cache_memory_bytes = None
+    planned["bytes"] = 900
+    with pytest.raises(OnpolicyVllmError, match="raise gpu_memory_utilization, or lower ONPOLICY_DECODE_GRAPH_ROWS"):
+        w.determine_available_memory()

@@ -183,9 +183,10 @@ def _unit_stride(t):
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def _log_softmax_impl(logits, temperature, split=None):
+def _log_softmax_impl(logits, temperature, split=None, out=None):
     M, V = logits.shape
-    out = torch.empty(M, V, dtype=torch.float32, device=logits.device)
+    if out is None:
+        out = torch.empty(M, V, dtype=torch.float32, device=logits.device)
     if M == 0:
         return out
     if use_triton(logits):
@@ -306,6 +307,23 @@ def log_softmax(logits: torch.Tensor, temperature: Union[float, torch.Tensor] = 
     x = rows(logits)
     t = _temperature_rows(temperature, x.shape[0], logits.device)
     return shaped(call(_log_softmax_op, x, t), logits.shape)
+
+
+def log_softmax_into(logits: torch.Tensor, temperature: Union[float, torch.Tensor], out: torch.Tensor) -> torch.Tensor:
+    """`log_softmax(logits, temperature)` written into `out` and returned: logits [M, V], out fp32
+    [M, V] with contiguous rows (e.g. the first M rows of a larger buffer, as a CUDA graph's static
+    output). The same bits as `log_softmax`, whatever `out` is a view of. Not differentiable."""
+    check_float("logits", logits)
+    if logits.dim() != 2:
+        raise ValueError(f"log_softmax_into takes logits [M, V], got shape {tuple(logits.shape)}")
+    M, V = logits.shape
+    if (tuple(out.shape) != (M, V) or out.dtype != torch.float32 or out.device != logits.device
+            or (out.numel() and (out.stride(1) != 1 or out.stride(0) != V))):
+        raise ValueError(f"out must be a ({M}, {V}) float32 tensor with contiguous rows on {logits.device}, got "
+                         f"{tuple(out.shape)} {out.dtype} strides {out.stride()} on {out.device}")
+    t = _temperature_rows(temperature, M, logits.device)
+    _check_values(t)
+    return _log_softmax_impl(logits, t, out=out)
 
 
 def token_logprobs(logits: torch.Tensor, token_ids: torch.Tensor, temperature: Union[float, torch.Tensor] = 1.0) -> torch.Tensor:

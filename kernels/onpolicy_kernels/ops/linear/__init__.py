@@ -48,13 +48,16 @@ def _triton_reference(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return linear_triton(x, w, None)
 
 
-def linear_gpu(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor]) -> torch.Tensor:
+def linear_gpu(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor],
+               out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The GPU path on a 2-D x: a verified no-split cuBLASLt algorithm where the chooser
-    found one faster for this weight and M bucket, else the Triton kernel. Same bits either way."""
+    found one faster for this weight and M bucket, else the Triton kernel. Same bits either way.
+    `out`: a [M, N] tensor with contiguous rows to write into (else a new one)."""
     ch = chooser_for(x, w, b)
     if ch is None:
-        return linear_triton(x, w, b)
-    out = torch.empty(x.shape[0], w.shape[0], dtype=x.dtype, device=x.device)
+        return linear_triton(x, w, b, out=out)
+    if out is None:
+        out = torch.empty(x.shape[0], w.shape[0], dtype=x.dtype, device=x.device)
     algo = ch.pick(x, w, out)
     if algo is None:
         return linear_triton(x, w, b, out=out)
@@ -115,3 +118,22 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
             raise ValueError(f"bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
     out = call(_linear_op, rows(x), weight, bias)
     return shaped(out, x.shape[:-1] + (weight.shape[0],))
+
+
+def linear_into(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """`linear(x, weight)` written into `out` and returned: x [M, K], out [M, N] of x's dtype with
+    contiguous rows (e.g. the first M rows of a larger buffer, as a CUDA graph's static output).
+    The same bits as `linear(x, weight)`, whatever `out` is a view of. Not differentiable."""
+    check_float("x", x)
+    check_same("x", x, "weight", weight)
+    if x.dim() != 2 or weight.dim() != 2 or x.shape[1] != weight.shape[1]:
+        raise ValueError(f"linear_into takes x [M, K] and weight [N, K], got {tuple(x.shape)} and "
+                         f"{tuple(weight.shape)}")
+    want = (x.shape[0], weight.shape[0])
+    if (tuple(out.shape) != want or out.dtype != x.dtype or out.device != x.device
+            or (out.numel() and (out.stride(1) != 1 or out.stride(0) != want[1]))):
+        raise ValueError(f"out must be a {want} {x.dtype} tensor with contiguous rows on {x.device}, got "
+                         f"{tuple(out.shape)} {out.dtype} strides {out.stride()} on {out.device}")
+    if use_triton(x):
+        return linear_gpu(x, weight, None, out=out)
+    return out.copy_(linear_cpu(x, weight, None))
