@@ -79,6 +79,11 @@ def main():
         hist = {k: firsts.count(k) for k in sorted(set(firsts))}
         print(f"{name}: {eq}/{tot} tokens bitwise, {len(firsts)} sequences differ; same tokens drawn: "
               f"{same_tokens}; first differing position: count {hist}", flush=True)
+        diffs = [(i, j, float(a), float(b)) for i, (xs, ys) in enumerate(zip(x, y))
+                 for j, (a, b) in enumerate(zip(xs, ys)) if float(a) != float(b)]
+        if diffs:
+            i, j, a, b = max(diffs, key=lambda d: abs(d[2] - d[3]))
+            print(f"  largest difference: sequence {i} token {j}: {a!r} vs {b!r} ({a - b:+.3e})", flush=True)
 
 
 if __name__ == "__main__":
