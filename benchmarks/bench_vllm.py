@@ -8,6 +8,7 @@
     python benchmarks/bench_vllm.py hostprofile MODEL_DIR CONF [NxT] # host (Python) time by function, cProfile
     python benchmarks/bench_vllm.py steptimes MODEL_DIR CONF [NxT]   # host time per step in the runner's calls
     python benchmarks/bench_vllm.py timeline MODEL_DIR CONF [NxT]    # GPU idle gaps, blocking calls, host ops in gaps
+    python benchmarks/bench_vllm.py startup MODEL_DIR CONF          # LLM(...) to the first token, this process
 
 `accept` samples 64 prompts x 32 tokens at T=1.0 and T=0.7 with the onpolicy
 plugin (CUDA graphs and torch.compile as vLLM defaults them), recomputes every
@@ -138,6 +139,21 @@ def engine(path: str, conf: str, max_tokens: int):
 
     return LLM(model=path, dtype="bfloat16", max_model_len=max(1024, max_tokens + 64), seed=0,
                gpu_memory_utilization=float(os.environ.get("BENCH_MEMORY_UTILIZATION", "0.6")))  # CPU: 0.3
+
+
+def startup(path: str, conf: str):
+    """Engine start-up as a user meets it: from `LLM(...)` to the first generated token (one prompt,
+    one token), this process only -- run each configuration in a process of its own, alternately;
+    the first start after a machine's boot also fills vLLM's compile cache."""
+    from vllm import SamplingParams
+
+    t0 = time.perf_counter()
+    llm = engine(path, conf, 16)
+    t1 = time.perf_counter()
+    llm.generate([{"prompt_token_ids": prompts(1, vocab_of(path), seed=3)[0]}],
+                 SamplingParams(temperature=1.0, max_tokens=1, ignore_eos=True), use_tqdm=False)
+    t2 = time.perf_counter()
+    print(f"STARTUP {conf}: LLM() {t1 - t0:.1f} s, first token {t2 - t0:.1f} s", flush=True)
 
 
 def throughput(path: str, conf: str, loads: str = "1000x100"):
@@ -414,5 +430,7 @@ if __name__ == "__main__":
         throughput(*sys.argv[2:5])
     elif cmd == "profile":
         profile(*sys.argv[2:5])
+    elif cmd == "startup":
+        startup(*sys.argv[2:4])
     else:
         raise SystemExit(__doc__)

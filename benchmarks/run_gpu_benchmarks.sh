@@ -15,6 +15,7 @@
 #   PARTS=trunc bash benchmarks/run_gpu_benchmarks.sh      # onpolicy check with top-k / top-p / min-p, T=1.0 and 0.7
 #   PARTS=lora LORA_R=16 bash benchmarks/run_gpu_benchmarks.sh   # the GRPO recipe with a LoRA adapter, strict
 #   PARTS=sleep bash benchmarks/run_gpu_benchmarks.sh     # the GRPO recipe with vllm_enable_sleep_mode, strict
+#   PARTS=startup ROUNDS=2 bash benchmarks/run_gpu_benchmarks.sh   # LLM(...) to the first token, default vs onpolicy
 set -u
 source benchmarks/gpu_env.sh
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -97,6 +98,12 @@ for part in ${PARTS-check recipe}; do
         VLLM_ENABLE_V1_MULTIPROCESSING=0 timeout 300 python3 benchmarks/bench_vllm.py timeline $M $c ${LOAD:-256x128} > "$f" 2>&1
         echo "$c exit $?"; grep -aE "Error|error:" "$f" | grep -v Warning | tail -3
         sed -n '/^TIMELINE/,/^  host ops over/p' "$f" | head -45
+      done ;;
+    startup)  # engine start-up, a process per start, the configurations alternately (the first also fills caches)
+      for r in $(seq ${ROUNDS:-2}); do
+        for c in default onpolicy; do
+          timeout 300 python3 benchmarks/bench_vllm.py startup $M $c 2>&1 | grep -aE "^STARTUP|Error" | tail -2
+        done
       done ;;
     hostcost)  # host time per call of the eager per-step ops, onpolicy's vs the default engine's
       timeout 200 python3 benchmarks/bench_host_overhead.py > "$OUT/hostcost.txt" 2>&1; echo "exit $?"
