@@ -127,6 +127,7 @@ class RowGraphs:
         self.captures = 0
         self.replays = 0
         self.warmed = False  # set once warm_up has captured every bucket: later captures are logged
+        self.paused = False  # True: every call runs eagerly (vLLM's memory profiling: see worker.py)
 
     def _key(self, rows, extra):
         x = rows[0]
@@ -150,7 +151,7 @@ class RowGraphs:
         return tuple(key)
 
     def __call__(self, *rows, extra: tuple = ()):
-        key = self._key(rows, extra)
+        key = None if self.paused else self._key(rows, extra)
         if key is None or torch.cuda.is_current_stream_capturing():
             return self.fn(*rows, *extra)
         g = self._graphs.get(key)
@@ -195,11 +196,15 @@ class RowGraphs:
                 self._pool = torch.cuda.graph_pool_handle()
             with torch.cuda.stream(side):
                 ref = self.fn(*inputs, *extra)  # compiles and tunes (never inside the capture)
-                out = None
-                if self.into is not None and isinstance(ref, torch.Tensor) and ref.shape[:1] == (b,):
-                    out = self._static(self._outputs, key[1:], ref.shape[1:], ref.dtype, device, torch.empty)[:b]
+            out = None
+            if self.into is not None and isinstance(ref, torch.Tensor) and ref.shape[:1] == (b,):
+                # on the caller's stream, where the output is read (a block freed later goes back to it)
+                out = self._static(self._outputs, key[1:], ref.shape[1:], ref.dtype, device, torch.empty)[:b]
+                side.wait_stream(current)
+            del ref
+            with torch.cuda.stream(side):
+                if out is not None:
                     self.into(*inputs, *extra, out=out)  # likewise for the form that writes into out
-                del ref
                 graph.capture_begin(pool=self._pool, capture_error_mode="thread_local")
                 try:
                     if out is None:
@@ -224,9 +229,10 @@ class RowGraphs:
 
 
 def stale(old: tuple, new: tuple) -> bool:
-    """Whether graph key `old` baked in a tensor that `new` has moved: same bucket and argument
-    kinds, an extra tensor of the same dtype, shape and device at another address."""
-    if len(old) != len(new) or old[:2] != new[:2]:
+    """Whether graph key `old` baked in a tensor that `new` has moved: the same argument kinds (any
+    bucket: every bucket's graph of the old tensor is dead), an extra tensor of the same dtype, shape
+    and device at another address."""
+    if len(old) != len(new) or old[1] != new[1]:
         return False
     moved = False
     for a, b in zip(old[2:], new[2:]):
@@ -338,7 +344,7 @@ class WarmUp:
                                 extra=(w,))
             logits = lambda b: torch.zeros(b, self.vocab, dtype=self.logits_dtype, device=dev)  # noqa: E731
             capture_buckets(self.soft, lambda b: (logits(b),), extra=(1.0,))
-            capture_buckets(self.soft, lambda b: (logits(b), torch.ones(b, device=dev)))
+            capture_buckets(self.soft, lambda b: (logits(b), torch.ones(b, dtype=torch.float32, device=dev)))
         for g in self.held:
             g.warmed = True
 

@@ -41,8 +41,11 @@ class OnpolicyWorkerMixin:
         return out
 
     def determine_available_memory(self, *args, **kwargs):
-        avail = super().determine_available_memory(*args, **kwargs)  # type: ignore[misc]
-        return budget_decode_graphs(self, avail)
+        # Read first: vLLM's startup plan may set it inside the call, from a size without the graphs.
+        fixed = getattr(getattr(self, "cache_config", None), "kv_cache_memory_bytes", None)
+        with decode_graphs_paused(self):  # the profile run's sampler call: eager, nothing counted twice
+            avail = super().determine_available_memory(*args, **kwargs)  # type: ignore[misc]
+        return budget_decode_graphs(self, avail, fixed)
 
     def compile_or_warm_up_model(self, *args, **kwargs):
         warm_up_linears(self)
@@ -73,15 +76,33 @@ def server_audit(worker) -> dict:
             "rank": getattr(worker, "rank", None)}
 
 
-def budget_decode_graphs(worker, available: int) -> int:
-    """The KV cache's bytes less what the decode graphs' static buffers will hold (graphs.py), so the
-    engine keeps to `gpu_memory_utilization` as vLLM's own graphs do; unchanged without graphs or where
-    the user fixed the KV cache's size (`kv_cache_memory_bytes`)."""
+@contextlib.contextmanager
+def decode_graphs_paused(worker):
+    """The decode graphs (graphs.py) run eagerly inside: while vLLM profiles the engine's memory its
+    profile run calls the head and the sampler, and a capture there would put the graphs' static
+    buffers in the profiled peak as well as in `budget_decode_graphs`' share."""
     from . import graphs
 
     runner = getattr(worker, "model_runner", None)
-    cache = getattr(worker, "cache_config", None)
-    if runner is None or getattr(cache, "kv_cache_memory_bytes", None):
+    model = compat.runner_model(runner) if runner is not None else None
+    held = graphs.installed(runner, model) if model is not None else []
+    for g in held:
+        g.paused = True
+    try:
+        yield
+    finally:
+        for g in held:
+            g.paused = False
+
+
+def budget_decode_graphs(worker, available: int, kv_cache_memory_bytes=None) -> int:
+    """The KV cache's bytes less what the decode graphs' static buffers will hold (graphs.py), so the
+    engine keeps to `gpu_memory_utilization` as vLLM's own graphs do; unchanged without graphs or where
+    the user fixed the KV cache's size (`kv_cache_memory_bytes`, as it was before vLLM's call)."""
+    from . import graphs
+
+    runner = getattr(worker, "model_runner", None)
+    if runner is None or kv_cache_memory_bytes:
         return available
     held = graphs.planned_bytes(runner, compat.runner_model(runner))
     if not held:

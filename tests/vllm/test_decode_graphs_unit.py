@@ -90,7 +90,7 @@ def test_a_moved_weight_makes_its_old_graphs_stale():
     key = lambda b, e: (b, "dev", row, G._key_of(e))  # noqa: E731
     assert G.stale(key(8, w), key(8, w2))  # same kind, moved
     assert not G.stale(key(8, w), key(8, w))  # the same key
-    assert not G.stale(key(4, w), key(8, w2))  # another bucket: checked on its own capture
+    assert G.stale(key(4, w), key(8, w2))  # another bucket of the moved weight: dead too, dropped at once
     assert not G.stale(key(8, other), key(8, w2))  # another shape: another kind of call
     assert not G.stale((8, "dev", row, G._key_of(1.0)), (8, "dev", row, G._key_of(2.0)))  # constants differ
 
@@ -149,13 +149,22 @@ def test_install_and_warm_up_wiring(monkeypatch, head_dtype):
 
 def test_the_worker_keeps_the_graphs_buffers_inside_the_memory_budget(monkeypatch):
     """vLLM sizes the KV cache from determine_available_memory; the plugin's worker returns it less the
-    decode graphs' planned bytes (so the engine keeps to gpu_memory_utilization), leaves a KV cache
-    the user sized (kv_cache_memory_bytes) alone, and names the fixes where nothing would be left."""
+    decode graphs' planned bytes (so the engine keeps to gpu_memory_utilization), with the graphs eager
+    while vLLM profiles (its profile run calls the head and sampler: a capture there would count their
+    buffers twice), leaves a KV cache the user sized (kv_cache_memory_bytes) alone -- but not one vLLM's
+    startup plan sizes inside the call, from a run without the graphs -- and names the fixes where
+    nothing would be left."""
     from onpolicy.vllm_plugin import compat, worker as W
     from onpolicy.vllm_plugin.errors import OnpolicyVllmError
 
+    graphs = G.RowGraphs(lambda x: x, "head")
+    seen = []
+
     class Base:
         def determine_available_memory(self):
+            seen.append(graphs.paused)
+            if self.startup_plan:
+                self.cache_config.kv_cache_memory_bytes = self.available_kv_cache_memory_bytes
             return self.available_kv_cache_memory_bytes
 
     class Worker(W.OnpolicyWorkerMixin, Base):
@@ -163,17 +172,23 @@ def test_the_worker_keeps_the_graphs_buffers_inside_the_memory_budget(monkeypatc
 
     planned = {"bytes": 300}
     monkeypatch.setattr(G, "planned_bytes", lambda runner, model: planned["bytes"])
-    monkeypatch.setattr(compat, "runner_model", lambda runner: None)
+    monkeypatch.setattr(G, "installed", lambda runner, model: [graphs])
+    monkeypatch.setattr(compat, "runner_model", lambda runner: object())
     w = Worker.__new__(Worker)  # no vLLM worker behind it
     w.model_runner, w.cache_config, w.available_kv_cache_memory_bytes = object(), SimpleNamespace(
         kv_cache_memory_bytes=None), 1000
+    w.startup_plan = False
     assert w.determine_available_memory() == 700 and w.available_kv_cache_memory_bytes == 700
+    assert seen == [True] and not graphs.paused  # eager during vLLM's profiling, graphed again after
     planned["bytes"] = 0  # no graphs installed (CPU, enforce_eager, ONPOLICY_DECODE_GRAPHS=0)
     assert w.determine_available_memory() == 700
     planned["bytes"] = 300
-    w.cache_config.kv_cache_memory_bytes = 700
+    w.cache_config.kv_cache_memory_bytes = 700  # the user's size
     assert w.determine_available_memory() == 700
-    w.cache_config.kv_cache_memory_bytes = None
+    w.cache_config.kv_cache_memory_bytes, w.startup_plan = None, True  # set inside the call by vLLM
+    assert w.determine_available_memory() == 400
+    w.cache_config.kv_cache_memory_bytes, w.startup_plan = None, False
     planned["bytes"] = 900
     with pytest.raises(OnpolicyVllmError, match="raise gpu_memory_utilization, or lower ONPOLICY_DECODE_GRAPH_ROWS"):
         w.determine_available_memory()
+    assert not graphs.paused
