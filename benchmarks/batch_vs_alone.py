@@ -20,22 +20,6 @@ os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 import torch
 
 
-def _count(a, b):
-    """Tokens equal (bits of the float) over all sequences, sequences with a difference, first positions."""
-    eq = tot = 0
-    firsts = []
-    for x, y in zip(a, b):
-        x, y = torch.tensor(x, dtype=torch.float32), torch.as_tensor(y, dtype=torch.float32)
-        n = min(len(x), len(y))
-        same = x[:n] == y[:n]
-        eq += int(same.sum())
-        tot += n
-        bad = (~same).nonzero()
-        if bad.numel():
-            firsts.append(int(bad[0]))
-    return eq, tot, firsts
-
-
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("model")
@@ -48,6 +32,7 @@ def main():
     a = p.parse_args()
     from onpolicy.check.engines import engine_dtype, load_trainer, make_engine, sample, trainer_logprobs
     from onpolicy.check.inputs import load_prompts, validate_model
+    from onpolicy.check.run import compare
 
     cfg = validate_model(a.model)
     prompts = load_prompts(None, a.prompts, cfg.vocab_size, 0)
@@ -75,16 +60,13 @@ def main():
     print(f"sampling: {len({tuple(c) for c in comps})} distinct completions of {len(comps)}, "
           f"mean logprob {sum(lps) / len(lps):.2f}")
     for name, x, y, same_tokens in rows:
-        eq, tot, firsts = _count(x, y)
+        # onpolicy check's own comparison (bits of each token's logprob)
+        m, firsts = compare(x, [torch.as_tensor(v, dtype=torch.float32) for v in y])
+        firsts = [f for f in firsts if f is not None]
         hist = {k: firsts.count(k) for k in sorted(set(firsts))}
-        print(f"{name}: {eq}/{tot} tokens bitwise, {len(firsts)} sequences differ; same tokens drawn: "
-              f"{same_tokens}; first differing position: count {hist}", flush=True)
-        diffs = [(i, j, float(a), float(b)) for i, (xs, ys) in enumerate(zip(x, y))
-                 for j, (a, b) in enumerate(zip(xs, ys)) if float(a) != float(b)]
-        if diffs:
-            i, j, a, b = max(diffs, key=lambda d: abs(d[2] - d[3]))
-            print(f"  largest difference: sequence {i} token {j}: {a!r} vs {b!r} ({a - b:+.3e})", flush=True)
-
+        print(f"{name}: {round(m['bitwise_equal_frac'] * m['tokens'])}/{m['tokens']} tokens bitwise, {len(firsts)} "
+              f"sequences differ; same tokens drawn: {same_tokens}; first differing position: count {hist}; "
+              f"max |diff| {m['logp_abs_diff_max']:.3e}; first mismatch {m['first_mismatch']}", flush=True)
 
 if __name__ == "__main__":
     main()

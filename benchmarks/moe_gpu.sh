@@ -1,5 +1,5 @@
 # Issue 31 on the GPU machine: the MoE kernel's GPU tests, the op vs vLLM's fused MoE,
-# `onpolicy check` on a Qwen3-30B-A3B-shaped model, and benchmarks/batch_diag.py on it. From the repository root, after the vLLM
+# `onpolicy check` on a Qwen3-30B-A3B-shaped model, and benchmarks/batch_diag.py and batch_vs_alone.py on it. From the repository root, after the vLLM
 # bundle's setup and `source benchmarks/gpu_env.sh`:
 #   source benchmarks/moe_gpu.sh        # logs under $OUT (default /tmp/moe_out); about 10 minutes
 # MOE_LAYERS (default 4) sets the model's depth; MOE_MODEL where it is written.
@@ -38,7 +38,7 @@ _moe_gpu() {
         ONPOLICY_MOE_CUDA=1 timeout ${MOE_BVA_S:-150} python benchmarks/batch_vs_alone.py "$model" --prompts 64 --max-tokens 8 \
             --prefix-caching $pc --trainer > "$out/batch_vs_alone_$pc.log" 2>&1
         echo "== batch_vs_alone, prefix caching $pc (exit $?, $((SECONDS - t0)) s):"
-        grep -aE "^engine|^sampling|^batch|^alone|largest" "$out/batch_vs_alone_$pc.log"
+        grep -aE "^engine|^sampling|^batch|^alone" "$out/batch_vs_alone_$pc.log"
     done
     echo "== total $((SECONDS - t0)) s; logs in $out"
 }

@@ -174,6 +174,16 @@ def check_float(name: str, t: torch.Tensor) -> None:
         raise TypeError(f"{name} has dtype {t.dtype}; onpolicy kernels support float32, float16 and bfloat16")
 
 
+def check_out(out: torch.Tensor, shape: tuple, dtype: torch.dtype, device) -> None:
+    """An op's `out=` tensor: `shape` and `dtype` on `device`, rows contiguous (it may be the first rows of
+    a larger buffer, as a CUDA graph's static output is)."""
+    shape = tuple(shape)
+    if (tuple(out.shape) != shape or out.dtype != dtype or out.device != torch.device(device)
+            or (out.numel() and (out.stride(1) != 1 or out.stride(0) != shape[1]))):
+        raise ValueError(f"out must be a {shape} {dtype} tensor with contiguous rows on {device}, got "
+                         f"{tuple(out.shape)} {out.dtype} strides {out.stride()} on {out.device}")
+
+
 def check_same(name_a: str, a: torch.Tensor, name_b: str, b: torch.Tensor, dtype: bool = True) -> None:
     if a.device != b.device:
         raise ValueError(f"{name_a} is on {a.device} but {name_b} is on {b.device}; move both to one device")

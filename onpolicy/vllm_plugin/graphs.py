@@ -327,13 +327,12 @@ class WarmUp:
     def planned_bytes(self) -> int:
         """What the static buffers will hold once `capture` ran: per RowGraphs, one input per argument
         position and one output per argument kinds, each of its largest bucket's rows."""
-        w, size = self.w, lambda dtype: torch.empty((), dtype=dtype).element_size()  # noqa: E731
-        total = 0
+        w, total = self.w, 0
         if self.head_graphs is not None:
             rows = bucket(self.head_graphs.max_rows)
             total += rows * (w.shape[1] + w.shape[0]) * w.element_size()
         rows = bucket(self.soft.max_rows)
-        total += rows * (self.vocab * size(self.logits_dtype) + 4)  # the logits and per-row temperatures
+        total += rows * (self.vocab * self.logits_dtype.itemsize + 4)  # the logits and per-row temperatures
         return total + 2 * rows * self.vocab * 4  # fp32 log-probabilities, float and per-row temperature
 
     def capture(self) -> None:

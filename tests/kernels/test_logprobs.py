@@ -159,7 +159,7 @@ def test_log_softmax_into_names_what_out_must_be():
 
     logits = torch.randn(3, 10)
     for bad in (torch.empty(3, 9), torch.empty(3, 10, dtype=torch.float64), torch.empty(10, 3).t()):
-        with pytest.raises(ValueError, match="out must be a \\(3, 10\\) float32 tensor with contiguous rows"):
+        with pytest.raises(ValueError, match="out must be a \\(3, 10\\) torch.float32 tensor with contiguous rows"):
             log_softmax_into(logits, 1.0, bad)
     with pytest.raises(ValueError, match="every temperature must be > 0|temperature must be > 0"):
         log_softmax_into(logits, torch.zeros(3), torch.empty(3, 10))

@@ -40,7 +40,7 @@ from typing import Union
 import torch
 
 from .._cpu import chunked, tree_max, tree_sum
-from .._dispatch import call, check_float, custom_op, rows, shaped, use_triton
+from .._dispatch import call, check_float, check_out, custom_op, rows, shaped, use_triton
 from .._triton import HAS_TRITON, require_triton, tl, triton
 
 ROWS_PER_CALL = 64  # CPU: bound the fp32 temporaries; rows are independent anyway.
@@ -317,10 +317,7 @@ def log_softmax_into(logits: torch.Tensor, temperature: Union[float, torch.Tenso
     if logits.dim() != 2:
         raise ValueError(f"log_softmax_into takes logits [M, V], got shape {tuple(logits.shape)}")
     M, V = logits.shape
-    if (tuple(out.shape) != (M, V) or out.dtype != torch.float32 or out.device != logits.device
-            or (out.numel() and (out.stride(1) != 1 or out.stride(0) != V))):
-        raise ValueError(f"out must be a ({M}, {V}) float32 tensor with contiguous rows on {logits.device}, got "
-                         f"{tuple(out.shape)} {out.dtype} strides {out.stride()} on {out.device}")
+    check_out(out, (M, V), torch.float32, logits.device)
     t = _temperature_rows(temperature, M, logits.device)
     _check_values(t)
     return _log_softmax_impl(logits, t, out=out)

@@ -28,7 +28,7 @@ from typing import Optional
 import torch
 
 from . import chooser as linear_choice
-from ..._dispatch import call, check_float, check_same, custom_op, rows, shaped, use_triton
+from ..._dispatch import call, check_float, check_out, check_same, custom_op, rows, shaped, use_triton
 from .cpu import linear_cpu
 from .triton_kernels import _is_hopper, linear_triton, tile_for
 
@@ -129,11 +129,7 @@ def linear_into(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor) -> tor
     if x.dim() != 2 or weight.dim() != 2 or x.shape[1] != weight.shape[1]:
         raise ValueError(f"linear_into takes x [M, K] and weight [N, K], got {tuple(x.shape)} and "
                          f"{tuple(weight.shape)}")
-    want = (x.shape[0], weight.shape[0])
-    if (tuple(out.shape) != want or out.dtype != x.dtype or out.device != x.device
-            or (out.numel() and (out.stride(1) != 1 or out.stride(0) != want[1]))):
-        raise ValueError(f"out must be a {want} {x.dtype} tensor with contiguous rows on {x.device}, got "
-                         f"{tuple(out.shape)} {out.dtype} strides {out.stride()} on {out.device}")
+    check_out(out, (x.shape[0], weight.shape[0]), x.dtype, x.device)
     if use_triton(x):
         return linear_gpu(x, weight, None, out=out)
     return out.copy_(linear_cpu(x, weight, None))
