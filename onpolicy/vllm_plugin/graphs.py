@@ -26,7 +26,7 @@ argument position (dtype, row shape) and, given `into` (a form of fn that writes
 tensor), one static output per argument kinds, each of the largest bucket's rows; a bucket's
 graph reads and writes their first rows. All its graphs capture into one memory pool (their
 scratch: only one replays at a time). At 256 rows and a 151936-token vocabulary the head's
-and sampler's graphs hold 0.44 GiB (1.01 GiB with buffers per bucket), and the worker takes
+and sampler's graphs hold 0.44 GiB by count (1.01 GiB with buffers per bucket), and the worker takes
 them out of the KV cache's share of `gpu_memory_utilization` (`planned_bytes`), so the engine
 stays inside its budget.
 
