@@ -95,8 +95,9 @@ def test_a_moved_weight_makes_its_old_graphs_stale():
     assert not G.stale((8, "dev", row, G._key_of(1.0)), (8, "dev", row, G._key_of(2.0)))  # constants differ
 
 
+@pytest.mark.parametrize("vocab", [48, 40], ids=["vocab=head", "padded_head"])
 @pytest.mark.parametrize("head_dtype", [None, torch.bfloat16, torch.float32], ids=["model", "same", "fp32"])
-def test_install_and_warm_up_wiring(monkeypatch, head_dtype):
+def test_install_and_warm_up_wiring(monkeypatch, head_dtype, vocab):
     """Where graphs are wanted (forced here: the CPU never wants them), the sampler always gets
     graphs and the head gets them unless an fp32 head_dtype makes it run eagerly; the warm-up then
     visits every bucket with logits of the head's output dtype (on the CPU the calls run eagerly)."""
@@ -109,7 +110,9 @@ def test_install_and_warm_up_wiring(monkeypatch, head_dtype):
     LP = classes()["OnpolicyLogitsProcessor"]
     proc = LP.__new__(LP)
     torch.nn.Module.__init__(proc)
-    proc.head_dtype, proc.org_vocab_size = head_dtype, 48
+    # vocab 40 < 48 rows: vLLM's ParallelLMHead pads the vocabulary (to a multiple of 64), the logits
+    # processor cuts the padding off, so the head's graphs hold 48 columns and the sampler's 40
+    proc.head_dtype, proc.org_vocab_size = head_dtype, vocab
     model = torch.nn.Module()
     model.lm_head = torch.nn.Linear(16, 48, bias=False).to(torch.bfloat16)
     model.logits_processor = proc
@@ -125,7 +128,7 @@ def test_install_and_warm_up_wiring(monkeypatch, head_dtype):
     assert G.installed(runner, model) == head_graphs + [sampler._onpolicy_graphs]  # what the stats report
     import onpolicy_kernels as K  # the graphs run the plugin's own ops (eagerly on the CPU)
 
-    x, w, lg = torch.randn(3, 16).to(torch.bfloat16), model.lm_head.weight, torch.randn(3, 48)
+    x, w, lg = torch.randn(3, 16).to(torch.bfloat16), model.lm_head.weight, torch.randn(3, vocab)
     if head_dtype != torch.float32:
         assert torch.equal(proc._onpolicy_graphs(x, extra=(w,)), K.linear(x, w))
     assert torch.equal(sampler._onpolicy_graphs(lg, extra=(0.7,)), K.log_softmax(lg, 0.7))
@@ -133,16 +136,18 @@ def test_install_and_warm_up_wiring(monkeypatch, head_dtype):
     # what the worker takes out of the KV cache's budget: one input per argument position and one output
     # per argument kinds, of the largest bucket's rows (8 for max_num_seqs 5)
     logits_size = torch.empty((), dtype=head_dtype or torch.bfloat16).element_size()
-    soft_bytes = 8 * (48 * logits_size + 4) + 2 * 8 * 48 * 4
+    soft_bytes = 8 * (vocab * logits_size + 4) + 2 * 8 * vocab * 4
     head_bytes = 8 * (16 + 48) * 2 if head_dtype != torch.float32 else 0
     assert G.planned_bytes(runner, model) == soft_bytes + head_bytes
 
     seen = []
-    monkeypatch.setattr(G, "capture_buckets", lambda g, make, extra=(): seen.append((g.name, make(8)[0].dtype, extra)))
+    monkeypatch.setattr(G, "capture_buckets", lambda g, make, extra=(): seen.append(
+        (g.name, make(8)[0].dtype, tuple(make(8)[0].shape), extra)))
     G.warm_up(runner, model)
     logits = head_dtype or torch.bfloat16
-    soft = [("the sampler's log-softmax", logits, (1.0,)), ("the sampler's log-softmax", logits, ())]
-    head = [] if head_dtype == torch.float32 else [("the LM head", torch.bfloat16, (model.lm_head.weight,))]
+    soft = [("the sampler's log-softmax", logits, (8, vocab), (1.0,)),
+            ("the sampler's log-softmax", logits, (8, vocab), ())]
+    head = [] if head_dtype == torch.float32 else [("the LM head", torch.bfloat16, (8, 16), (model.lm_head.weight,))]
     assert seen == head + soft
     assert sampler._onpolicy_graphs.warmed
 
