@@ -151,13 +151,17 @@ def _attention_cpu(q, k_cache, v_cache, block_table, cu_q, seq_lens, scale, caus
     m = torch.full((Hkv, Rtot), ninf)
     l = torch.zeros(Hkv, Rtot)
     acc = torch.zeros(Hkv, Rtot, D)
+    # fp32 tiles of K and V, gathered and converted in one copy each, for the most row groups a tile has
+    # (the first's: every sequence still runs); a later tile uses a contiguous prefix
+    kbuf, vbuf = torch.empty(2, Hkv * plan.tiles[0][1] * N * D)
     for R_act, ng, slot, kv_bad, visible in plan.tiles:
         # Every row group of the active sequences against its sequence's key tile: one batched product
-        # of [16, D] x [D, N] items in one fixed layout (an item's bits do not depend on the batch).
-        # Keys past a sequence's end hold anything (even NaN): their scores become -inf below; values
-        # are zeroed (0 * NaN would be NaN).
-        Kg = k_flat[slot].float().permute(2, 0, 3, 1).contiguous()  # [Hkv, ng, D, N]
-        S_act = torch.matmul(Qg[:, :ng], Kg)  # [Hkv, ng, 16, N]
+        # of [16, D] x [D, N] items in one fixed layout (an item's bits do not depend on the batch; the
+        # keys are held as [N, D] rows, the product takes their transpose). Keys past a sequence's end
+        # hold anything (even NaN): their scores become -inf below; values are zeroed (0 * NaN would be NaN).
+        size = Hkv * ng * N * D
+        Kg = kbuf[:size].view(Hkv, ng, N, D).copy_(k_flat[slot].permute(2, 0, 1, 3))
+        S_act = torch.matmul(Qg[:, :ng], Kg.transpose(-1, -2))  # [Hkv, ng, 16, N]
         s = S_act.view(Hkv, R_act, N) * qk_scale
         sT = torch.where(visible, s, ninf).permute(2, 0, 1).contiguous()  # [N, Hkv, R_act]
         m_old = m[:, :R_act]
@@ -169,7 +173,7 @@ def _attention_cpu(q, k_cache, v_cache, block_table, cu_q, seq_lens, scale, caus
         P = pT.to(v_cache.dtype).float().permute(1, 2, 0).contiguous()  # rounded like the GPU's p
         V = v_flat[slot]  # [ng, N, Hkv, D]
         V.view(ng * N, Hkv, D).index_fill_(0, kv_bad, 0)
-        Vg = V.float().permute(2, 0, 1, 3).contiguous()  # [Hkv, ng, N, D]
+        Vg = vbuf[:size].view(Hkv, ng, N, D).copy_(V.permute(2, 0, 1, 3))
         PV = torch.matmul(P.view(Hkv, ng, ATTN_ROW_TILE, N), Vg).view(Hkv, R_act, D)
         acc[:, :R_act] = acc[:, :R_act] * alpha[..., None] + PV
         m[:, :R_act] = m_new
