@@ -36,9 +36,9 @@ _moe_gpu() {
     # 6. onpolicy check's own prompts and sampling: batched vs each prompt alone vs the trainer, prefix caching off and on
     for pc in off on; do
         ONPOLICY_MOE_CUDA=1 timeout ${MOE_BVA_S:-150} python benchmarks/batch_vs_alone.py "$model" --prompts 64 --max-tokens 8 \
-            --prefix-caching $pc --trainer > "$out/batch_vs_alone_$pc.log" 2>&1
+            --prefix-caching $pc --trainer --logits > "$out/batch_vs_alone_$pc.log" 2>&1
         echo "== batch_vs_alone, prefix caching $pc (exit $?, $((SECONDS - t0)) s):"
-        grep -aE "^engine|^sampling|^batch|^alone" "$out/batch_vs_alone_$pc.log"
+        grep -aE "^engine|^sampling|^batch|^alone|^logits|^  prompt" "$out/batch_vs_alone_$pc.log"
     done
     echo "== total $((SECONDS - t0)) s; logs in $out"
 }
