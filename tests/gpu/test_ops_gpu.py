@@ -173,6 +173,30 @@ def test_log_softmax_split_and_rows_launches_give_the_same_bits(dtype):
     assert LP.split_launch(8) and not LP.split_launch(LP.SPLIT_MAX_ROWS + 1)
 
 
+@pytest.mark.parametrize("src", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_logprobs_of_half_logits_equal_those_of_the_same_values_in_fp32(src):
+    """vLLM's V1 sampler casts the LM head's bf16 logits to fp32 before sampling; the trainer passes
+    them as the head gave them. Same values, so the same bits are owed, on both launches and for
+    token_logprobs too: the lanes' sum is an explicit tree, not tl.sum, whose order follows the
+    register layout the load's dtype sets (an H100 gave 1-ulp differences before)."""
+    require_compiled_triton()
+
+    import onpolicy_kernels.ops.logprobs as LP
+    g = torch.Generator(device="cuda").manual_seed(13)
+    V = 151936
+    x = (torch.randn(300, V, device="cuda", generator=g) * 3).to(src)
+    x32 = x.float()
+    t = torch.rand(300, device="cuda", generator=g) + 0.3
+    ids = torch.randint(0, V, (300,), device="cuda", generator=g)
+    for split in (True, False):
+        assert torch.equal(LP._log_softmax_impl(x, t, split=split), LP._log_softmax_impl(x32, t, split=split))
+        assert torch.equal(LP._token_logprobs_impl(x, ids, t, split=split),
+                           LP._token_logprobs_impl(x32, ids, t, split=split))
+    for M in (1, 8, 300):  # the public ops, the launch chosen by rows; a float temperature
+        assert torch.equal(log_softmax(x[:M], 1.0), log_softmax(x32[:M], 1.0))
+        assert torch.equal(token_logprobs(x[:M], ids[:M], 0.7), token_logprobs(x32[:M], ids[:M], 0.7))
+
+
 def test_scalar_temperature_equals_per_row_tensor():
     require_compiled_triton()
     g = torch.Generator(device="cuda").manual_seed(5)

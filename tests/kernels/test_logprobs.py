@@ -57,6 +57,16 @@ def test_correct_against_float64_and_token_equals_indexed(dtype, V):
     assert torch.equal(token_logprobs(x, ids, t), out.gather(1, ids[:, None])[:, 0])
 
 
+@pytest.mark.parametrize("src", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_half_logits_equal_the_same_values_in_fp32(src):
+    """vLLM's V1 sampler gets the head's bf16 logits as fp32, the trainer as they are: same bits."""
+    g = torch.Generator().manual_seed(3)
+    x = (torch.randn(7, 3000, generator=g) * 5).to(src)
+    ids = torch.randint(0, 3000, (7,), generator=g)
+    assert torch.equal(log_softmax(x, 0.8), log_softmax(x.float(), 0.8))
+    assert torch.equal(token_logprobs(x, ids, 1.0), token_logprobs(x.float(), ids, 1.0))
+
+
 def test_temperature_float_equals_per_row_tensor():
     x = randn(9, 1000, dtype=torch.bfloat16, g=gen(1), scale=5)
     ids = torch.randint(0, 1000, (9,), generator=gen(2))

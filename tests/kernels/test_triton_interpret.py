@@ -295,6 +295,19 @@ def test_logprobs_invariant_correct_and_token_equals_indexed(dtype):
     assert torch.equal(log_softmax(lt, 0.9), log_softmax(lt.contiguous(), 0.9))
 
 
+@pytest.mark.parametrize("src", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_logprobs_of_half_logits_equal_those_of_the_same_values_in_fp32(src):
+    """vLLM's V1 sampler gets the head's bf16 logits as fp32, the trainer as bf16: the same values, the
+    same bits (on a GPU the lanes' sum is an explicit tree for this; tests/gpu/test_ops_gpu.py)."""
+    g = gen(9)
+    V = 5000
+    x = randn(5, V, dtype=src, g=g, scale=5)
+    ids = torch.randint(0, V, (5,), generator=g)
+    t = torch.rand(5, generator=g) + 0.3
+    assert torch.equal(log_softmax(x, t), log_softmax(x.float(), t))
+    assert torch.equal(token_logprobs(x, ids, 0.7), token_logprobs(x.float(), ids, 0.7))
+
+
 @pytest.mark.parametrize("V", [5000, 40000])  # one vocab chunk; three (16384 columns each, the last partial)
 def test_logprobs_split_and_rows_launches_give_the_same_bits(V):
     """The GPU kernels pick the split launch for few rows and the rows launch for many; both

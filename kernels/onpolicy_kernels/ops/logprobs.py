@@ -18,7 +18,9 @@ pairwise trees and chunked exp/log (kernels/onpolicy_kernels/_cpu.py). Backward:
 
 GPU: the vocabulary is cut into chunks of CHUNK_STEPS x BLOCK columns, a size
 set by V alone. Per chunk c, one pass gives (m_c, s_c): an online max/sum per
-lane, lanes combined in a fixed tree. Then m = max_c m_c and
+lane, lanes combined in an explicit pairwise tree (not tl.sum, whose order follows
+the register layout and with it the logits' dtype: a row's bits are the same
+whether its logits come as bf16 or as the same values in fp32). Then m = max_c m_c and
 s = sum over c, in chunk order, of s_c * exp(m_c - m) (`_row_lse`). Two
 launches compute exactly those operations, so they give the same bits:
 
@@ -51,7 +53,7 @@ SPLIT_MAX_ROWS = 1024  # GPU: log_softmax's split launch up to this many rows (t
 if HAS_TRITON:
 
     @triton.jit
-    def _lane_stats(x_ptr, row, sx, t, v_start, v_stop, BLOCK: tl.constexpr):
+    def _lane_stats(x_ptr, row, sx, t, v_start, v_stop, BLOCK: tl.constexpr, LOG2_BLOCK: tl.constexpr):
         # One pass over columns [v_start, v_stop) of the row: each lane keeps a running
         # max and a sum of exp(x - max) rescaled whenever its max grows (online softmax);
         # the lanes are combined at the end by one fixed reduction tree. The order
@@ -67,14 +69,21 @@ if HAS_TRITON:
             scale = tl.where(live, tl.exp(mvec - m_new), 0.0)
             svec = svec * scale + tl.where(live, tl.exp(x - m_new), 0.0)
             mvec = m_new
-        m = tl.max(mvec, axis=0)
-        s = tl.sum(tl.where(mvec > float("-inf"), svec * tl.exp(mvec - m), 0.0), axis=0)
-        return m, s
+        m = tl.max(mvec, axis=0)  # a max is exact in any order
+        s = tl.where(mvec > float("-inf"), svec * tl.exp(mvec - m), 0.0)
+        # The lanes' sum as an explicit pairwise tree (s[:h] + s[h:], halving), not tl.sum: tl.sum's
+        # order follows the register layout, which the compiler picks from the load -- 8 bf16 or 4
+        # fp32 logits per thread -- so the same values stored as bf16 and as fp32 (vLLM's V1 sampler
+        # casts the LM head's bf16 logits to fp32; the trainer passes them as they are) were summed
+        # in two orders: 1-ulp logprob differences on an H100 (Qwen3-MoE in vLLM 0.26).
+        for _ in tl.static_range(LOG2_BLOCK):
+            s = tl.sum(tl.reshape(s, (2, s.shape[0] // 2)), axis=0)
+        return m, tl.sum(s, axis=0)  # one element left
 
     @triton.jit
-    def _chunk_stats(x_ptr, row, sx, t, c, V, BLOCK: tl.constexpr, STEPS: tl.constexpr):
+    def _chunk_stats(x_ptr, row, sx, t, c, V, BLOCK: tl.constexpr, STEPS: tl.constexpr, LOG2_BLOCK: tl.constexpr):
         start = c * (STEPS * BLOCK)
-        return _lane_stats(x_ptr, row, sx, t, start, tl.minimum(start + STEPS * BLOCK, V), BLOCK)
+        return _lane_stats(x_ptr, row, sx, t, start, tl.minimum(start + STEPS * BLOCK, V), BLOCK, LOG2_BLOCK)
 
     @triton.jit
     def _row_lse(pm_ptr, ps_ptr, row, C, BLOCK_C: tl.constexpr):
@@ -90,22 +99,23 @@ if HAS_TRITON:
 
     @triton.jit
     def _row_stats(x_ptr, row, V, sx, t, pm_ptr, ps_ptr, C,
-                   BLOCK: tl.constexpr, STEPS: tl.constexpr, BLOCK_C: tl.constexpr):
+                   BLOCK: tl.constexpr, STEPS: tl.constexpr, BLOCK_C: tl.constexpr, LOG2_BLOCK: tl.constexpr):
         # "rows" launch: this program computes every chunk of its row, then combines them
         # through the same partials buffer as the split launch.
         for c in range(C):
-            m_c, s_c = _chunk_stats(x_ptr, row, sx, t, c, V, BLOCK, STEPS)
+            m_c, s_c = _chunk_stats(x_ptr, row, sx, t, c, V, BLOCK, STEPS, LOG2_BLOCK)
             tl.store(pm_ptr + row * C + c, m_c)
             tl.store(ps_ptr + row * C + c, s_c)
         tl.debug_barrier()  # the partials, stored by some threads, are read back by all
         return _row_lse(pm_ptr, ps_ptr, row, C, BLOCK_C)
 
     @triton.jit
-    def _stats_kernel(x_ptr, t_ptr, pm_ptr, ps_ptr, V, sx, C, BLOCK: tl.constexpr, STEPS: tl.constexpr):
+    def _stats_kernel(x_ptr, t_ptr, pm_ptr, ps_ptr, V, sx, C, BLOCK: tl.constexpr, STEPS: tl.constexpr,
+                      LOG2_BLOCK: tl.constexpr):
         # "split" launch, pass 1: program (row, chunk).
         row = tl.program_id(0).to(tl.int64)
         c = tl.program_id(1)
-        m_c, s_c = _chunk_stats(x_ptr, row, sx, tl.load(t_ptr + row), c, V, BLOCK, STEPS)
+        m_c, s_c = _chunk_stats(x_ptr, row, sx, tl.load(t_ptr + row), c, V, BLOCK, STEPS, LOG2_BLOCK)
         tl.store(pm_ptr + row * C + c, m_c)
         tl.store(ps_ptr + row * C + c, s_c)
 
@@ -125,7 +135,8 @@ if HAS_TRITON:
 
     @triton.jit
     def _log_softmax_kernel(x_ptr, t_ptr, pm_ptr, ps_ptr, o_ptr, V, sx, so, C,
-                            SPLIT: tl.constexpr, BLOCK: tl.constexpr, STEPS: tl.constexpr, BLOCK_C: tl.constexpr):
+                            SPLIT: tl.constexpr, BLOCK: tl.constexpr, STEPS: tl.constexpr, BLOCK_C: tl.constexpr,
+                            LOG2_BLOCK: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
         t = tl.load(t_ptr + row)
         if SPLIT:  # pass 2 of the split launch: program (row, chunk) writes its chunk
@@ -133,19 +144,19 @@ if HAS_TRITON:
             start = tl.program_id(1) * (STEPS * BLOCK)
             _write_cols(x_ptr, o_ptr, row, sx, so, t, m, lse, start, tl.minimum(start + STEPS * BLOCK, V), BLOCK)
         else:
-            m, lse = _row_stats(x_ptr, row, V, sx, t, pm_ptr, ps_ptr, C, BLOCK, STEPS, BLOCK_C)
+            m, lse = _row_stats(x_ptr, row, V, sx, t, pm_ptr, ps_ptr, C, BLOCK, STEPS, BLOCK_C, LOG2_BLOCK)
             _write_cols(x_ptr, o_ptr, row, sx, so, t, m, lse, 0, V, BLOCK)
 
     @triton.jit
     def _token_logprobs_kernel(x_ptr, t_ptr, id_ptr, pm_ptr, ps_ptr, o_ptr, V, sx, C,
                                SPLIT: tl.constexpr, BLOCK: tl.constexpr, STEPS: tl.constexpr,
-                               BLOCK_C: tl.constexpr):
+                               BLOCK_C: tl.constexpr, LOG2_BLOCK: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
         t = tl.load(t_ptr + row)
         if SPLIT:  # pass 2 of the split launch: the statistics are in the partials already
             m, lse = _row_lse(pm_ptr, ps_ptr, row, C, BLOCK_C)
         else:
-            m, lse = _row_stats(x_ptr, row, V, sx, t, pm_ptr, ps_ptr, C, BLOCK, STEPS, BLOCK_C)
+            m, lse = _row_stats(x_ptr, row, V, sx, t, pm_ptr, ps_ptr, C, BLOCK, STEPS, BLOCK_C, LOG2_BLOCK)
         _token_value(x_ptr, id_ptr, o_ptr, row, sx, t, m, lse)
 
 
@@ -166,7 +177,7 @@ def _gpu_setup(logits, temperature, split: bool):
     ps = torch.empty_like(pm)
     if split:
         _stats_kernel[(M, C)](logits, temperature, pm, ps, V, logits.stride(0), C,
-                              BLOCK=block, STEPS=CHUNK_STEPS, num_warps=8)
+                              BLOCK=block, STEPS=CHUNK_STEPS, LOG2_BLOCK=block.bit_length() - 1, num_warps=8)
     return block, C, pm, ps
 
 
@@ -196,7 +207,8 @@ def _log_softmax_impl(logits, temperature, split=None, out=None):
         block, C, pm, ps = _gpu_setup(logits, temperature, split)
         _log_softmax_kernel[(M, C) if split else (M,)](
             logits, temperature, pm, ps, out, V, logits.stride(0), out.stride(0), C, SPLIT=split,
-            BLOCK=block, STEPS=CHUNK_STEPS, BLOCK_C=triton.next_power_of_2(C), num_warps=8)
+            BLOCK=block, STEPS=CHUNK_STEPS, BLOCK_C=triton.next_power_of_2(C), LOG2_BLOCK=block.bit_length() - 1,
+            num_warps=8)
         return out
     for r in range(0, M, ROWS_PER_CALL):
         x, m, ls = _cpu_rows(logits[r : r + ROWS_PER_CALL], temperature[r : r + ROWS_PER_CALL])
@@ -216,7 +228,8 @@ def _token_logprobs_impl(logits, token_ids, temperature, split=None):
         block, C, pm, ps = _gpu_setup(logits, temperature, split)
         _token_logprobs_kernel[(M,)](
             logits, temperature, token_ids, pm, ps, out, V, logits.stride(0), C, SPLIT=split,
-            BLOCK=block, STEPS=CHUNK_STEPS, BLOCK_C=triton.next_power_of_2(C), num_warps=1 if split else 8)
+            BLOCK=block, STEPS=CHUNK_STEPS, BLOCK_C=triton.next_power_of_2(C), LOG2_BLOCK=block.bit_length() - 1,
+            num_warps=1 if split else 8)
         return out
     for r in range(0, M, ROWS_PER_CALL):
         x, m, ls = _cpu_rows(logits[r : r + ROWS_PER_CALL], temperature[r : r + ROWS_PER_CALL])
