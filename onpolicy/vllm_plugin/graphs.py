@@ -158,9 +158,7 @@ class RowGraphs:
         if g is None:
             for old in [k for k in self._graphs if stale(k, key)]:
                 del self._graphs[old]  # an extra tensor (a weight) now lives elsewhere: its graphs are dead
-            live = {k[1:] for k in self._graphs}
-            for k in [k for k in self._outputs if k not in live]:
-                del self._outputs[k]
+            self._forget_dropped()
             g = self._graphs[key] = self._capture(key, rows, extra)
         if g is False:  # its capture failed: eager
             return self.fn(*rows, *extra)
@@ -170,6 +168,16 @@ class RowGraphs:
         g.graph.replay()
         self.replays += 1
         return g.output[:m]
+
+    def _forget_dropped(self) -> None:
+        """After graphs were dropped: their static outputs go, and where no graph is left, the memory
+        pool too (PyTorch frees a pool whose last graph went; capturing into its handle again trips the
+        caching allocator's assert `use_count > 0` -- seen on an H100, PyTorch 2.11)."""
+        live = {k[1:] for k in self._graphs}
+        for k in [k for k in self._outputs if k not in live]:
+            del self._outputs[k]
+        if not any(isinstance(g, _Graph) for g in self._graphs.values()):
+            self._pool = None
 
     def _static(self, table: dict, key, row_shape: tuple, dtype, device, fill) -> torch.Tensor:
         """The largest bucket's static rows for `key` in `table` (made on first use)."""
@@ -183,7 +191,7 @@ class RowGraphs:
         b = key[0]
         if len(self._graphs) >= 64:  # e.g. extra tensors at new addresses each time: keep the newest only
             self._graphs.clear()
-            self._outputs.clear()
+            self._forget_dropped()
         device = rows[0].device
         try:
             inputs = tuple(self._static(self._inputs, (i, r.dtype, tuple(r.shape[1:]), r.device), r.shape[1:],

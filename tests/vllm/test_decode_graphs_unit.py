@@ -197,3 +197,20 @@ def test_the_worker_keeps_the_graphs_buffers_inside_the_memory_budget(monkeypatc
     with pytest.raises(OnpolicyVllmError, match="raise gpu_memory_utilization, or lower ONPOLICY_DECODE_GRAPH_ROWS"):
         w.determine_available_memory()
     assert not graphs.paused
+
+
+def test_a_pool_left_without_graphs_is_not_captured_into_again():
+    """PyTorch frees a graph pool once its last graph goes; capturing into the old handle trips the
+    caching allocator's `use_count > 0` assert (an H100, when a moved weight dropped every graph). So
+    dropping the last graph forgets the pool (a new one is made at the next capture), and dropped
+    graphs' static outputs go with them."""
+    graphs = G.RowGraphs(lambda x: x, "head")
+    live = G._Graph(None, (), None)
+    graphs._pool = "pool"
+    graphs._graphs = {(8, "dev", "a"): live, (8, "dev", "b"): False}
+    graphs._outputs = {("dev", "a"): "out a", ("dev", "b"): "out b", ("dev", "c"): "out c"}
+    graphs._forget_dropped()
+    assert graphs._pool == "pool" and set(graphs._outputs) == {("dev", "a"), ("dev", "b")}
+    del graphs._graphs[(8, "dev", "a")]  # only a failed capture (eager) left: no graph holds the pool
+    graphs._forget_dropped()
+    assert graphs._pool is None and set(graphs._outputs) == {("dev", "b")}
