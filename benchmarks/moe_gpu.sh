@@ -24,18 +24,18 @@ _moe_gpu() {
     # 4. onpolicy check with CUDA graphs, 64 prompts x 32 tokens (goal 2048/2048 bitwise)
     [ -n "$make_pid" ] && wait "$make_pid"
     tail -2 "$out/make_model.log"
-    ONPOLICY_MOE_CUDA=1 timeout ${MOE_CHECK_S:-180} python -m onpolicy.cli check --model "$model" --prompts 64 --max-tokens 32 --cuda-graphs --json \
+    timeout ${MOE_CHECK_S:-180} python -m onpolicy.cli check --model "$model" --prompts 64 --max-tokens 32 --cuda-graphs --json \
         > "$out/check_cuda_graphs.log" 2>&1
     echo "== onpolicy check --cuda-graphs (exit $?, $((SECONDS - t0)) s):"
     grep -E '^\{' "$out/check_cuda_graphs.log" | tail -1 | python -c "import json,sys; r=json.loads(sys.stdin.read() or '{}'); m=r.get('metrics',{}); print('tokens', m.get('tokens'), 'bitwise', m.get('bitwise_equal_frac'), 'divergence', r.get('divergence'))" 2>/dev/null \
         || tail -20 "$out/check_cuda_graphs.log"
     # 5. inside the engine: the first module whose rows for one prompt change when 63 others share the batch
-    ONPOLICY_MOE_CUDA=1 timeout ${MOE_DIAG_S:-200} python benchmarks/batch_diag.py "$model" --batch 64 > "$out/batch_diag.log" 2>&1
+    timeout ${MOE_DIAG_S:-200} python benchmarks/batch_diag.py "$model" --batch 64 > "$out/batch_diag.log" 2>&1
     echo "== batch_diag (exit $?, $((SECONDS - t0)) s):"
     grep -E "^linear|^DIFF|^no module|^op" "$out/batch_diag.log" | head -30
     # 6. onpolicy check's own prompts and sampling: batched vs each prompt alone vs the trainer, prefix caching off and on
     for pc in off on; do
-        ONPOLICY_MOE_CUDA=1 timeout ${MOE_BVA_S:-150} python benchmarks/batch_vs_alone.py "$model" --prompts 64 --max-tokens 8 \
+        timeout ${MOE_BVA_S:-150} python benchmarks/batch_vs_alone.py "$model" --prompts 64 --max-tokens 8 \
             --prefix-caching $pc --trainer --logits > "$out/batch_vs_alone_$pc.log" 2>&1
         echo "== batch_vs_alone, prefix caching $pc (exit $?, $((SECONDS - t0)) s):"
         grep -aE "^engine|^sampling|^batch|^alone|^logits|^  prompt" "$out/batch_vs_alone_$pc.log"

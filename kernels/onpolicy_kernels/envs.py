@@ -16,7 +16,6 @@ is off never imports the kernels.
 | ONPOLICY_LINEAR_CACHE | ~/.cache/onpolicy, DIR, 0 | where the linear chooser keeps its picks (0: nowhere; every process times its own) |
 | ONPOLICY_DECODE_GRAPHS | 1, 0 | the LM head and the sampler's log-softmax replayed from CUDA graphs at decode |
 | ONPOLICY_DECODE_GRAPH_ROWS | 256, 1..256 | the largest decode batch run from those graphs |
-| ONPOLICY_MOE_CUDA | 0, 1 | 1: let vLLM run a mixture-of-experts model on CUDA under the plugin (not yet bitwise there: for investigating it) |
 """
 from __future__ import annotations
 
@@ -96,8 +95,6 @@ _READERS: dict[str, Callable] = {
     "ONPOLICY_DECODE_GRAPHS": _flag("ONPOLICY_DECODE_GRAPHS", True,
                                     "use 1 (the default: graphs for the LM head and sampler) or 0 (eager)"),
     "ONPOLICY_DECODE_GRAPH_ROWS": _graph_rows,
-    "ONPOLICY_MOE_CUDA": _flag("ONPOLICY_MOE_CUDA", False,
-                               "use 0 (the default: MoE engines on CUDA are refused) or 1 (run them, not bitwise yet)"),
 }
 NAMES = tuple(_READERS)
 

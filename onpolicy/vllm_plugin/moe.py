@@ -27,26 +27,11 @@ import torch
 from . import compat
 from .errors import OnpolicyVllmError
 
-# What an H100 gave (vLLM 0.26, a Qwen3-30B-A3B-shaped model, 4 layers): `onpolicy check` 1150/2048 tokens
-# bitwise, eager and with CUDA graphs, though the MoE op's own GPU tests (a row's bits alone == in batches of
-# 1..8192 tokens, any expert load, graph replay) pass. Until the cause is found, MoE engines on CUDA are refused.
-CUDA_REFUSAL = ("mixture-of-experts models are bitwise on the CPU only in this version: on an H100 `onpolicy check` "
-                "matched 1150 of 2048 tokens (the cause is being investigated). Run the MoE model on the CPU, or set "
-                "ONPOLICY_MOE_CUDA=1 to run it on CUDA anyway (not on-policy; strict mode will stop at the first "
-                "mismatch)")
 
-
-def check_layer(layer, on_cuda: bool | None = None) -> None:
-    """Raise naming what this MoE layer asks for that onpolicy's op does not compute (on_cuda: where the
-    engine runs; None asks vLLM's platform)."""
+def check_layer(layer) -> None:
+    """Raise naming what this MoE layer asks for that onpolicy's op does not compute."""
     moe = getattr(layer, "moe_config", None) or getattr(layer, "moe", None)
     problems = []
-    if on_cuda is None:
-        from vllm.platforms import current_platform
-
-        on_cuda = bool(current_platform.is_cuda_alike())
-    if on_cuda and not onpolicy_kernels.envs.ONPOLICY_MOE_CUDA:
-        raise OnpolicyVllmError(CUDA_REFUSAL)
 
     def attr(name, default=None):
         return getattr(layer, name, default)

@@ -161,7 +161,7 @@ def _trainer_moe_rows_alone_equal_in_a_batch(device: str, grad: bool) -> None:
 
 @pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "grad"])
 def test_trainer_moe_model_rows_alone_equal_in_a_padded_batch(grad):
-    """Issue 31's open question from the trainer's side: `onpolicy check` matched 1150/2048 on the MoE
-    shape while vLLM's forward was batch-invariant there (benchmarks/batch_diag.py); here the trainer's."""
+    """The trainer's MoE forward is batch-invariant too: a sequence's rows alone == in a padded batch
+    (issue 31: `onpolicy check` once matched 1150/2048 on the MoE shape; the cause was the log-softmax)."""
     require_compiled_triton()
     _trainer_moe_rows_alone_equal_in_a_batch("cuda", grad)

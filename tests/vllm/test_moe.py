@@ -100,20 +100,6 @@ def test_unsupported_moe_layers_fail_at_build(kw, match):
         check_layer(_layer(**kw))
 
 
-def test_moe_engines_on_cuda_are_refused_unless_asked_for(monkeypatch):
-    """An H100 matched 1150/2048 tokens on a Qwen3-30B-A3B shape: until that is fixed, a MoE layer on CUDA
-    fails the engine build, naming the CPU and the opt-in for investigating it."""
-    from onpolicy.vllm_plugin.errors import OnpolicyVllmError
-    from onpolicy.vllm_plugin.moe import check_layer
-
-    monkeypatch.delenv("ONPOLICY_MOE_CUDA", raising=False)
-    check_layer(_layer(), on_cuda=False)
-    with pytest.raises(OnpolicyVllmError, match="bitwise on the CPU only.*ONPOLICY_MOE_CUDA=1"):
-        check_layer(_layer(), on_cuda=True)
-    monkeypatch.setenv("ONPOLICY_MOE_CUDA", "1")
-    check_layer(_layer(), on_cuda=True)
-
-
 @pytest.mark.parametrize("model_type, name", [("qwen2_moe", "Qwen2-MoE"), ("deepseek_v3", "DeepSeek-V3"),
                                               ("mixtral", "Mixtral")])
 def test_other_moe_designs_are_named(model_type, name):
