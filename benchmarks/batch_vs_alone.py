@@ -61,7 +61,8 @@ def first_step_report(calls, prompts, comps, batch, tr):
     n = len(prompts)
     if len(calls) != n + 1 or calls[0][0].shape[0] != n:
         print(f"logits: {len(calls)} first steps recorded, the batch's with {calls[0][0].shape[0] if calls else 0} "
-              f"rows (want {n + 1} and {n}: the batch's prompts in one first step); not compared", flush=True)
+              f"rows (want {n + 1} and {n}: the batch's prompts in one first step; none at all: the sampler did "
+              "not call sampler._log_softmax, e.g. graphs replayed it); not compared", flush=True)
         return
     lb, tb, pb = calls[0]
     # the batch's row i is prompt i: its log-softmax gives prompt i's token-0 logprob as vLLM returned it
@@ -109,6 +110,11 @@ def main():
     p.add_argument("--trainer", action="store_true", help="also score each batched sequence in the patched trainer")
     p.add_argument("--logits", action="store_true", help="compare the first step's logits and log-softmax rows")
     a = p.parse_args()
+    if a.logits and a.cuda_graphs:
+        # the sampler's decode graphs hold the log-softmax they captured: the spy would see no call
+        os.environ["ONPOLICY_DECODE_GRAPHS"] = "0"
+        print("--logits: the sampler's decode graphs off (ONPOLICY_DECODE_GRAPHS=0), so its calls are seen",
+              flush=True)
     from onpolicy.check.engines import engine_dtype, load_trainer, make_engine, sample, trainer_logprobs
     from onpolicy.check.inputs import load_prompts, validate_model
     from onpolicy.check.run import compare

@@ -271,17 +271,22 @@ def test_cpu_plan_follows_the_metadata_values():
 @pytest.mark.parametrize("shape", [(64, 64), (128, 64), (64, 128)])
 def test_cpu_batched_product_item_does_not_depend_on_the_batch(shape):
     """The CPU path's one assumption about batched BLAS: an item of torch.matmul over a batch of fixed-shape
-    [16, D] x [D, N] items has the bits of that item alone, wherever it sits and however many share the call."""
+    [16, D] x [D, N] items has the bits of that item alone, wherever it sits and however many share the call --
+    in both layouts cpu.py uses: q.k with the keys held as [N, D] rows (their transpose), p.v plain."""
     D, N = shape
     g = torch.Generator().manual_seed(D + N)
     a, b = torch.randn(16, D, generator=g), torch.randn(D, N, generator=g)
     alone = torch.matmul(a[None, None], b[None, None])[0, 0]
+    bt = b.t().contiguous()  # [N, D]
+    alone_t = torch.matmul(a[None, None], bt[None, None].transpose(-1, -2))[0, 0]
     for heads, items in [(1, 1), (1, 7), (2, 33), (4, 100), (2, 257)]:
         A_ = torch.randn(heads, items, 16, D, generator=g)
         B_ = torch.randn(heads, items, D, N, generator=g)
+        Bt = torch.randn(heads, items, N, D, generator=g)
         h, i = heads - 1, items // 2
-        A_[h, i], B_[h, i] = a, b
+        A_[h, i], B_[h, i], Bt[h, i] = a, b, bt
         assert torch.equal(torch.matmul(A_, B_)[h, i], alone), (heads, items)
+        assert torch.equal(torch.matmul(A_, Bt.transpose(-1, -2))[h, i], alone_t), (heads, items)
 
 
 def test_strided_inputs(backend):

@@ -59,7 +59,9 @@ def test_correct_against_float64_and_token_equals_indexed(dtype, V):
 
 @pytest.mark.parametrize("src", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 def test_half_logits_equal_the_same_values_in_fp32(src):
-    """vLLM's V1 sampler gets the head's bf16 logits as fp32, the trainer as they are: same bits."""
+    """vLLM's V1 sampler gets the head's bf16 logits as fp32, the trainer as they are: same bits. (The CPU
+    path converts to fp32 first, so this states the contract; the GPU kernels' layout-proof sum is
+    guarded by tests/gpu/test_ops_gpu.py and the kernel's static assert.)"""
     g = torch.Generator().manual_seed(3)
     x = (torch.randn(7, 3000, generator=g) * 5).to(src)
     ids = torch.randint(0, 3000, (7,), generator=g)

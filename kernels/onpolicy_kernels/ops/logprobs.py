@@ -78,6 +78,7 @@ if HAS_TRITON:
         # in two orders: 1-ulp logprob differences on an H100 (Qwen3-MoE in vLLM 0.26).
         for _ in tl.static_range(LOG2_BLOCK):
             s = tl.sum(tl.reshape(s, (2, s.shape[0] // 2)), axis=0)
+        tl.static_assert(s.shape[0] == 1, "LOG2_BLOCK must be log2(BLOCK): the tree has to reach one lane")
         return m, tl.sum(s, axis=0)  # one element left
 
     @triton.jit
@@ -162,7 +163,8 @@ if HAS_TRITON:
 
 def split_launch(rows: int) -> bool:
     """Whether GPU log_softmax uses the split launch for this many rows (the bits are the same).
-    H200, fp32 logits of 151936: split/rows time 0.49x at 128 rows, 0.92x at 512, 0.96x at 2048;
+    Measured before the lanes' explicit tree (which made the rows launch slower: an H100, bf16, 2048
+    rows, 1078 -> 1604 us), so the threshold is to be re-picked. H200, fp32 logits of 151936: split/rows time 0.49x at 128 rows, 0.92x at 512, 0.96x at 2048;
     bf16 at 2048-4096 rows: 1.04-1.07x. token_logprobs (one value per row) always splits: 0.30-0.88x (fp32 and bf16, 128-4096 rows)."""
     return rows <= SPLIT_MAX_ROWS
 
