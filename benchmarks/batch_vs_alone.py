@@ -82,7 +82,7 @@ def first_step_report(calls, prompts, comps, batch, tr):
                 h, _, _ = F.packed_hidden(tr.model, torch.tensor([pr], device=dev))
                 return K.linear(h[-1:], w, F.full(tr.lm_head.bias))
     for i in range(n):
-        la, ta, pa = calls[1 + i]
+        la, _, pa = calls[1 + i]
         counts["logits_batch_eq_alone"] += torch.equal(lb[i:i + 1], la)
         counts["logsoftmax_batch_eq_alone"] += torch.equal(pb[i:i + 1], pa)
         ti = tb if isinstance(tb, float) else tb[i:i + 1]

@@ -164,23 +164,25 @@ if HAS_TRITON:
 def split_launch(rows: int) -> bool:
     """Whether GPU log_softmax uses the split launch for this many rows (the bits are the same).
     Measured before the lanes' explicit tree (which made the rows launch slower: an H100, bf16, 2048
-    rows, 1078 -> 1604 us), so the threshold is to be re-picked. H200, fp32 logits of 151936: split/rows time 0.49x at 128 rows, 0.92x at 512, 0.96x at 2048;
-    bf16 at 2048-4096 rows: 1.04-1.07x. token_logprobs (one value per row) always splits: 0.30-0.88x (fp32 and bf16, 128-4096 rows)."""
+    rows, 1078 -> 1604 us), so the threshold is to be re-picked. H200, fp32 logits of 151936:
+    split/rows time 0.49x at 128 rows, 0.92x at 512, 0.96x at 2048; bf16 at 2048-4096 rows:
+    1.04-1.07x. token_logprobs (one value per row) always splits: 0.30-0.88x (fp32 and bf16, 128-4096
+    rows)."""
     return rows <= SPLIT_MAX_ROWS
 
 
 def _gpu_setup(logits, temperature, split: bool):
-    """(block, chunks, partials m, partials s) for the GPU kernels; with `split`, runs the split
-    launch's statistics pass."""
+    """(the kernels' tile arguments, chunks, partials m, partials s) for the GPU kernels; with `split`,
+    runs the split launch's statistics pass."""
     M, V = logits.shape
     block = min(VOCAB_BLOCK, triton.next_power_of_2(V))
+    tiles = dict(BLOCK=block, STEPS=CHUNK_STEPS, LOG2_BLOCK=block.bit_length() - 1)
     C = triton.cdiv(V, block * CHUNK_STEPS)
     pm = torch.empty(M, C, dtype=torch.float32, device=logits.device)
     ps = torch.empty_like(pm)
     if split:
-        _stats_kernel[(M, C)](logits, temperature, pm, ps, V, logits.stride(0), C,
-                              BLOCK=block, STEPS=CHUNK_STEPS, LOG2_BLOCK=block.bit_length() - 1, num_warps=8)
-    return block, C, pm, ps
+        _stats_kernel[(M, C)](logits, temperature, pm, ps, V, logits.stride(0), C, **tiles, num_warps=8)
+    return tiles, C, pm, ps
 
 
 def _cpu_rows(logits, temperature):
@@ -206,11 +208,10 @@ def _log_softmax_impl(logits, temperature, split=None, out=None):
         require_triton()
         logits = _unit_stride(logits)
         split = split_launch(M) if split is None else split
-        block, C, pm, ps = _gpu_setup(logits, temperature, split)
+        tiles, C, pm, ps = _gpu_setup(logits, temperature, split)
         _log_softmax_kernel[(M, C) if split else (M,)](
-            logits, temperature, pm, ps, out, V, logits.stride(0), out.stride(0), C, SPLIT=split,
-            BLOCK=block, STEPS=CHUNK_STEPS, BLOCK_C=triton.next_power_of_2(C), LOG2_BLOCK=block.bit_length() - 1,
-            num_warps=8)
+            logits, temperature, pm, ps, out, V, logits.stride(0), out.stride(0), C, SPLIT=split, **tiles,
+            BLOCK_C=triton.next_power_of_2(C), num_warps=8)
         return out
     for r in range(0, M, ROWS_PER_CALL):
         x, m, ls = _cpu_rows(logits[r : r + ROWS_PER_CALL], temperature[r : r + ROWS_PER_CALL])
@@ -227,11 +228,10 @@ def _token_logprobs_impl(logits, token_ids, temperature, split=None):
         require_triton()
         logits = _unit_stride(logits)
         split = True if split is None else split  # always, unless a test asks for the rows launch
-        block, C, pm, ps = _gpu_setup(logits, temperature, split)
+        tiles, C, pm, ps = _gpu_setup(logits, temperature, split)
         _token_logprobs_kernel[(M,)](
-            logits, temperature, token_ids, pm, ps, out, V, logits.stride(0), C, SPLIT=split,
-            BLOCK=block, STEPS=CHUNK_STEPS, BLOCK_C=triton.next_power_of_2(C), LOG2_BLOCK=block.bit_length() - 1,
-            num_warps=1 if split else 8)
+            logits, temperature, token_ids, pm, ps, out, V, logits.stride(0), C, SPLIT=split, **tiles,
+            BLOCK_C=triton.next_power_of_2(C), num_warps=1 if split else 8)
         return out
     for r in range(0, M, ROWS_PER_CALL):
         x, m, ls = _cpu_rows(logits[r : r + ROWS_PER_CALL], temperature[r : r + ROWS_PER_CALL])
