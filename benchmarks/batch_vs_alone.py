@@ -69,25 +69,22 @@ def first_step_report(calls, prompts, comps, batch, tr):
     mapped = sum(float(pb[i, comps[i][0]]) == batch[i][0] for i in range(n))
     counts = dict(logits_batch_eq_alone=0, logsoftmax_batch_eq_alone=0, logsoftmax_row_alone_eq_in_batch=0,
                   logits_trainer_eq_alone=0)
-    trainer_head = None
     if tr is not None:
         from onpolicy.trainer import forward as F
         from onpolicy.trainer.patch import patched
 
+    def trainer_head(pr):  # the trainer's LM head on the prompt's last hidden state
         w = F.full(tr.lm_head.weight)
-        dev = w.device
-
-        def trainer_head(pr):
-            with torch.no_grad(), patched(tr, 1):
-                h, _, _ = F.packed_hidden(tr.model, torch.tensor([pr], device=dev))
-                return K.linear(h[-1:], w, F.full(tr.lm_head.bias))
+        with torch.no_grad(), patched(tr, 1):
+            h, _, _ = F.packed_hidden(tr.model, torch.tensor([pr], device=w.device))
+            return K.linear(h[-1:], w, F.full(tr.lm_head.bias))
     for i in range(n):
         la, _, pa = calls[1 + i]
         counts["logits_batch_eq_alone"] += torch.equal(lb[i:i + 1], la)
         counts["logsoftmax_batch_eq_alone"] += torch.equal(pb[i:i + 1], pa)
         ti = tb if isinstance(tb, float) else tb[i:i + 1]
         counts["logsoftmax_row_alone_eq_in_batch"] += torch.equal(K.log_softmax(lb[i:i + 1], ti), pb[i:i + 1])
-        if trainer_head is not None:
+        if tr is not None:
             lt = trainer_head(prompts[i])
             same = torch.equal(lt.float(), la.float())  # the sampler may get the head's bf16 as fp32 (exact)
             counts["logits_trainer_eq_alone"] += same
